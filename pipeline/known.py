@@ -1,0 +1,78 @@
+"""Stage `known`: which facts does the model know?
+
+    python -m pipeline.known [model=...] [data=known] [batch_size=16]
+
+Writes `known.json` (the facts the model knows, with its answer probabilities), `recall.jsonl`
+(every fact's outcome) and `summary.json` (total, known, first-token known, skipped) under
+`${paths.results}/known/<model>/<data>/`. The tracing stage starts from `known.json`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig
+
+from pipeline import io
+from pipeline.data import load_known
+from pipeline.knowledge import check_known
+from pipeline.sources import resolve_data_file
+from pipeline.stage import Run, stage
+
+
+@stage("known")
+def main(cfg: DictConfig, run: Run) -> None:
+    path, origin = resolve_data_file(cfg.data, cfg.paths.data)
+    loaded = load_known(path, on_error=cfg.data.on_error, limit=cfg.data.limit)
+    lm = run.load_model()
+    recalls = check_known(lm, loaded.records, batch_size=int(cfg.batch_size))
+    rows = [
+        {
+            **recall.fact.to_dict(),
+            "answer": lm.tokenizer.decode(list(recall.answer_ids)),
+            "answer_ids": list(recall.answer_ids),
+            "prediction": lm.tokenizer.decode([recall.predicted_ids[0]]),
+            "first_token_prob": recall.first_token_prob,
+            "answer_prob": recall.answer_prob,
+            "known": recall.known,
+            "first_token_known": recall.first_token_known,
+        }
+        for recall in recalls
+    ]
+    known = [row for row in rows if row["known"]]
+    run.write_json("known.json", known)
+    io.atomic_write(run.path("recall.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    summary = {
+        "model": cfg.model.name,
+        "data": {**loaded.report(), "origin": origin},
+        "total": loaded.total,
+        "checked": len(rows),
+        "known": len(known),
+        "first_token_known": sum(row["first_token_known"] for row in rows),
+        "unknown": len(rows) - len(known),
+        "skipped": len(loaded.skipped),
+    }
+    run.write_summary(summary)
+    run.tracker.table(
+        "known_facts",
+        ["id", "subject", "prompt", "answer", "first_token_prob", "answer_prob"],
+        [
+            [
+                r["id"],
+                r["subject"],
+                r["prompt"],
+                r["answer"],
+                r["first_token_prob"],
+                r["answer_prob"],
+            ]
+            for r in known
+        ],
+    )
+    print(
+        f"{cfg.model.name} knows {len(known)} of {len(rows)} facts "
+        f"({summary['first_token_known']} by the first token; {len(loaded.skipped)} records skipped)"
+    )
+
+
+if __name__ == "__main__":
+    main()

