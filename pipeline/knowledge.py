@@ -52,14 +52,14 @@ def check_known(
         ids, mask = right_pad(
             [prompts[i] + answers[i] for i in rows], tokenizer.pad_token_id, lm.device
         )
-        log_probs = torch.log_softmax(
-            lm.model(input_ids=ids, attention_mask=mask).logits.float(), -1
-        )
+        # Unembed only the answer positions: the vocabulary projection is a fifth of the model.
+        hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        unembed = lm.module("unembed")
         for row, i in enumerate(rows):
             first = len(prompts[i]) - 1  # the position that predicts the first answer token
-            positions = torch.arange(first, first + len(answers[i]), device=ids.device)
             answer = torch.as_tensor(answers[i], device=ids.device)
-            step_log_probs = log_probs[row, positions]
+            logits = unembed(hidden[row, first : first + len(answers[i])])
+            step_log_probs = torch.log_softmax(logits.float(), dim=-1)
             token_log_probs = step_log_probs.gather(1, answer[:, None]).squeeze(1)
             recalls.append(
                 Recall(
