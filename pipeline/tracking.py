@@ -196,6 +196,11 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         if which == "history":
             items = record.history.item
             history.append({_item_key(i): json.loads(i.value_json) for i in items})
+        elif which == "request" and record.request.WhichOneof("request_type") == "partial_history":
+            # Depending on timing, a `log` call may be stored as the request rather than as the
+            # history row the service derives from it.
+            items = record.request.partial_history.item
+            history.append({_item_key(i): json.loads(i.value_json) for i in items})
         elif which == "summary":
             for item in record.summary.update:
                 summary[_item_key(item)] = json.loads(item.value_json)

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from pipeline import tracking
@@ -12,7 +14,11 @@ def test_offline_run_files_hold_logged_metrics(tmp_path):
     tracker.summary({"total": 12, "ci": {"low": 0.1, "high": 0.9}})
     run_dir = tracker.run_dir
     tracker.finish()
-    stored = read_offline_run(run_dir)
+    for _ in range(100):  # the W&B service may still be flushing the file after finish()
+        stored = read_offline_run(run_dir)
+        if stored["history"] and "total" in stored["summary"]:
+            break
+        time.sleep(0.1)
     assert [row["known"] for row in stored["history"] if "known" in row] == [5, 7]
     assert stored["summary"]["total"] == 12
     assert stored["summary"]["ci/high"] == 0.9
