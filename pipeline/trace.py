@@ -1,0 +1,266 @@
+"""Stage `trace`: causal tracing over the facts the model knows, and its figures.
+
+    python -m pipeline.trace [model=...] [trace.limit=N] [shard.index=i shard.count=n]
+    python -m pipeline.trace aggregate_only=true     # merge whatever shards have finished
+
+Each traced fact gets one file, `prompts/<id>.json`, written atomically, so a rerun skips the
+finished ones and any number of shards can write into the same directory. The aggregate step
+averages the indirect effects by token bucket and layer (with 95% intervals and per-bucket
+sample counts), draws the figures and writes `summary.json`; the same files give the same
+numbers however they were sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from metrics.intervals import column_mean_ci
+from pipeline import figures, io
+from pipeline.data import load_known, take_shard
+from pipeline.knowledge import check_known
+from pipeline.models import LoadedModel
+from pipeline.sources import resolve_data_file
+from pipeline.stage import Run, stage
+from pipeline.tokens import encode, subject_span
+from pipeline.tracing import (
+    BUCKETS,
+    average_by_bucket,
+    embedding_std,
+    trace_all_kinds,
+    trace_severed,
+)
+
+log = logging.getLogger(__name__)
+
+
+def known_facts(cfg: DictConfig, lm: LoadedModel) -> tuple[list[dict[str, Any]], str]:
+    """The facts to trace: those the model knows (the `known` stage's output, or computed here).
+
+    With `trace.facts=all`, every fact is traced with the model's own first predicted token as
+    the answer — meaningless for science, useful to exercise random-weight models.
+    """
+    path = Path(cfg.known_dir) / "known.json"
+    if cfg.trace.facts == "known" and path.exists():
+        if _same_inputs(Path(cfg.known_dir) / "config.yaml", cfg):
+            return io.read_json(path), str(path)
+        log.warning("ignoring %s: it was computed with other data or model settings", path)
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    loaded = load_known(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
+    log.info("checking which of %d facts the model knows", len(loaded.records))
+    recalls = check_known(lm, loaded.records, batch_size=int(cfg.known_batch_size))
+    if cfg.trace.facts == "all":
+        answers = [list(r.predicted_ids[:1]) for r in recalls]
+    elif cfg.trace.facts == "known":
+        answers = [list(r.answer_ids) if r.known else None for r in recalls]
+    else:
+        raise ValueError(f"trace.facts must be 'known' or 'all', got {cfg.trace.facts!r}")
+    facts = [
+        {**r.fact.to_dict(), "answer_ids": answer, "first_token_prob": r.first_token_prob}
+        for r, answer in zip(recalls, answers, strict=True)
+        if answer is not None
+    ]
+    return facts, f"{cfg.trace.facts} facts of {data_file}"
+
+
+def _same_inputs(known_config: Path, cfg: DictConfig) -> bool:
+    """Whether a `known` run used this model, dtype, data file and record limit."""
+    if not known_config.exists():
+        return False
+    theirs = OmegaConf.load(known_config)
+    ours = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    keys = ("model", "data", "dtype", "paths.data")
+    return all(OmegaConf.select(theirs, key) == OmegaConf.select(ours, key) for key in keys)
+
+
+def trace_fact(
+    lm: LoadedModel, fact: dict[str, Any], options: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """All kinds and the severed paths for one fact, on one noise draw seeded by the fact."""
+    ids = encode(lm.tokenizer, fact["prompt"])
+    span = subject_span(lm.tokenizer, fact["prompt"], fact["subject"])
+    common = dict(
+        samples=options["samples"],
+        scale=options["scale"],
+        distribution=options["distribution"],
+        seed=seed,
+        whole_answer=options["whole_answer"],
+        engine=options["engine"],
+        batch_size=options["batch_size"],
+    )
+    results = trace_all_kinds(
+        lm,
+        ids,
+        span,
+        fact["answer_ids"],
+        kinds=options["kinds"],
+        window=options["window"],
+        **common,
+    )
+    record: dict[str, Any] = {
+        "id": fact["id"],
+        "prompt": fact["prompt"],
+        "subject": fact["subject"],
+        "tokens": [lm.tokenizer.decode([t]) for t in ids],
+        "subject_span": list(span),
+        "answer": lm.tokenizer.decode(fact["answer_ids"]),
+        "answer_ids": list(fact["answer_ids"]),
+        "seed": seed,
+        "window": options["window"],
+        "kinds": {},
+    }
+    for kind, result in results.items():
+        record["clean"], record["corrupted"] = result.clean, result.corrupted
+        record["kinds"][kind] = result.restored.tolist()
+    if options["severed"]:
+        severed = trace_severed(lm, ids, span, fact["answer_ids"], **common)
+        record["severed"] = {name: values.tolist() for name, values in severed.restored.items()}
+        record["severed_token"] = severed.token
+    return record
+
+
+def aggregate(records: list[dict[str, Any]], kinds: list[str]) -> dict[str, Any]:
+    """Average indirect effects per bucket and layer, per kind; the severed-path averages."""
+    out: dict[str, Any] = {"n_prompts": len(records), "buckets": list(BUCKETS), "kinds": {}}
+    spans = [tuple(r["subject_span"]) for r in records]
+    for kind in kinds:
+        effects = [np.asarray(r["kinds"][kind]) - r["corrupted"] for r in records]
+        average = average_by_bucket(effects, spans)
+        out["kinds"][kind] = {
+            "mean": average.mean.tolist(),
+            "low": average.low.tolist(),
+            "high": average.high.tolist(),
+            "count": average.count.tolist(),
+        }
+    with_severed = [r for r in records if "severed" in r]
+    if with_severed:
+        out["severed"] = {}
+        for name in with_severed[0]["severed"]:
+            effects = np.stack(
+                [np.asarray(r["severed"][name]) - r["corrupted"] for r in with_severed]
+            )
+            out["severed"][name] = _mean_ci(effects)
+    out["clean"] = _mean_ci(np.array([[r["clean"]] for r in records]))
+    out["corrupted"] = _mean_ci(np.array([[r["corrupted"]] for r in records]))
+    return out
+
+
+def _mean_ci(rows: np.ndarray) -> dict[str, Any]:
+    """Column means with 95% t intervals over the rows (one row per prompt), as JSON."""
+    mean, low, high, n = column_mean_ci(rows)
+    return {"mean": mean.tolist(), "low": low.tolist(), "high": high.tolist(), "n": n}
+
+
+def headline(averages: dict[str, Any]) -> dict[str, Any]:
+    """Where the effect peaks at the last subject token, per kind (the paper's main finding)."""
+    last_subject = BUCKETS.index("last_subject")
+    last = BUCKETS.index("last")
+    peaks = {}
+    for kind, stats_ in averages["kinds"].items():
+        row = np.asarray(stats_["mean"][last_subject], dtype=float)
+        if np.isfinite(row).any():
+            peaks[kind] = {
+                "last_subject_peak_layer": int(np.nanargmax(row)),
+                "last_subject_peak_effect": float(np.nanmax(row)),
+                "last_token_peak_layer": int(
+                    np.nanargmax(np.asarray(stats_["mean"][last], dtype=float))
+                )
+                if np.isfinite(np.asarray(stats_["mean"][last], dtype=float)).any()
+                else None,
+            }
+    return peaks
+
+
+@stage("trace")
+def main(cfg: DictConfig, run: Run) -> None:
+    prompts_dir = run.path("prompts")
+    prompts_dir.mkdir(exist_ok=True)
+    options = OmegaConf.to_container(cfg.trace, resolve=True)
+    lm = run.load_model()
+    facts, facts_source = known_facts(cfg, lm)
+    facts = sorted(facts, key=lambda f: f["id"])
+    if options["limit"] is not None:
+        facts = facts[: int(options["limit"])]
+    if not facts:
+        raise SystemExit(f"no known facts to trace (from {facts_source})")
+    # One scale for every prompt and shard: the std of subject-token embeddings over all facts.
+    if options["scale"] is None:
+        std = embedding_std(lm, [(f["prompt"], f["subject"]) for f in facts])
+        options["scale"] = float(options["noise_multiplier"]) * std
+    if not cfg.aggregate_only:
+        mine = take_shard(facts, int(cfg.shard.index), int(cfg.shard.count))
+        todo = [f for f in mine if not (prompts_dir / f"{f['id']}.json").exists()]
+        log.info("%d facts in this shard, %d already traced", len(mine), len(mine) - len(todo))
+        started = time.time()
+        for fact in tqdm(todo, desc="tracing", unit="prompt"):
+            record = trace_fact(lm, fact, options, seed=int(cfg.seed) * 1_000_003 + int(fact["id"]))
+            io.write_json(prompts_dir / f"{fact['id']}.json", record)
+        elapsed = time.time() - started
+        if todo:
+            print(
+                f"traced {len(todo)} prompts in {elapsed:.1f} s ({len(todo) / elapsed:.3f} prompts/s)"
+            )
+    examples = [trace_example(lm, example, options, int(cfg.seed)) for example in cfg.examples]
+    for index, record in enumerate(examples):
+        run.write_json(f"example_{index}.json", record)
+    if cfg.shard.count > 1 and not cfg.aggregate_only:
+        run.write_summary({"shard": dict(cfg.shard), "facts": len(facts)})
+        return
+    finished = {int(p.stem): p for p in prompts_dir.glob("*.json")}
+    missing = [f["id"] for f in facts if f["id"] not in finished]
+    records = [io.read_json(finished[f["id"]]) for f in facts if f["id"] in finished]
+    if not records:
+        raise SystemExit("no traced prompts to aggregate")
+    averages = aggregate(records, list(options["kinds"]))
+    run.write_json("averages.json", averages)
+    figure_paths = figures.trace_figures(run.path("figures"), averages, examples, cfg.model.name)
+    for name, path in figure_paths.items():
+        run.tracker.image(f"figures/{name}", path)
+    summary = {
+        "model": cfg.model.name,
+        "facts": len(facts),
+        "facts_source": facts_source,
+        "traced": len(records),
+        "missing": len(missing),
+        "missing_ids": missing[:100],
+        "noise_scale": options["scale"],
+        "samples": options["samples"],
+        "window": options["window"],
+        "engine": options["engine"],
+        "mean_clean": averages["clean"]["mean"][0],
+        "mean_corrupted": averages["corrupted"]["mean"][0],
+        "peaks": headline(averages),
+        "figures": {name: str(path) for name, path in figure_paths.items()},
+    }
+    if missing:
+        log.warning(
+            "%d of %d facts have no trace yet: the averages cover %d",
+            len(missing),
+            len(facts),
+            len(records),
+        )
+    run.write_summary(summary)
+    print(json.dumps(summary["peaks"], indent=1))
+
+
+def trace_example(
+    lm: LoadedModel, example: Any, options: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """A single prompt for the heatmaps; its answer is the model's own greedy next token."""
+    ids = encode(lm.tokenizer, example.prompt)
+    with torch.no_grad():
+        answer = int(lm.model(torch.tensor([ids], device=lm.device)).logits[0, -1].argmax())
+    fact = {"id": -1, "prompt": example.prompt, "subject": example.subject, "answer_ids": [answer]}
+    return trace_fact(lm, fact, options, seed=seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Causal tracing (Meng et al. 2022, section 2): which hidden states carry a factual association.
+
+The subject's input embeddings are corrupted with noise (S copies); then one clean state at a time
+(token t, layer l) is restored and the answer's probability measured. Two engines compute the
+same numbers: `reference` (a full forward pass with hooks per cell, as the original code) and
+`fast` (cached runs, restored runs started at the patched layer and token; see `fast.py`).
+
+    ids = encode(lm.tokenizer, prompt)
+    span = subject_span(lm.tokenizer, prompt, subject)
+    result = trace(lm, ids, span, answer_ids, kind="mlp", scale=3 * embedding_std(lm, pairs))
+    result.effect  # (tokens, layers) indirect effect
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.models import LoadedModel
+from pipeline.tracing import reference
+from pipeline.tracing.aggregate import BUCKETS, BucketAverage, average_by_bucket, bucket_positions
+from pipeline.tracing.common import (
+    DISTRIBUTIONS,
+    KINDS,
+    SEVERED,
+    Readout,
+    SeveredResult,
+    TraceResult,
+    embedding_std,
+    hidden_size,
+    make_noise,
+    window_layers,
+)
+from pipeline.tracing.fast import FastTracer
+
+ENGINES = ("fast", "reference")
+
+__all__ = [
+    "BUCKETS",
+    "DISTRIBUTIONS",
+    "ENGINES",
+    "KINDS",
+    "SEVERED",
+    "BucketAverage",
+    "FastTracer",
+    "Readout",
+    "SeveredResult",
+    "TraceResult",
+    "average_by_bucket",
+    "bucket_positions",
+    "embedding_std",
+    "make_noise",
+    "reference",
+    "resolve_noise",
+    "trace",
+    "trace_all_kinds",
+    "trace_severed",
+    "window_layers",
+]
+
+
+@torch.no_grad()
+def resolve_noise(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    subject_span: tuple[int, int],
+    *,
+    noise: torch.Tensor | None = None,
+    samples: int = 10,
+    scale: float | None = None,
+    distribution: str = "gaussian",
+    seed: int = 0,
+) -> torch.Tensor:
+    """The noise a trace uses: `noise` if given (checked), else drawn from a generator seeded `seed`.
+
+    Without `scale`, the scale is 3 x the std of this prompt's subject-token embeddings; the paper
+    uses 3 x the std over the dataset's subjects: pass `scale=3 * embedding_std(lm, pairs)`.
+    """
+    start, end = subject_span
+    if not 0 <= start < end <= len(prompt_ids):
+        raise ValueError(f"subject span {subject_span} does not fit {len(prompt_ids)} tokens")
+    width = hidden_size(lm)
+    if noise is not None:
+        if noise.ndim != 3 or tuple(noise.shape[1:]) != (end - start, width):
+            raise ValueError(
+                f"noise must be (copies, {end - start}, {width}), got {tuple(noise.shape)}"
+            )
+        return noise
+    if scale is None:
+        ids = torch.tensor(list(prompt_ids)[start:end], device=lm.device)
+        scale = 3 * lm.module("embed")(ids).float().std().item()
+    generator = torch.Generator().manual_seed(seed)
+    return make_noise(generator, samples, end - start, width, scale, distribution)
+
+
+def _prepare(
+    lm,
+    prompt_ids,
+    subject_span,
+    answer_ids,
+    engine,
+    noise,
+    samples,
+    scale,
+    distribution,
+    seed,
+    whole_answer,
+) -> tuple[tuple[int, int], torch.Tensor, Readout]:
+    """What every trace needs: a checked engine and span, the noise, and the answer read-out."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
+    span = (int(subject_span[0]), int(subject_span[1]))
+    noise = resolve_noise(
+        lm,
+        prompt_ids,
+        span,
+        noise=noise,
+        samples=samples,
+        scale=scale,
+        distribution=distribution,
+        seed=seed,
+    )
+    return span, noise, Readout.build(prompt_ids, answer_ids, whole_answer)
+
+
+def trace_all_kinds(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    subject_span: tuple[int, int],
+    answer_ids: Sequence[int],
+    *,
+    kinds: Sequence[str] = KINDS,
+    window: int = 10,
+    noise: torch.Tensor | None = None,
+    samples: int = 10,
+    scale: float | None = None,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    whole_answer: bool = False,
+    engine: str = "fast",
+    batch_size: int = 512,
+) -> dict[str, TraceResult]:
+    """Trace several kinds on the same noise; the fast engine shares its clean/corrupted runs."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"kinds must be among {KINDS}, got {sorted(unknown)}")
+    span, noise, readout = _prepare(
+        lm,
+        prompt_ids,
+        subject_span,
+        answer_ids,
+        engine,
+        noise,
+        samples,
+        scale,
+        distribution,
+        seed,
+        whole_answer,
+    )
+    results = {}
+    tracer = FastTracer(lm, readout, span, noise, batch_size) if engine == "fast" else None
+    for kind in kinds:
+        if tracer is not None:
+            clean, corrupted, grid = tracer.clean, tracer.corrupted, tracer.grid(kind, window)
+        else:
+            clean, corrupted, grid = reference.trace_grid(lm, readout, span, noise, kind, window)
+        results[kind] = TraceResult(kind, window, clean, corrupted, grid, span, readout.targets)
+    return results
+
+
+def trace(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    subject_span: tuple[int, int],
+    answer_ids: Sequence[int],
+    *,
+    kind: str = "hidden",
+    **options,
+) -> TraceResult:
+    """Causal trace of one kind (hidden, mlp or attn); options as in `trace_all_kinds`."""
+    return trace_all_kinds(lm, prompt_ids, subject_span, answer_ids, kinds=(kind,), **options)[kind]
+
+
+def trace_severed(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    subject_span: tuple[int, int],
+    answer_ids: Sequence[int],
+    *,
+    noise: torch.Tensor | None = None,
+    samples: int = 10,
+    scale: float | None = None,
+    distribution: str = "gaussian",
+    seed: int = 0,
+    whole_answer: bool = False,
+    engine: str = "fast",
+    batch_size: int = 512,
+) -> SeveredResult:
+    """Hidden-state effect at the last subject token, per layer, with MLP / attn paths severed."""
+    span, noise, readout = _prepare(
+        lm,
+        prompt_ids,
+        subject_span,
+        answer_ids,
+        engine,
+        noise,
+        samples,
+        scale,
+        distribution,
+        seed,
+        whole_answer,
+    )
+    if engine == "fast":
+        tracer = FastTracer(lm, readout, span, noise, batch_size)
+        clean, corrupted, restored = tracer.clean, tracer.corrupted, tracer.severed()
+    else:
+        clean, corrupted, restored = reference.trace_severed(lm, readout, span, noise)
+    return SeveredResult(span[1] - 1, clean, corrupted, restored)

@@ -1,0 +1,77 @@
+"""The tracing stage end to end on a tiny model: files per prompt, shards, resume, figures."""
+
+import json
+
+from PIL import Image
+
+from tests.test_stages import last_line, run_stage
+
+TINY = ["model=tiny-gpt2", "trace.facts=all", "data.limit=12", "trace.limit=4", "trace.samples=3"]
+
+
+def averages(results, model="tiny-gpt2"):
+    return json.loads((results / "trace" / model / "known_1000" / "averages.json").read_text())
+
+
+def test_sharded_trace_equals_unsharded_and_reruns_skip(tmp_path):
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    done = run_stage("trace", *TINY, f"paths.results={whole}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out_dir = whole / "trace/tiny-gpt2/known_1000"
+    assert last_line(done.stdout) == f"results: {out_dir}"
+    assert "traced 4 prompts" in done.stdout
+    assert len(list((out_dir / "prompts").glob("*.json"))) == 4
+
+    for index in (0, 1):
+        part = run_stage(
+            "trace", *TINY, f"paths.results={sharded}", f"shard.index={index}", "shard.count=2"
+        )
+        assert part.returncode == 0, part.stderr[-3000:]
+        assert "traced 2 prompts" in part.stdout
+    merged = run_stage("trace", *TINY, f"paths.results={sharded}", "aggregate_only=true")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert averages(sharded) == averages(whole)
+
+    again = run_stage("trace", *TINY, f"paths.results={whole}")
+    assert again.returncode == 0 and "prompts in" not in again.stdout  # nothing left to trace
+    assert "4 already traced" in again.stdout
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["traced"] == 4 and summary["missing"] == 0
+    first = averages(whole)
+    assert first["kinds"]["mlp"]["count"][2] == 4  # every prompt has a last subject token
+    for name in ("average_mlp", "last_subject_aie", "severed", "example_0_hidden"):
+        image = Image.open(out_dir / "figures" / f"{name}.png")
+        assert image.size[0] > 200 and image.size[1] > 150
+        assert len(set(image.convert("L").getdata())) > 10  # not blank
+        assert (out_dir / "figures" / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_missing_shard_is_reported(tmp_path):
+    part = run_stage("trace", *TINY, f"paths.results={tmp_path}", "shard.index=0", "shard.count=2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    merged = run_stage("trace", *TINY, f"paths.results={tmp_path}", "aggregate_only=true")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    summary = json.loads((tmp_path / "trace/tiny-gpt2/known_1000/summary.json").read_text())
+    assert summary["traced"] == 2 and summary["missing"] == 2 and len(summary["missing_ids"]) == 2
+    assert "have no trace yet" in merged.stdout + merged.stderr
+
+
+def test_known_facts_from_another_data_setting_are_not_reused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.trace import _same_inputs
+
+    cfg = OmegaConf.create(
+        {
+            "model": {"name": "m"},
+            "data": {"file": "known_1000.json", "limit": None},
+            "dtype": "float32",
+            "paths": {"data": "${oc.env:HOME}"},
+        }
+    )
+    saved = tmp_path / "config.yaml"
+    saved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert _same_inputs(saved, cfg)
+    cfg.data.limit = 40
+    assert not _same_inputs(saved, cfg)
+    assert not _same_inputs(tmp_path / "missing.yaml", cfg)
