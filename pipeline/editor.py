@@ -1,0 +1,136 @@
+"""Editors from configuration: hyperparameters, key statistics and context templates.
+
+The stage-layer side of editing. It reads `cfg.editor`, `cfg.corpus` and `cfg.paths` and keeps
+files in `paths.cache`; `pipeline.rome` and `pipeline.second_moment` stay plain functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import corpus, io
+from pipeline.models import LoadedModel, file_lock
+from pipeline.rome import RomeHparams, generate_context_templates
+from pipeline.second_moment import SecondMoment, StatsKey, cached_second_moment
+
+log = logging.getLogger(__name__)
+
+ROME_EDITORS = ("rome", "r-rome")
+TextSource = Callable[[], Iterable[str]]
+
+
+def edit_layer(editor: DictConfig, model_name: str) -> int:
+    """`editor.layer` if set, else the editor's preset for this model."""
+    if editor.get("layer") is not None:
+        return int(editor.layer)
+    presets = editor.get("layers") or {}
+    if model_name not in presets:
+        raise ValueError(
+            f"editor '{editor.name}' has no layer preset for model '{model_name}' "
+            f"(presets: {sorted(presets)}); choose one with editor.layer=N"
+        )
+    return int(presets[model_name])
+
+
+def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
+    """RomeHparams from `conf/editor/{rome,r-rome}.yaml`; unknown keys there are an error."""
+    if editor.name not in ROME_EDITORS:
+        raise ValueError(f"editor '{editor.name}' is not a ROME editor ({ROME_EDITORS})")
+    fields = {f.name for f in dataclasses.fields(RomeHparams)}
+    settings = OmegaConf.to_container(editor, resolve=True)
+    stage_keys = {"name", "layers", "batch_size", "mom2"}
+    unknown = set(settings) - fields - stage_keys
+    if unknown:
+        raise ValueError(f"unknown editor settings {sorted(unknown)} in editor '{editor.name}'")
+    values = {key: value for key, value in settings.items() if key in fields}
+    values["layer"] = edit_layer(editor, model_name)
+    return RomeHparams(**values)
+
+
+def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
+    """(name of the source actually used, a function that streams its texts)."""
+    source = corpus_cfg.source
+    local_dir = Path(corpus_cfg.local_dir)
+    has_local = local_dir.is_dir() and bool(corpus.local_files(local_dir))
+    if source == "local" or (source == "auto" and has_local):
+        if not has_local:
+            raise FileNotFoundError(
+                f"no corpus files in {local_dir}; set corpus.local_dir, or corpus.source=datasets"
+            )
+        return f"{corpus_cfg.name}-local", lambda: corpus.read_local(local_dir)
+    if source in ("auto", "datasets"):
+        return corpus_cfg.dataset, lambda: corpus.read_hf_wikitext(
+            corpus_cfg.dataset, corpus_cfg.split, cache_dir=corpus_cfg.cache_dir
+        )
+    raise ValueError(f"corpus.source must be auto, local or datasets, got {source!r}")
+
+
+def stats_key(cfg: DictConfig, lm: LoadedModel, layer: int) -> tuple[StatsKey, TextSource]:
+    """The cache key of C at `layer` for `cfg.corpus` and the budget in `cfg.editor.mom2`."""
+    name, texts = open_corpus(cfg.corpus)
+    budget = cfg.editor.mom2
+    key = StatsKey.of(
+        lm,
+        layer,
+        name,
+        max_samples=budget.max_samples,
+        max_tokens=budget.max_tokens,
+        max_length=int(budget.max_length),
+        accumulate_dtype=getattr(torch, budget.dtype),
+    )
+    return key, texts
+
+
+def key_statistics(
+    cfg: DictConfig,
+    lm: LoadedModel,
+    layer: int,
+    *,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> SecondMoment:
+    """C at `layer` from the cache, or computed (and cached) from the configured corpus."""
+    key, texts = stats_key(cfg, lm, layer)
+    return cached_second_moment(
+        lm,
+        key,
+        texts,
+        cache_dir=cfg.paths.cache,
+        batch_size=int(cfg.editor.mom2.batch_size),
+        shard=shard,
+        progress=progress,
+    )
+
+
+def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHparams) -> list[str]:
+    """The model's own context templates for these settings, generated once per model."""
+    settings = {
+        "lengths": hparams.context_templates,
+        "seeds": hparams.context_seeds,
+        "top_k": hparams.context_top_k,
+        "seed": hparams.context_seed,
+        "dtype": str(lm.dtype),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "templates" / lm.name / f"{digest}.json"
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            return io.read_json(path)["templates"]
+        templates = generate_context_templates(
+            lm,
+            hparams.context_templates,
+            seeds=hparams.context_seeds,
+            top_k=hparams.context_top_k,
+            seed=hparams.context_seed,
+        )
+        io.write_json(path, {"settings": settings, "templates": templates})
+    log.info("context templates for %s cached at %s", lm.name, path)
+    return templates

@@ -1,0 +1,763 @@
+"""ROME (Meng et al. 2022) and r-ROME (Gupta et al. 2024): rank-one edits of one MLP projection.
+
+An edit rewrites a fact (subject, relation) -> new object by changing the MLP output projection
+W (out, in) at one layer. The projection reads a key k (its input at the subject's last token)
+and writes a value W k into the residual stream; ROME picks a value v* that makes the new object
+likely, then makes the smallest change (in the metric of the keys' second moment C) that maps
+the subject's key to v*:
+
+    u  = C⁻¹ k̄                           k̄: the key averaged over context templates
+    ΔW = (v* − W k_ref) uᵀ / (uᵀ k_ref)   so that (W + ΔW) k_ref = v*
+
+Where ROME and r-ROME differ (`RomeHparams.consistent_keys`):
+  - ROME (False, the reference implementation's behaviour) uses k̄ for u, but the key of the bare
+    prompt (no context prefix) as k_ref, and v* = W k_bare + δ. When k_bare is atypical of the
+    averaged key, uᵀ k_bare is small, ΔW blows up and the edit "disables" the model.
+  - r-ROME (True) uses k̄ everywhere: k_ref = k̄ and v* = W k̄ + δ, so the update maps exactly the
+    key it was fitted for.
+In both, δ is the same optimised residual: it is added to the projection's output at the
+subject's last token of every (context + prompt) during the v* optimisation.
+
+An update is held as `RankOneUpdate(layer, left, right)` with ΔW = left ⊗ right (out, in):
+`left` = (v* − W k_ref) / (uᵀ k_ref) lives in the output space, `right` = u in the key space.
+(ROME's own code names them the other way round because GPT-2 stores W transposed.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.models import LoadedModel
+from pipeline.second_moment import SecondMoment, StopForward, run_until_stopped
+from pipeline.tokens import SubjectNotFoundError, encode, fill, right_pad, subject_span, target_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RomeHparams:
+    """ROME's hyperparameters; defaults are the paper's for GPT-2 XL (GPT-J uses layer 5).
+
+    `context_templates` lists (length, count) pairs: the model writes `count` prefixes of
+    `length` new tokens from the seed words, and "{}" (no prefix) comes first. The ROME code used
+    5 prefixes of 10 tokens; the MEMIT code 10 of 5 and 10 of 10 tokens from these seed words,
+    which we take as default: 21 templates average more of the prefix noise out of k̄ and v*.
+
+    Choices where paper and reference code differ, or the code is unspecific: the KL term reads
+    the next-token distribution after the whole "{} is a" prompt (the paper's equation; the code
+    reads it at the subject's last token); the early stop looks at the target's NLL (the code at
+    the total loss); weight decay is v_weight_decay · ‖δ‖ / ‖W k_ref + b‖² as in the code.
+    """
+
+    layer: int = 17  # per-model presets (and why SmolLM2 uses 6) are in conf/editor/rome.yaml
+    consistent_keys: bool = False  # False: ROME; True: r-ROME (see the module docstring)
+    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    context_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_top_k: int = 5
+    context_seed: int = 0
+    v_num_grad_steps: int = 20  # forward passes; the last one only measures (at most 19 steps)
+    v_lr: float = 5e-1
+    v_loss_layer: int = -1  # the logits are read after this block (-1: the model's output)
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖original value‖
+    kl_factor: float = 0.0625
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    early_stop_nll: float = 5e-2  # stop optimising a request once its target NLL is below this
+    mom2_update_weight: float = 15000.0  # λ in (λC)⁻¹; cancels in ROME, kept for parity
+    mom2_ridge: float = 1e-6  # ridge relative to mean(diag(λC)), keeps the solve defined
+    reject_already_predicted: bool = True  # a target the model already gives is no edit
+
+    def __post_init__(self):
+        """Lists from a YAML config become tuples, so equal settings compare equal."""
+        self.context_templates = tuple(
+            tuple(int(x) for x in pair) for pair in self.context_templates
+        )
+        self.context_seeds = tuple(self.context_seeds)
+        self.kl_prompts = tuple(self.kl_prompts)
+
+    @classmethod
+    def for_editor(cls, name: str, **overrides) -> RomeHparams:
+        """`rome` (original keys) or `r-rome` (consistent keys), with overrides."""
+        variants = {"rome": False, "r-rome": True}
+        if name not in variants:
+            raise ValueError(f"editor must be one of {sorted(variants)}, got {name!r}")
+        return cls(consistent_keys=variants[name], **overrides)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite `prompt` (a "{}" template for the subject) to continue with `target_new`."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    id: str | int | None = None
+
+    @classmethod
+    def from_filled(cls, prompt: str, subject: str, target_new: str, **extra) -> EditRequest:
+        """From a prompt with the subject written in (CounterFact/EasyEdit records): the
+        subject's last occurrence becomes the "{}"."""
+        at = prompt.rfind(subject) if subject else -1
+        if at < 0:
+            raise SubjectNotFoundError(f"subject {subject!r} not found in prompt {prompt!r}")
+        template = prompt[:at] + "{}" + prompt[at + len(subject) :]
+        return cls(template, subject, target_new, **extra)
+
+    @property
+    def filled(self) -> str:
+        return fill(self.prompt, self.subject)
+
+
+class EditRequestError(ValueError):
+    """A request that cannot be edited; carries which one and why."""
+
+    def __init__(self, index: int, request_id: object, reason: str):
+        self.index, self.request_id, self.reason = index, request_id, reason
+        super().__init__(f"edit request {index} (id={request_id}): {reason}")
+
+
+@dataclass
+class RankOneUpdate:
+    """ΔW = left ⊗ right for the (out, in) weight of `mlp_out` at `layer`."""
+
+    layer: int
+    left: torch.Tensor  # (out,)
+    right: torch.Tensor  # (in,)
+
+    def matrix(self) -> torch.Tensor:
+        return torch.outer(self.left, self.right)
+
+
+@dataclass
+class EditResult:
+    """One request's outcome: an update, or the error that rejected it."""
+
+    index: int
+    request: EditRequest
+    update: RankOneUpdate | None = None
+    error: EditRequestError | None = None
+    key: torch.Tensor | None = None  # k_ref: the key the update maps exactly onto `value`
+    value: torch.Tensor | None = None  # v* = W k_ref + δ (the projection's linear part)
+    target_nll: float = float("nan")  # mean NLL per target token when optimisation stopped
+    steps: int = 0  # optimiser steps taken
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --------------------------------------------------------------------------------------------
+# Context templates
+
+
+@torch.no_grad()
+def generate_context_templates(
+    lm: LoadedModel,
+    lengths: Sequence[tuple[int, int]] = ((5, 10), (10, 10)),
+    *,
+    seeds: Sequence[str] = ("The", "Therefore", "Because", "I", "You"),
+    top_k: int = 5,
+    seed: int = 0,
+) -> list[str]:
+    """["{}", "<generated text>. {}", ...]: prefixes the model writes itself from seed words.
+
+    Top-k sampling from a seeded generator makes the list reproducible for a model; callers
+    cache it per model. Prefix i starts from seed word i modulo the number of seeds.
+    """
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    templates = ["{}"]
+    for length, count in lengths:
+        for seed_index, word in enumerate(seeds):
+            n = len(range(seed_index, count, len(seeds)))
+            if n == 0:
+                continue
+            ids = torch.tensor([encode(lm.tokenizer, word)] * n, device=lm.device)
+            for _ in range(length):
+                logits = lm.model(input_ids=ids).logits[:, -1].float()
+                top = logits.topk(top_k, dim=-1)
+                pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
+                ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)
+            for row in ids:
+                text = lm.tokenizer.decode(row, skip_special_tokens=True)
+                templates.append(text.replace("{", "").replace("}", "") + ". {}")
+    return templates
+
+
+def templates_for(lm: LoadedModel, hparams: RomeHparams) -> list[str]:
+    return generate_context_templates(
+        lm,
+        hparams.context_templates,
+        seeds=hparams.context_seeds,
+        top_k=hparams.context_top_k,
+        seed=hparams.context_seed,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes that stop early and read what they need
+
+
+def _run_until(lm: LoadedModel, module: torch.nn.Module, ids, mask) -> torch.Tensor:
+    """Run the model until `module` has produced its output; return that output."""
+    box: list[torch.Tensor] = []
+
+    def grab(mod, args, output):
+        box.append(output[0] if isinstance(output, tuple) else output)
+        raise StopForward
+
+    handle = module.register_forward_hook(grab)
+    try:
+        run_until_stopped(lm, ids, mask)
+    finally:
+        handle.remove()
+    return box[0]
+
+
+@torch.no_grad()
+def projection_inputs(
+    lm: LoadedModel,
+    layer: int,
+    token_lists: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Inputs of `mlp_out` at `layer` for sequence i at token positions[i]: (n, in)."""
+    pad_id = lm.tokenizer.pad_token_id or 0
+    out = []
+    box: list[torch.Tensor] = []
+
+    def grab(module, args):
+        box.append(args[0])
+        raise StopForward
+
+    handle = lm.module("mlp_out", layer).register_forward_pre_hook(grab)
+    try:
+        for start in range(0, len(token_lists), batch_size):
+            ids, mask = right_pad(token_lists[start : start + batch_size], pad_id, lm.device)
+            box.clear()
+            run_until_stopped(lm, ids, mask)
+            rows = torch.arange(ids.shape[0], device=lm.device)
+            cols = torch.as_tensor(positions[start : start + batch_size], device=lm.device)
+            out.append(box[0][rows, cols])
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def _logits_at(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from block outputs (n, d): the final norm, then the unembedding."""
+    return lm.module("unembed")(lm.module("final_norm")(hidden)).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing requests
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: EditRequest
+    target: list[int]  # target token ids (in the context of the bare prompt)
+    contexts: list[list[int]]  # (context + prompt) token ids, one per template
+    context_subject: list[int]  # position of the subject's last token in each
+    kl: list[list[int]]  # KL prompt token ids
+    kl_subject: list[int]
+    bare: list[int]  # the bare prompt's token ids
+    bare_subject: int
+
+
+def _prepare(
+    lm: LoadedModel, index: int, request: EditRequest, templates: Sequence[str], hp: RomeHparams
+) -> _Prepared:
+    request_id = request.id if request.id is not None else index
+    tok = lm.tokenizer
+
+    def fail(reason: str):
+        return EditRequestError(index, request_id, reason)
+
+    if "{}" not in request.prompt:
+        where = (
+            "written in; use EditRequest.from_filled"
+            if request.subject in request.prompt
+            else "not found"
+        )
+        raise fail(f"subject {request.subject!r} {where}: prompt {request.prompt!r} has no '{{}}'")
+    if not request.subject.strip():
+        raise fail("subject is empty")
+
+    def locate(template: str) -> tuple[list[int], int]:
+        text = fill(template, request.subject)
+        try:
+            return encode(tok, text), subject_span(tok, text, request.subject)[1] - 1
+        except SubjectNotFoundError as error:
+            raise fail(str(error)) from None
+
+    try:
+        target = target_ids(tok, request.target_new, request.filled)
+    except ValueError as error:
+        raise fail(f"target_new {request.target_new!r}: {error}") from None
+    if not target:
+        raise fail(f"target_new {request.target_new!r} tokenizes to nothing")
+    contexts = [locate(t.replace("{}", request.prompt)) for t in templates]
+    kls = [locate(p) for p in hp.kl_prompts]
+    bare, bare_subject = locate(request.prompt)
+    return _Prepared(
+        index,
+        request,
+        target,
+        [c[0] for c in contexts],
+        [c[1] for c in contexts],
+        [k[0] for k in kls],
+        [k[1] for k in kls],
+        bare,
+        bare_subject,
+    )
+
+
+@torch.no_grad()
+def _already_predicted(lm: LoadedModel, prepared: Sequence[_Prepared]) -> list[bool]:
+    """Whether greedy decoding of each bare prompt already yields the whole target."""
+    if not prepared:
+        return []
+    rows = [p.bare + p.target[:-1] for p in prepared]
+    ids, mask = right_pad(rows, lm.tokenizer.pad_token_id or 0, lm.device)
+    hidden = _run_until(lm, lm.module("block", -1), ids, mask)
+    answers = []
+    for row, p in enumerate(prepared):
+        cols = torch.arange(len(p.bare) - 1, len(p.bare) - 1 + len(p.target), device=lm.device)
+        greedy = _logits_at(lm, hidden[row, cols]).argmax(-1).tolist()
+        answers.append(greedy == p.target)
+    return answers
+
+
+# --------------------------------------------------------------------------------------------
+# Keys, values, updates
+
+
+class _KeySolver:
+    """Computes u = (λC + εI)⁻¹ k in float64 with one Cholesky factorisation."""
+
+    def __init__(
+        self, moment: torch.Tensor | SecondMoment | None, hp: RomeHparams, device: torch.device
+    ):
+        self.factor = None
+        if moment is None:
+            return
+        if isinstance(moment, SecondMoment):
+            moment = moment.moment()
+        scaled = hp.mom2_update_weight * moment.to(device, torch.float64)
+        ridge = hp.mom2_ridge * scaled.diagonal().mean()
+        scaled = scaled + ridge * torch.eye(
+            scaled.shape[0], dtype=scaled.dtype, device=scaled.device
+        )
+        self.factor = torch.linalg.cholesky(scaled)
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys (n, in) -> left vectors u (n, in), float64, unit norm (the scale cancels)."""
+        keys = keys.double()
+        u = keys if self.factor is None else torch.cholesky_solve(keys.T, self.factor).T
+        return u / u.norm(dim=-1, keepdim=True)
+
+
+def _adder(rows: torch.Tensor, cols: torch.Tensor, deltas: torch.Tensor):
+    """A forward hook adding deltas[i] to the output at (rows[i], cols[i])."""
+
+    def add_delta(module, args, output):
+        return output.index_put((rows, cols), deltas.to(output.dtype), accumulate=True)
+
+    return add_delta
+
+
+def _optimise_values(
+    lm: LoadedModel,
+    prepared: Sequence[_Prepared],
+    reference_outputs: torch.Tensor,
+    hp: RomeHparams,
+) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Optimise one residual δ per request (rows of a (B, out) tensor), all in one batch.
+
+    Each request contributes its (context + prompt + target[:-1]) rows, teacher-forced on the
+    target, and its KL rows; every row adds its own request's δ to the projection's output at
+    the subject's last token. Requests are independent: their losses are summed, each has its own
+    Adam state, and a request leaves the batch as soon as its target NLL is low enough.
+    """
+    n_req = len(prepared)
+    layer = hp.layer
+    loss_layer = hp.v_loss_layer
+    dim = reference_outputs.shape[1]
+    deltas = [torch.zeros(dim, device=lm.device, requires_grad=True) for _ in range(n_req)]
+    optimisers = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
+    max_norms = hp.clamp_norm_factor * reference_outputs.norm(dim=-1)
+    ref_sq = reference_outputs.norm(dim=-1) ** 2
+    # The first pass (all requests, δ = 0) fixes the original KL distributions, request-major;
+    # kl_index[r] picks request r's rows of them.
+    n_kl = len(hp.kl_prompts)
+    kl_index = torch.arange(n_req * n_kl, device=lm.device).view(n_req, n_kl)
+    nlls = [float("nan")] * n_req
+    steps = [0] * n_req
+    active = list(range(n_req))
+    pad_id = lm.tokenizer.pad_token_id or 0
+
+    for iteration in range(hp.v_num_grad_steps):
+        # The batch of the requests still optimising: their rows, and the positions read out.
+        rows, subject_pos, row_owner = [], [], []
+        nll_at, nll_owner, nll_tokens, kl_at, kl_owner = [], [], [], [], []
+        for slot, r in enumerate(active):
+            p = prepared[r]
+            for tokens, pos in zip(p.contexts, p.context_subject, strict=True):
+                first = len(tokens) - 1  # the logits there predict the first target token
+                nll_at += [(len(rows), first + i) for i in range(len(p.target))]
+                nll_owner += [slot] * len(p.target)
+                nll_tokens += p.target
+                rows.append(tokens + p.target[:-1])
+                subject_pos.append(pos)
+                row_owner.append(slot)
+            for tokens, pos in zip(p.kl, p.kl_subject, strict=True):
+                kl_at.append((len(rows), len(tokens) - 1))
+                kl_owner.append(slot)
+                rows.append(tokens)
+                subject_pos.append(pos)
+                row_owner.append(slot)
+        ids, mask = right_pad(rows, pad_id, lm.device)
+        row_index = torch.arange(len(rows), device=lm.device)
+        col_index = torch.as_tensor(subject_pos, device=lm.device)
+        owners = torch.tensor(row_owner, device=lm.device)
+        row_deltas = torch.stack([deltas[r] for r in active])[owners]
+        handle = lm.module("mlp_out", layer).register_forward_hook(
+            _adder(row_index, col_index, row_deltas)
+        )
+        try:
+            with torch.enable_grad():
+                hidden = _run_until(lm, lm.module("block", loss_layer), ids, mask)
+        finally:
+            handle.remove()
+
+        read = torch.as_tensor(nll_at + kl_at, device=lm.device)
+        log_probs = _logits_at(lm, hidden[read[:, 0], read[:, 1]]).log_softmax(-1)
+        n_active, n_nll = len(active), len(nll_at)
+        tokens = torch.as_tensor(nll_tokens, device=lm.device)
+        token_nll = -log_probs[torch.arange(n_nll, device=lm.device), tokens]
+        owner = torch.as_tensor(nll_owner, device=lm.device)
+        per_request = torch.zeros(n_active, device=lm.device).index_add(0, owner, token_nll)
+        nll = per_request / torch.bincount(owner, minlength=n_active)  # mean over tokens
+        kl_log_probs = log_probs[n_nll:]
+        if iteration == 0:  # δ is still zero: the original distributions
+            kl_init = kl_log_probs.detach()
+        # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
+        kl_owner_t = torch.as_tensor(kl_owner, device=lm.device)
+        kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_index[active].flatten()])).sum(
+            -1
+        )
+        kl = torch.zeros(n_active, device=lm.device).index_add(0, kl_owner_t, kl_terms)
+        kl = kl / torch.bincount(kl_owner_t, minlength=n_active)
+        norms = torch.stack([deltas[r].norm() for r in active])
+        decay = hp.v_weight_decay * norms / ref_sq[active]
+        loss = (nll + hp.kl_factor * kl + decay).sum()  # requests are independent
+
+        finished = set()
+        for slot, r in enumerate(active):
+            nlls[r] = float(nll[slot].detach())
+            if nlls[r] < hp.early_stop_nll or iteration == hp.v_num_grad_steps - 1:
+                finished.add(r)
+        if iteration == hp.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        for r in active:
+            if r in finished:
+                continue
+            optimisers[r].step()
+            optimisers[r].zero_grad(set_to_none=True)
+            steps[r] += 1
+            with torch.no_grad():
+                norm = deltas[r].norm()
+                if norm > max_norms[r]:
+                    deltas[r].mul_(max_norms[r] / norm)
+        active = [r for r in active if r not in finished]
+        if not active:
+            break
+    return torch.stack([d.detach() for d in deltas]), nlls, steps
+
+
+def _compute_batch(
+    lm: LoadedModel,
+    indexed_requests: Sequence[tuple[int, EditRequest]],
+    hp: RomeHparams,
+    solver: _KeySolver,
+    templates: Sequence[str],
+) -> list[EditResult]:
+    results: dict[int, EditResult] = {}
+    prepared: list[_Prepared] = []
+    for index, request in indexed_requests:
+        try:
+            prepared.append(_prepare(lm, index, request, templates, hp))
+        except EditRequestError as error:
+            results[index] = EditResult(index, request, error=error)
+    if hp.reject_already_predicted:
+        kept = []
+        for p, predicted in zip(prepared, _already_predicted(lm, prepared), strict=True):
+            if predicted:
+                request_id = p.request.id if p.request.id is not None else p.index
+                reason = f"target_new {p.request.target_new!r} is already the greedy answer"
+                error = EditRequestError(p.index, request_id, reason)
+                results[p.index] = EditResult(p.index, p.request, error=error)
+            else:
+                kept.append(p)
+        prepared = kept
+
+    if prepared:
+        n_templates = len(templates)
+        token_lists, positions = [], []
+        for p in prepared:
+            token_lists += p.contexts + [p.bare]
+            positions += p.context_subject + [p.bare_subject]
+        keys = projection_inputs(lm, hp.layer, token_lists, positions).double()
+        keys = keys.view(len(prepared), n_templates + 1, -1)
+        mean_keys = keys[:, :n_templates].mean(dim=1)  # k̄
+        ref_keys = mean_keys if hp.consistent_keys else keys[:, n_templates]
+
+        projection = lm.module("mlp_out", hp.layer)
+        weight = lm.mlp_out_weight(hp.layer).detach().double()
+        linear = ref_keys @ weight.T  # W k_ref
+        bias = getattr(projection, "bias", None)
+        reference_outputs = linear if bias is None else linear + bias.detach().double()
+
+        deltas, nlls, steps = _optimise_values(lm, prepared, reference_outputs.float(), hp)
+        values = linear + deltas.double()  # v* = W k_ref + δ
+        u = solver(mean_keys)
+        alignment = (u * ref_keys).sum(-1, keepdim=True)  # uᵀk_ref: small means a huge ΔW
+        lefts = (values - linear) / alignment
+        for row, p in enumerate(prepared):
+            update = RankOneUpdate(
+                hp.layer % lm.n_layers,
+                lefts[row].to(lm.dtype),
+                u[row].to(lm.dtype),
+            )
+            results[p.index] = EditResult(
+                p.index,
+                p.request,
+                update=update,
+                key=ref_keys[row].float(),
+                value=values[row].float(),
+                target_nll=nlls[row],
+                steps=steps[row],
+                info={
+                    "delta_norm": float(deltas[row].norm()),
+                    "update_norm": float(lefts[row].norm()),  # ‖ΔW‖ (u has unit norm)
+                    "alignment": float(alignment[row] / ref_keys[row].norm()),
+                    "templates": n_templates,
+                },
+            )
+    return [results[index] for index, _ in indexed_requests]
+
+
+def _setup(lm, hparams, second_moment, context_templates) -> tuple[list[str], _KeySolver]:
+    templates = list(context_templates) if context_templates else templates_for(lm, hparams)
+    return templates, _KeySolver(second_moment, hparams, lm.device)
+
+
+def compute_updates(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    hparams: RomeHparams,
+    *,
+    second_moment: torch.Tensor | SecondMoment | None,
+    context_templates: Sequence[str] | None = None,
+    batch_size: int = 8,
+    first_index: int = 0,
+) -> list[EditResult]:
+    """One independent update per request, computed on the model as it is (not applied).
+
+    Requests are processed `batch_size` at a time in shared forward passes; the results equal
+    one-at-a-time computation up to float rounding. A bad request yields an `EditResult` whose
+    `error` says why; the others go on. `second_moment` is C = E[k kᵀ] at `hparams.layer`
+    (None: identity, i.e. no covariance adjustment). Request i is numbered first_index + i.
+    """
+    templates, solver = _setup(lm, hparams, second_moment, context_templates)
+    indexed = [(first_index + i, r) for i, r in enumerate(requests)]
+    results = []
+    for start in range(0, len(indexed), batch_size):
+        results += _compute_batch(
+            lm, indexed[start : start + batch_size], hparams, solver, templates
+        )
+    return results
+
+
+def compute_update(
+    lm: LoadedModel,
+    request: EditRequest,
+    hparams: RomeHparams,
+    *,
+    second_moment: torch.Tensor | SecondMoment | None,
+    context_templates: Sequence[str] | None = None,
+) -> EditResult:
+    """One request; raises its `EditRequestError` instead of returning it."""
+    (result,) = compute_updates(
+        lm, [request], hparams, second_moment=second_moment, context_templates=context_templates
+    )
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def edit_sequentially(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    hparams: RomeHparams,
+    *,
+    second_moment: torch.Tensor | SecondMoment | None,
+    context_templates: Sequence[str] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int, list[EditResult]], None] | None = None,
+) -> list[EditResult]:
+    """Apply edits one after another, each computed on the already-edited model (in place).
+
+    Wrap the call in `preserved_weights(lm, [hparams.layer])` to get the original model back.
+    `on_checkpoint(n_done, results)` runs after every `checkpoint_every` requests and at the end.
+    """
+    templates, solver = _setup(lm, hparams, second_moment, context_templates)
+    results: list[EditResult] = []
+    for index, request in enumerate(requests):
+        (result,) = _compute_batch(lm, [(index, request)], hparams, solver, templates)
+        if result.update is not None:
+            apply_update(lm, result.update)
+        results.append(result)
+        done = index + 1
+        if on_checkpoint and checkpoint_every and (done % checkpoint_every == 0):
+            on_checkpoint(done, results)
+    if on_checkpoint and checkpoint_every and len(requests) % checkpoint_every:
+        on_checkpoint(len(requests), results)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Applying updates: to the weights (exactly restorable) or per example through a hook
+
+
+@torch.no_grad()
+def apply_update(lm: LoadedModel, update: RankOneUpdate) -> None:
+    """W += left ⊗ right in place; the (out, in) view makes GPT-2's transposed Conv1D right."""
+    weight = lm.mlp_out_weight(update.layer)
+    weight.add_(torch.outer(update.left, update.right).to(weight.device, weight.dtype))
+
+
+@contextlib.contextmanager
+def preserved_weights(lm: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
+    """Copy the projections' weights of `layers` and put them back bit-for-bit on exit."""
+    saved = {
+        layer % lm.n_layers: lm.mlp_out_weight(layer).detach().clone() for layer in set(layers)
+    }
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, original in saved.items():
+                lm.mlp_out_weight(layer).copy_(original)
+
+
+@contextlib.contextmanager
+def edited(lm: LoadedModel, updates: Sequence[RankOneUpdate]) -> Iterator[LoadedModel]:
+    """The model with `updates` applied to its weights; restored exactly afterwards."""
+    with preserved_weights(lm, [u.layer for u in updates]):
+        for update in updates:
+            apply_update(lm, update)
+        yield lm
+
+
+class PerExampleEdits:
+    """Forward hooks so row b of a batch sees its own updates, without touching the weights.
+
+    `updates_per_row[b]` is None, one update, or a list of updates for row b; the hook adds
+    (x · right) left to the projection's output for those rows only, and leaves the other rows
+    bitwise unchanged. Use as a context manager around forward passes (or generate) whose batch
+    has exactly len(updates_per_row) rows; `set_rows` swaps in the next batch's updates.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        updates_per_row: Sequence[RankOneUpdate | Sequence[RankOneUpdate] | None],
+    ):
+        self.lm = lm
+        self.handles: list = []
+        self.set_rows(updates_per_row)
+
+    def set_rows(self, updates_per_row) -> None:
+        self.n_rows = len(updates_per_row)
+        by_layer: dict[int, tuple[list, list, list]] = {}
+        for row, updates in enumerate(updates_per_row):
+            if updates is None:
+                continue
+            if isinstance(updates, RankOneUpdate):
+                updates = [updates]
+            for update in updates:
+                entry = by_layer.setdefault(update.layer % self.lm.n_layers, ([], [], []))
+                entry[0].append(row)
+                entry[1].append(update.left)
+                entry[2].append(update.right)
+        device = self.lm.device
+        self.by_layer = {
+            layer: (
+                torch.as_tensor(rows, device=device),
+                torch.stack(lefts).to(device),
+                torch.stack(rights).to(device),
+            )
+            for layer, (rows, lefts, rights) in by_layer.items()
+        }
+        if self.handles:
+            self._remove()
+            self._register()
+
+    def _hook(self, layer: int):
+        def add_updates(module, args, output):
+            x = args[0]
+            if x.shape[0] != self.n_rows:
+                raise ValueError(f"batch has {x.shape[0]} rows but {self.n_rows} were edited")
+            rows, lefts, rights = self.by_layer[layer]
+            coefficients = torch.einsum("rti,ri->rt", x[rows], rights.to(x.dtype))
+            change = coefficients[..., None] * lefts.to(x.dtype)[:, None, :]
+            return output.index_add(0, rows, change.to(output.dtype))
+
+        return add_updates
+
+    def _register(self) -> None:
+        for layer in self.by_layer:
+            module = self.lm.module("mlp_out", layer)
+            self.handles.append(module.register_forward_hook(self._hook(layer)))
+
+    def _remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self) -> PerExampleEdits:
+        self._register()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+
+__all__ = [
+    "EditRequest",
+    "EditRequestError",
+    "EditResult",
+    "PerExampleEdits",
+    "RankOneUpdate",
+    "RomeHparams",
+    "apply_update",
+    "compute_update",
+    "compute_updates",
+    "edit_sequentially",
+    "edited",
+    "generate_context_templates",
+    "preserved_weights",
+    "projection_inputs",
+    "templates_for",
+]

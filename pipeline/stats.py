@@ -1,0 +1,67 @@
+"""Stage `stats`: key statistics for ROME, computed ahead of editing and cached.
+
+    python -m pipeline.stats [model=...] [editor=rome] [layers=[17]] [editor.mom2.max_tokens=N]
+    python -m pipeline.stats shard.index=i shard.count=n     # part i of n (any order, any host)
+    python -m pipeline.stats shard.count=n merge=true        # the full statistic from the n parts
+
+The statistic lands in the shared cache (`paths.cache/stats/...`), keyed by model, layer, corpus,
+budget and dtypes, with a checksum; editing stages load it from there. `summary.json` records
+keys counted, seconds and tokens/s per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from omegaconf import DictConfig
+
+from pipeline.editor import edit_layer, key_statistics, stats_key
+from pipeline.second_moment import merge_shards
+from pipeline.stage import Run, stage
+
+log = logging.getLogger(__name__)
+
+
+@stage("stats")
+def main(cfg: DictConfig, run: Run) -> None:
+    lm = run.load_model()
+    layers = list(cfg.layers) if cfg.layers is not None else [edit_layer(cfg.editor, lm.name)]
+    index, count = int(cfg.shard.index), int(cfg.shard.count)
+    rows = []
+    for layer in layers:
+        key, _ = stats_key(cfg, lm, layer)
+        shard = (index, count) if count > 1 and not cfg.merge else None
+        path = key.path(cfg.paths.cache, shard)
+        cached = path.exists()
+        started = time.perf_counter()
+        if cfg.merge:
+            stat = merge_shards(key, cfg.paths.cache, count)
+        else:
+            stat = key_statistics(cfg, lm, layer, shard=shard)
+        seconds = time.perf_counter() - started
+        rows.append(
+            {
+                "layer": key.layer,
+                "keys": stat.count,
+                "cached": cached,
+                "seconds": round(seconds, 3),
+                "tokens_per_second": None if cached else round(stat.count / seconds, 1),
+                "path": str(path),
+            }
+        )
+        speed = "from the cache" if cached else f"{stat.count / seconds:.0f} tokens/s"
+        print(f"layer {key.layer}: {stat.count} keys in {seconds:.1f} s ({speed}) -> {path}")
+    run.write_summary(
+        {
+            "model": lm.name,
+            "corpus": key.corpus,
+            "shard": {"index": index, "count": count},
+            "merge": bool(cfg.merge),
+            "layers": rows,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

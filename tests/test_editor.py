@@ -1,0 +1,72 @@
+"""Editors from configuration: presets, hyperparameters, corpus choice, cached templates."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from pipeline import editor
+from pipeline.rome import RomeHparams
+from tests.conftest import ROOT, tiny_model
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("stats", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("model", "layer"), [("gpt2-xl", 17), ("gpt-j-6b", 5), ("smollm2-135m", 6)]
+)
+def test_layer_presets(model, layer):
+    cfg = config(f"model={model}")
+    assert editor.rome_hparams(cfg.editor, cfg.model.name).layer == layer
+
+
+def test_rome_and_r_rome_differ_only_in_the_keys():
+    rome_cfg, r_rome_cfg = config("editor=rome"), config("editor=r-rome")
+    rome_hp = editor.rome_hparams(rome_cfg.editor, "gpt2-xl")
+    r_rome_hp = editor.rome_hparams(r_rome_cfg.editor, "gpt2-xl")
+    assert not rome_hp.consistent_keys and r_rome_hp.consistent_keys
+    assert RomeHparams(**{**vars(r_rome_hp), "consistent_keys": False}) == rome_hp
+    # The YAML holds the paper's values, which are also the dataclass defaults.
+    assert rome_hp == RomeHparams(layer=17)
+
+
+def test_bad_editor_settings_are_named():
+    cfg = config("model=gpt2")
+    with pytest.raises(ValueError, match="no layer preset for model 'gpt2'"):
+        editor.rome_hparams(cfg.editor, cfg.model.name)
+    assert editor.rome_hparams(config("model=gpt2", "editor.layer=3").editor, "gpt2").layer == 3
+    with open_dict(cfg.editor):
+        cfg.editor.v_learning_rate = 1.0
+    with pytest.raises(ValueError, match="v_learning_rate"):
+        editor.rome_hparams(cfg.editor, "gpt2-xl")
+
+
+def test_corpus_source(tmp_path):
+    empty = config(f"corpus.local_dir={tmp_path}", "corpus.source=local")
+    with pytest.raises(FileNotFoundError, match="no corpus files"):
+        editor.open_corpus(empty.corpus)
+    name, _ = editor.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
+    assert name == "wikitext-103-raw-v1"  # auto without local files: datasets
+    (tmp_path / "a.txt").write_text("First paragraph of text.\n\nSecond paragraph.\n")
+    name, texts = editor.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
+    assert name == "wikipedia-local"
+    assert list(texts()) == ["First paragraph of text.", "Second paragraph."]
+
+
+def test_context_templates_are_generated_once_per_model(tmp_path, monkeypatch):
+    lm = tiny_model("tiny-gpt2")
+    hp = RomeHparams(layer=1, context_templates=((3, 2),))
+    first = editor.context_templates(tmp_path, lm, hp)
+    assert len(first) == 3 and first[0] == "{}"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("templates generated again")
+
+    monkeypatch.setattr(editor, "generate_context_templates", fail)
+    assert editor.context_templates(tmp_path, lm, hp) == first
+    with pytest.raises(AssertionError):
+        editor.context_templates(tmp_path, lm, RomeHparams(layer=1, context_seed=1))

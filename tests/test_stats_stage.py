@@ -1,0 +1,72 @@
+"""The statistics stage end to end on a tiny model: cache, shards and their merge."""
+
+import json
+
+import torch
+
+from pipeline.second_moment import load_second_moment
+from tests.test_stages import run_stage
+
+TEXT = """The Eiffel Tower is located in Paris, the capital of France.
+
+Danielle Darrieux was a French actress of stage, television and film.
+
+Toyota Corolla is produced by Toyota, a company based in Japan.
+
+Michel Rocard was a French politician who served as Prime Minister.
+
+The mother tongue of Jean Galland is French, and he sang in it.
+
+Apple A5 was created by Apple; the chip powered the iPhone 4S and the iPad 2.
+"""
+
+
+def stats(tmp_path, *overrides):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "text.txt").write_text(TEXT * 3)
+    done = run_stage(
+        "stats",
+        "model=tiny-gpt2",
+        f"corpus.local_dir={corpus}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.results={tmp_path / 'results'}",
+        "editor.mom2.batch_size=2",
+        *overrides,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "results/stats/tiny-gpt2/wikipedia/summary.json").read_text())
+    return summary, done.stdout
+
+
+def test_stats_cache_and_sharded_merge(tmp_path):
+    whole, out = stats(tmp_path / "one")
+    (row,) = whole["layers"]
+    assert row["layer"] == 1 and row["keys"] > 100 and not row["cached"]
+    assert whole["corpus"] == "wikipedia-local"
+    again, out = stats(tmp_path / "one")
+    assert again["layers"][0]["cached"] and "from the cache" in out
+
+    for index in (1, 0):
+        stats(tmp_path / "two", "shard.count=2", f"shard.index={index}")
+    merged, _ = stats(tmp_path / "two", "shard.count=2", "merge=true")
+    a = load_second_moment(row["path"])
+    b = load_second_moment(merged["layers"][0]["path"])
+    assert a.count == b.count == row["keys"]
+    torch.testing.assert_close(a.sum, b.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_with_a_missing_part_fails_clearly(tmp_path):
+    stats(tmp_path, "shard.count=2", "shard.index=0")
+    corpus = tmp_path / "corpus"
+    done = run_stage(
+        "stats",
+        "model=tiny-gpt2",
+        f"corpus.local_dir={corpus}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.results={tmp_path / 'results'}",
+        "shard.count=2",
+        "merge=true",
+    )
+    assert done.returncode != 0
+    assert "shard parts [1] of 2 are missing" in done.stderr
