@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats bench-trace bench-edit clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate summarize bench-trace bench-edit bench-eval clean-results
 
 setup: $(STAMP)
 
@@ -64,12 +64,25 @@ trace: known
 stats: setup
 	$(PY) -m pipeline.stats $(OVERRIDES)
 
+## ROME on the first $(EVAL_CASES) CounterFact cases (edit split), and the unedited model.
+EVAL_CASES ?= 200
+evaluate: setup
+	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) $(OVERRIDES)
+	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) editor=none $(OVERRIDES)
+
+## The paper's Table 4 from every evaluation run under results/evaluate (md, tex, csv).
+summarize: setup
+	$(PY) -m pipeline.summarize $(OVERRIDES)
+
 ## Benchmarks: print seconds per prompt / edit and the speed-up ratios (see BENCHMARKS.md).
 bench-trace: setup
 	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
 
 bench-edit: setup
 	$(PY) scripts/bench_edit.py $(BENCH_ARGS)
+
+bench-eval: setup
+	$(PY) scripts/bench_eval.py $(BENCH_ARGS)
 
 clean-results:
 	rm -rf results

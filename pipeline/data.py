@@ -78,6 +78,7 @@ class CounterfactCase:
     attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
     relation_id: str | None = None
+    target_new_id: str | None = None  # Wikidata id; keys ROME's attribute snippets (RS)
     schema: Literal["rome", "easyedit"] = "rome"
 
     @property
@@ -96,6 +97,7 @@ class CounterfactCase:
             "attribute_prompts": list(self.attribute_prompts),
             "generation_prompts": list(self.generation_prompts),
             "relation_id": self.relation_id,
+            "target_new_id": self.target_new_id,
             "schema": self.schema,
         }
 
@@ -225,6 +227,7 @@ def _parse_counterfact_rome(record: _Fields) -> CounterfactCase:
         attribute_prompts=record.get("attribute_prompts", list, required=False, default=()),
         generation_prompts=record.get("generation_prompts", list, required=False, default=()),
         relation_id=record.get("requested_rewrite.relation_id", required=False),
+        target_new_id=record.get("requested_rewrite.target_new.id", required=False),
         schema="rome",
     )
 

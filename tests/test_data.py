@@ -69,6 +69,7 @@ def test_rome_counterfact_schema(tmp_path):
     assert isinstance(case, CounterfactCase)
     assert case.prompt == "The mother tongue of Danielle Darrieux is"
     assert (case.target_true, case.target_new, case.relation_id) == ("French", "English", "P103")
+    assert case.target_new_id == "Q1860"
     assert len(case.paraphrase_prompts) == 2 and len(case.neighborhood_prompts) == 2
     assert case.attribute_prompts and case.generation_prompts
 

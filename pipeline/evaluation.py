@@ -1,0 +1,169 @@
+"""Scoring CounterFact cases on a model, many cases and edits per forward pass.
+
+The paper's protocol edits each case independently on the unedited model. Here a batch of cases
+runs together: every row (a prompt followed by a target) belongs to one case, and
+`PerExampleEdits` adds that case's rank-one update to its rows only, so no weights are copied or
+restored and the result equals editing, scoring and restoring one case at a time.
+
+The metric formulas are in `metrics.counterfact` and `metrics.generation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metrics.counterfact import PROMPT_KINDS, probability
+from pipeline.data import CounterfactCase
+from pipeline.models import LoadedModel
+from pipeline.rome import PerExampleEdits, RankOneUpdate
+from pipeline.tokens import encode, right_pad, target_ids
+
+
+@dataclass(frozen=True)
+class Row:
+    """One teacher-forced read-out: P(target | prompt) for a case."""
+
+    case: int  # index into the batch of cases
+    kind: str  # rewrite | paraphrase | neighborhood
+    prompt: str
+    target: str  # "new" | "true"
+
+
+def case_rows(index: int, case: CounterfactCase) -> list[Row]:
+    """The rows of a case: each of its prompts with both targets."""
+    prompts = {
+        "rewrite": [case.prompt],
+        "paraphrase": list(case.paraphrase_prompts),
+        "neighborhood": list(case.neighborhood_prompts),
+    }
+    return [
+        Row(index, kind, prompt, target)
+        for kind in PROMPT_KINDS
+        for prompt in prompts[kind]
+        for target in ("new", "true")
+    ]
+
+
+@torch.no_grad()
+def target_nlls(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    batch_size: int = 32,
+) -> list[float]:
+    """Mean NLL per token of each target after its prompt, teacher-forced.
+
+    `updates[i]` (optional) is the rank-one edit row i sees; rows without one see the model as
+    it is. Rows are right-padded, so each gets the numbers it would get alone.
+    """
+    if len(prompts) != len(targets) or (updates is not None and len(updates) != len(prompts)):
+        raise ValueError("prompts, targets (and updates) must have the same length")
+    encoded = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        prefix = encode(lm.tokenizer, prompt)
+        encoded.append((prefix, target_ids(lm.tokenizer, target, prompt)))
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        rows = [prefix + answer[:-1] for prefix, answer in chunk]
+        ids, mask = right_pad(rows, pad_id, lm.device)
+        edits = (
+            PerExampleEdits(lm, list(updates[start : start + batch_size]))
+            if updates is not None
+            and any(u is not None for u in updates[start : start + batch_size])
+            else contextlib.nullcontext()
+        )
+        with edits:
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+        for row, (prefix, answer) in enumerate(chunk):
+            positions = torch.arange(
+                len(prefix) - 1, len(prefix) - 1 + len(answer), device=lm.device
+            )
+            log_probs = logits[row, positions].float().log_softmax(-1)
+            picked = log_probs[torch.arange(len(answer)), torch.as_tensor(answer, device=lm.device)]
+            out.append(float(-picked.mean()))
+    return out
+
+
+def score_cases(
+    lm: LoadedModel,
+    cases: Sequence[CounterfactCase],
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    *,
+    batch_size: int = 32,
+) -> list[dict[str, list[tuple[float, float]]]]:
+    """Per case and prompt kind, [(P(new), P(true)) per prompt], each case under its own update."""
+    rows = [row for index, case in enumerate(cases) for row in case_rows(index, case)]
+    targets = [
+        cases[r.case].target_new if r.target == "new" else cases[r.case].target_true for r in rows
+    ]
+    row_updates = [updates[r.case] for r in rows] if updates is not None else None
+    nlls = target_nlls(
+        lm, [r.prompt for r in rows], targets, updates=row_updates, batch_size=batch_size
+    )
+    scores: list[dict[str, list]] = [{kind: [] for kind in PROMPT_KINDS} for _ in cases]
+    pending: dict[tuple[int, str, str], float] = {}
+    for row, nll in zip(rows, nlls, strict=True):
+        key = (row.case, row.kind, row.prompt)
+        if row.target == "new":
+            pending[key] = probability(nll)
+        else:
+            scores[row.case][row.kind].append((pending.pop(key), probability(nll)))
+    return scores
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    max_new_tokens: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Top-k sampled continuations (ROME's fluency protocol), seeded; row i under updates[i].
+
+    Prompts are left-padded. Each batch is sampled from the seed plus its offset, so a rerun
+    gives the same texts; a different batch size gives other (equally distributed) samples.
+    The global random state is left as it was.
+    """
+    tokenizer = lm.tokenizer
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [encode(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(c)) + c for c in chunk], device=lm.device)
+        mask = torch.tensor(
+            [[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=lm.device
+        )
+        chunk_updates = list(updates[start : start + batch_size]) if updates is not None else None
+        edits = (
+            PerExampleEdits(lm, chunk_updates)
+            if chunk_updates and any(u is not None for u in chunk_updates)
+            else contextlib.nullcontext()
+        )
+        devices = [lm.device] if lm.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), edits:
+            torch.manual_seed(seed + start)
+            out = lm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+            )
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return texts

@@ -1,0 +1,54 @@
+"""CounterFact metrics on hand-computed examples."""
+
+import math
+
+import numpy as np
+import pytest
+
+from metrics.counterfact import case_metrics, harmonic_mean, probability, summarize
+
+
+def test_probability_is_exp_of_minus_mean_nll():
+    # Two target tokens with probabilities 0.5 and 0.2: mean NLL = (ln 2 + ln 5) / 2.
+    mean_nll = (math.log(2) + math.log(5)) / 2
+    assert probability(mean_nll) == pytest.approx(math.sqrt(0.5 * 0.2))
+
+
+def test_case_metrics_by_hand():
+    case = case_metrics(
+        {
+            "rewrite": [(0.6, 0.1)],
+            "paraphrase": [(0.3, 0.4), (0.5, 0.2)],  # one of two succeeds
+            "neighborhood": [(0.1, 0.7), (0.2, 0.3), (0.5, 0.4)],  # two of three keep the truth
+        }
+    )
+    assert case["ES"] == 1.0 and case["EM"] == pytest.approx(0.5)
+    assert case["PS"] == 0.5 and case["PM"] == pytest.approx(((0.3 - 0.4) + (0.5 - 0.2)) / 2)
+    assert case["NS"] == pytest.approx(2 / 3)
+    assert case["NM"] == pytest.approx(((0.7 - 0.1) + (0.3 - 0.2) + (0.4 - 0.5)) / 3)
+    assert case_metrics({"rewrite": [(0.2, 0.2)]})["ES"] == 0.0  # a tie is no success
+    assert math.isnan(case_metrics({"rewrite": [(0.6, 0.1)]})["PS"])
+
+
+def test_summary_percent_intervals_and_score():
+    cases = [
+        {"ES": 1.0, "EM": 0.5, "PS": 1.0, "PM": 0.2, "NS": 1.0, "NM": 0.1},
+        {"ES": 1.0, "EM": 0.3, "PS": 0.0, "PM": -0.1, "NS": 0.5, "NM": 0.0},
+        {"ES": 0.0, "EM": -0.1, "PS": math.nan, "PM": math.nan, "NS": 1.0, "NM": 0.2},
+    ]
+    summary = summarize(cases)
+    assert summary["ES"]["mean"] == pytest.approx(200 / 3) and summary["ES"]["n"] == 3
+    assert summary["PS"]["n"] == 2 and summary["PS"]["mean"] == pytest.approx(50)
+    half = 12.706204736 * np.std([1.0, 0.0], ddof=1) / math.sqrt(2) * 100  # t(0.975, 1)
+    assert summary["PS"]["high"] - summary["PS"]["mean"] == pytest.approx(half, rel=1e-6)
+    # S over the two cases that have all of ES, PS, NS: hmean(1.0, 0.5, 0.75).
+    expected = 3 / (1 / 1.0 + 1 / 0.5 + 1 / 0.75) * 100
+    assert summary["S"]["mean"] == pytest.approx(expected) and summary["S"]["n"] == 2
+    assert summary["S"]["low"] <= summary["S"]["mean"] <= summary["S"]["high"]
+    assert summarize(cases) == summary  # the bootstrap is seeded
+
+
+def test_harmonic_mean_edges():
+    assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
+    assert math.isnan(harmonic_mean([1.0, math.nan]))
+    assert harmonic_mean([0.5, 0.5]) == pytest.approx(0.5)

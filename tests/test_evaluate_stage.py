@@ -1,0 +1,100 @@
+"""The evaluation stage end to end on a tiny model: batches, resume, both schemas, sequential."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_data import ROME_CASE
+from tests.test_stages import run_stage
+from tests.test_stats_stage import TEXT
+
+
+def evaluate(tmp_path, *overrides, results="results", editor="rome"):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "text.txt").write_text(TEXT * 3)
+    done = run_stage(
+        "evaluate",
+        "model=tiny-gpt2",
+        f"corpus.local_dir={corpus}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.results={tmp_path / results}",
+        f"editor={editor}",
+        *(
+            ["editor.v_num_grad_steps=4", "editor.context_templates=[[3,2]]"]
+            if editor != "none"
+            else []
+        ),
+        *overrides,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def cases(tmp_path, results="results", data="counterfact-easyedit", editor="rome"):
+    out = tmp_path / results / "evaluate/tiny-gpt2" / data / editor
+    lines = [line for f in sorted(out.glob("cases-*.jsonl")) for line in f.read_text().splitlines()]
+    rows = [json.loads(line) for line in lines]
+    return {r["id"]: r for r in rows}, json.loads((out / "summary.json").read_text())
+
+
+def test_batches_equal_single_cases_and_reruns_resume(tmp_path):
+    evaluate(tmp_path, "data.limit=3", "eval.cases_per_batch=3", results="batched")
+    more = evaluate(tmp_path, "data.limit=6", "eval.cases_per_batch=3", results="batched")
+    assert "3 already evaluated" in more.stdout + more.stderr
+    evaluate(tmp_path, "data.limit=6", "eval.cases_per_batch=1", results="single")
+    batched, summary = cases(tmp_path, "batched")
+    single, _ = cases(tmp_path, "single")
+    assert sorted(batched) == sorted(single) and len(batched) == 6
+    for case_id, row in single.items():
+        for phase in ("pre", "post"):
+            for name, value in row[phase]["metrics"].items():
+                assert batched[case_id][phase]["metrics"][name] == pytest.approx(value, abs=1e-5)
+    assert summary["n_cases"] == 6 and summary["post"]["ES"]["n"] == 6
+    assert summary["schema"] == "easyedit" and "one paraphrase" in summary["schema_note"]
+    assert summary["edits"]["ok"] + summary["edits"]["failed"] == 6
+    for name in ("S", "ES", "PS", "NS", "EM", "PM", "NM"):
+        assert {"mean", "low", "high", "n"} <= set(summary["post"][name])
+
+
+def test_rome_schema_with_generation_and_the_unedited_row(tmp_path):
+    second = json.loads(json.dumps(ROME_CASE).replace("Danielle Darrieux", "Jean Galland"))
+    second["case_id"] = 1
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([ROME_CASE, second]))
+    common = ("data=counterfact", f"data.path={data}", "eval.max_new_tokens=6")
+    evaluate(tmp_path, *common)
+    rows, summary = cases(tmp_path, data="counterfact")
+    assert summary["schema"] == "rome" and summary["n_cases"] == 2
+    for phase in ("pre", "post"):
+        assert summary[phase]["GE"]["n"] == 2 and summary[phase]["RS"]["n"] == 2
+        assert len(rows[0][phase]["texts"]) == len(ROME_CASE["generation_prompts"])
+    assert summary["post"]["PS"]["n"] == 2  # two paraphrases per case, averaged within the case
+    evaluate(tmp_path, *common, editor="none")
+    _, unedited = cases(tmp_path, data="counterfact", editor="none")
+    assert unedited["post"]["ES"] == unedited["pre"]["ES"] == summary["pre"]["ES"]
+
+
+def test_sequential_edits_report_each_checkpoint(tmp_path):
+    evaluate(tmp_path, "eval.mode=sequential", "data.limit=3", "eval.checkpoints=[1,2]")
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome"
+    curve = json.loads((out / "sequential.json").read_text())["checkpoints"]
+    assert [row["edits"] for row in curve] == [1, 2, 3]
+    assert curve[-1]["ES"]["n"] == 3
+
+
+def test_summarize_builds_table_4(tmp_path):
+    evaluate(tmp_path, "data.limit=2")
+    evaluate(tmp_path, "data.limit=2", editor="none")
+    done = run_stage("summarize", f"paths.results={tmp_path / 'results'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "results/summary"
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| model | data | editor | n | S | ES | PS | NS | EM | PM | NM")
+    editors = [line.split(" | ")[2] for line in lines[2:]]
+    assert editors == ["none", "rome"]  # the unedited row first
+    rows = (out / "table.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("tiny-gpt2,counterfact-easyedit,none,2,")
+    assert r"\begin{tabular}" in (out / "table.tex").read_text()
