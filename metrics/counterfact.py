@@ -74,9 +74,14 @@ def summarize(
     for name in CASE_METRICS:
         values = np.array([case.get(name, math.nan) for case in cases], dtype=np.float64)
         values = values[~np.isnan(values)]
-        summary[name] = {
-            k: v * 100 if k != "n" else v for k, v in mean_ci(values, confidence).items()
-        }
+        ci = {k: v * 100 if k != "n" else v for k, v in mean_ci(values, confidence).items()}
+        # Rates lie in [0, 100] and differences of probabilities in [-100, 100]; the t interval
+        # does not know that, so its ends are clipped to the possible range.
+        bounds = (0.0, 100.0) if name.endswith("S") else (-100.0, 100.0)
+        for end in ("low", "high"):
+            if not math.isnan(ci[end]):
+                ci[end] = min(max(ci[end], bounds[0]), bounds[1])
+        summary[name] = ci
     summary["S"] = score_ci(cases, confidence=confidence, seed=seed)
     return summary
 

@@ -39,8 +39,9 @@ def test_summary_percent_intervals_and_score():
     summary = summarize(cases)
     assert summary["ES"]["mean"] == pytest.approx(200 / 3) and summary["ES"]["n"] == 3
     assert summary["PS"]["n"] == 2 and summary["PS"]["mean"] == pytest.approx(50)
-    half = 12.706204736 * np.std([1.0, 0.0], ddof=1) / math.sqrt(2) * 100  # t(0.975, 1)
-    assert summary["PS"]["high"] - summary["PS"]["mean"] == pytest.approx(half, rel=1e-6)
+    half = 4.302652730 * np.std([0.5, 0.3, -0.1], ddof=1) / math.sqrt(3) * 100  # t(0.975, 2)
+    assert summary["EM"]["high"] - summary["EM"]["mean"] == pytest.approx(half, rel=1e-6)
+    assert (summary["PS"]["low"], summary["PS"]["high"]) == (0.0, 100.0)  # clipped to the range
     # S over the two cases that have all of ES, PS, NS: hmean(1.0, 0.5, 0.75).
     expected = 3 / (1 / 1.0 + 1 / 0.5 + 1 / 0.75) * 100
     assert summary["S"]["mean"] == pytest.approx(expected) and summary["S"]["n"] == 2
@@ -52,3 +53,10 @@ def test_harmonic_mean_edges():
     assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
     assert math.isnan(harmonic_mean([1.0, math.nan]))
     assert harmonic_mean([0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_intervals_stay_in_the_possible_range():
+    cases = [{"ES": 1.0, "EM": 0.9}, {"ES": 1.0, "EM": 0.99}, {"ES": 0.0, "EM": 0.95}]
+    summary = summarize(cases)
+    assert summary["ES"]["low"] >= 0.0 and summary["ES"]["high"] <= 100.0
+    assert summary["EM"]["high"] <= 100.0
