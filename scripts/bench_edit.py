@@ -13,60 +13,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-from pathlib import Path
 
+import benchlib
 import torch
-import yaml
 
 from pipeline import rome
-from pipeline.corpus import local_files, read_local
-from pipeline.models import load_model
 from pipeline.second_moment import second_moment
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layer", type=int, default=6)
+    benchlib.add_model_arguments(parser)
     parser.add_argument("--editor", default="rome", choices=["rome", "r-rome"])
-    parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--templates", default="5x5,10x5", help="length x count, comma separated")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stats-tokens", type=int, default=20000)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--random", action="store_true", help="random weights of the architecture")
-    parser.add_argument("--data", default=os.environ.get("ROME_DATA", str(ROOT / "data")))
+    parser.add_argument("--requests", type=int, default=8)
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    if args.random:
-        spec = {**spec, "source": "random"}
-    cache = os.environ.get("ROME_CACHE", str(ROOT / ".cache"))
-    lm = load_model(spec, cache_dir=cache, device=args.device, dtype=args.dtype)
-    lengths = tuple(tuple(int(x) for x in item.split("x")) for item in args.templates.split(","))
+    lm = benchlib.load(args)
     hp = rome.RomeHparams.for_editor(
-        args.editor, layer=args.layer, context_templates=lengths, v_num_grad_steps=args.steps
+        args.editor,
+        layer=args.layer,
+        context_templates=benchlib.template_lengths(args),
+        v_num_grad_steps=args.steps,
     )
-
-    local = Path(args.data) / "wikipedia"
-    if local.is_dir() and local_files(local):
-        texts = read_local(local)
-    else:
-        texts = [
-            r["prompt"]
-            for r in json.loads((ROOT / "data/samples/known_1000_sample.json").read_text())
-        ]
+    texts = benchlib.corpus(args)
     start = time.perf_counter()
     stat = second_moment(lm, args.layer, texts, max_tokens=args.stats_tokens, progress=False)
     stats_seconds = time.perf_counter() - start
@@ -75,7 +48,7 @@ def main():
     templates = rome.templates_for(lm, hp)
     template_seconds = time.perf_counter() - start
 
-    records = json.loads((ROOT / "data/samples/counterfact-edit_sample.json").read_text())
+    records = json.loads((benchlib.ROOT / "data/samples/counterfact-edit_sample.json").read_text())
     requests = [
         rome.EditRequest.from_filled(r["prompt"], r["subject"], r["target_new"], id=r["case_id"])
         for r in records[: args.requests]

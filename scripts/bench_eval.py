@@ -13,38 +13,23 @@ the per-case metrics of the two are compared.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
+import benchlib
 import torch
-import yaml
 
 from metrics.counterfact import case_metrics
 from pipeline import rome
-from pipeline.corpus import local_files, read_local
 from pipeline.data import load_counterfact
 from pipeline.evaluation import score_cases
-from pipeline.models import load_model
 from pipeline.second_moment import second_moment
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layer", type=int, default=6)
+    benchlib.add_model_arguments(parser)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="cases per batch")
-    parser.add_argument("--templates", default="5x10,10x10", help="length x count, comma separated")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--random", action="store_true", help="random weights of the architecture")
-    parser.add_argument("--stats-tokens", type=int, default=50000)
-    parser.add_argument("--data", default=os.environ.get("ROME_DATA", str(ROOT / "data")))
     return parser.parse_args()
 
 
@@ -54,24 +39,13 @@ def requests_of(cases):
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    if args.random:
-        spec = {**spec, "source": "random"}
-    cache = os.environ.get("ROME_CACHE", str(ROOT / ".cache"))
-    lm = load_model(spec, cache_dir=cache, device=args.device, dtype=args.dtype)
-    lengths = tuple(tuple(int(x) for x in item.split("x")) for item in args.templates.split(","))
+    lm = benchlib.load(args)
+    lengths = benchlib.template_lengths(args)
     hp = rome.RomeHparams(layer=args.layer, context_templates=lengths, v_num_grad_steps=args.steps)
     cases = load_counterfact(
-        ROOT / "data/samples/counterfact-edit_sample.json", limit=args.cases
+        benchlib.ROOT / "data/samples/counterfact-edit_sample.json", limit=args.cases
     ).records
-    # C from real text: a C from a few prompts is nearly singular and makes updates (and the
-    # comparison below) hypersensitive to float rounding.
-    local = Path(args.data) / "wikipedia"
-    if not (local.is_dir() and local_files(local)):
-        raise SystemExit(f"no corpus under {local}: set ROME_DATA or --data")
-    stat = second_moment(lm, args.layer, read_local(local), max_tokens=args.stats_tokens)
+    stat = second_moment(lm, args.layer, benchlib.corpus(args), max_tokens=args.stats_tokens)
     templates = rome.templates_for(lm, hp)
     common = dict(second_moment=stat, context_templates=templates)
 
