@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	@mkdir -p $(dir $@) && touch $@
 
 ## The main job end to end on the embedded default (SmolLM2-135M and the local data), kept to a
-## few minutes on 2 cores: known facts, then a causal trace of the first few it knows.
+## about 6 minutes on 2 cores: known facts, then a causal trace of the first 3 it knows.
 DEMO_TRACE ?= 3
 demo: setup
 	$(PY) -m pipeline.known $(OVERRIDES)
