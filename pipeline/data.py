@@ -9,7 +9,7 @@ counted in `Loaded.skipped` — never silently dropped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -338,3 +338,10 @@ def take_shard(items: Iterable[Any], index: int, count: int) -> list[Any]:
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} must be in [0, {count})")
     return [item for position, item in enumerate(items) if position % count == index]
+
+
+def missing_by_shard(ids: Sequence[Any], done: Container[Any], count: int) -> dict[int, list[Any]]:
+    """For each of `count` shards, the ids it should have produced that are not in `done`."""
+    return {
+        index: [i for i in take_shard(ids, index, count) if i not in done] for index in range(count)
+    }

@@ -3,6 +3,7 @@
     python -m pipeline.evaluate [model=...] [data=counterfact-easyedit] [editor=rome|r-rome|none]
                                 [data.limit=200] [eval.cases_per_batch=8] [shard.index=i shard.count=n]
     python -m pipeline.evaluate eval.mode=sequential data.limit=100   # edits accumulate
+    python -m pipeline.merge results/evaluate/<model>/<data>/<editor>   # after sharded runs
 
 Independent mode (the paper's protocol): each case is edited on the unedited model. A batch of
 cases computes its updates together and is scored together, each case's rows under its own
@@ -30,10 +31,10 @@ from tqdm.auto import tqdm
 from metrics import counterfact as cf
 from metrics import generation as gen
 from metrics.intervals import mean_ci
-from pipeline.data import CounterfactCase, load_counterfact, take_shard
+from pipeline.data import CounterfactCase, load_counterfact, missing_by_shard, take_shard
 from pipeline.editor import context_templates, key_statistics, rome_hparams
 from pipeline.evaluation import generate, score_cases
-from pipeline.models import LoadedModel
+from pipeline.models import LoadedModel, file_lock
 from pipeline.rome import (
     EditRequest,
     EditResult,
@@ -42,7 +43,7 @@ from pipeline.rome import (
     preserved_weights,
 )
 from pipeline.sources import resolve_data_file
-from pipeline.stage import Run, stage
+from pipeline.stage import Run, require_complete, stage
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ class PreCache:
         if missing:
             fresh = score_cases(lm, missing, batch_size=rows_per_pass)
             new_rows = [{"id": c.id, **scored(p)} for c, p in zip(missing, fresh, strict=True)]
-            append_jsonl(self.path, new_rows)
+            with file_lock(self.path.with_suffix(".lock")):  # jobs of a sweep share the file
+                append_jsonl(self.path, new_rows)
             self.rows.update({r["id"]: r for r in new_rows})
         return [{k: v for k, v in self.rows[c.id].items() if k != "id"} for c in cases]
 
@@ -290,25 +292,45 @@ def headline(summary: dict[str, Any]) -> str:
 # The stage
 
 
-@stage("evaluate")
+@stage("evaluate", resumable=True)
 def main(cfg: DictConfig, run: Run) -> None:
     data_file, origin = resolve_data_file(cfg.data, cfg.paths.data)
     loaded = load_counterfact(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     cases: list[CounterfactCase] = loaded.records
-    schema = loaded.schema
     index, count = int(cfg.shard.index), int(cfg.shard.count)
-    tag = f"{index}of{count}"
     if not cfg.aggregate_only:
         lm = run.load_model()
         if cfg.eval.mode == "independent":
-            run_independent(cfg, run, lm, take_shard(cases, index, count), tag, data_file)
+            mine = take_shard(cases, index, count)
+            run_independent(cfg, run, lm, mine, f"{index}of{count}", data_file)
         elif cfg.eval.mode == "sequential":
             run_sequential(cfg, run, lm, cases)
             return
         else:
             raise ValueError(f"eval.mode must be independent or sequential, got {cfg.eval.mode!r}")
+        if count > 1:
+            print(
+                f"shard {index} of {count} done; when all are, combine them with\n"
+                f"  python -m pipeline.merge {run.out_dir}"
+            )
+            return
+    summarize_run(cfg, run, cases, {**loaded.report(), "origin": origin}, loaded.schema)
+
+
+def summarize_run(
+    cfg: DictConfig,
+    run: Run,
+    cases: Sequence[CounterfactCase],
+    data_report: dict[str, Any],
+    schema: str,
+) -> None:
+    """`summary.json` and the W&B summary over every case's line in the run's JSONL files."""
     records = {r["id"]: r for r in read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))}
     wanted = [c.id for c in cases]
+    count = int(cfg.shard.count)
+    completeness = require_complete(
+        missing_by_shard(wanted, records, count), len(wanted), count, "cases", cfg.allow_partial
+    )
     done = [records[i] for i in wanted if i in records]
     if not done:
         raise SystemExit("no evaluated cases to summarize")
@@ -317,7 +339,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         {
             "model": cfg.model.name,
             "editor": cfg.editor.name,
-            "data": {**loaded.report(), "origin": origin},
+            "data": data_report,
             "schema": schema,
             "schema_note": (
                 "EasyEdit schema: one paraphrase and one neighbourhood prompt per case, no "
@@ -325,7 +347,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                 if schema == "easyedit"
                 else "ROME schema"
             ),
-            "missing": len(wanted) - len(done),
+            **completeness,
         }
     )
     run.write_summary(summary)

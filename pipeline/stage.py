@@ -4,6 +4,11 @@ A stage is a function `(cfg, run) -> None` decorated with `@stage("name")`; it i
 `python -m pipeline.<name> [overrides]`. The run writes, next to the stage's results:
 `config.yaml` (resolved), `run.json` (git commit, package versions, seed, command) and
 `summary.json` (headline numbers), and prints `results: <directory>` as its last line.
+
+Stages that resume (`resumable=True`) refuse a results directory written under another
+configuration, so a rerun with, say, another learning rate never mixes its cases into the old
+ones; only the settings listed in `rerun_may_change` (how work is split, batched, or stored) may
+differ between the runs that fill one directory.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +99,45 @@ def _sweep_group() -> str | None:
     return None
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Settings (dotted keys present in both) that differ, except those a rerun may change."""
+    free = tuple(current.get("rerun_may_change") or ())
+    theirs, ours = _leaves(saved), _leaves(current)
+    return [
+        f"{key}: {theirs[key]!r} -> {ours[key]!r}"
+        for key in sorted(theirs.keys() & ours.keys())
+        if theirs[key] != ours[key] and not any(key == f or key.startswith(f"{f}.") for f in free)
+    ]
+
+
 class Run:
     """One stage run: its results directory, metadata, tracker and summary."""
 
-    def __init__(self, cfg: DictConfig, stage: str):
+    def __init__(self, cfg: DictConfig, stage: str, resumable: bool = False):
         self.cfg = cfg
         self.stage = stage
         self.out_dir = Path(cfg.out_dir).resolve()
+        saved = self.out_dir / "config.yaml"
+        if resumable and saved.exists():
+            differences = config_differences(
+                OmegaConf.to_container(OmegaConf.load(saved)),
+                OmegaConf.to_container(cfg, resolve=True),
+            )
+            if differences:
+                raise SystemExit(
+                    f"{self.out_dir} holds results of another configuration "
+                    f"({'; '.join(differences[:8])}). Point this run elsewhere (out_dir=...), "
+                    "or remove that directory to start over."
+                )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         seed_everything(int(cfg.seed))
@@ -161,21 +198,76 @@ class Run:
         self.tracker.finish()
 
 
-def stage(name: str) -> Callable[[Callable[[DictConfig, Run], None]], Callable[[], None]]:
+StageFn = Callable[[DictConfig, Run], None]
+# Every stage by name, with whether it resumes; `pipeline.merge` runs their aggregate steps.
+STAGES: dict[str, tuple[StageFn, bool]] = {}
+
+
+def run_stage(name: str, cfg: DictConfig) -> Run:
+    """Run stage `name` (its module imported) on a composed config, outside Hydra's command line."""
+    fn, resumable = STAGES[name]
+    return _execute(name, fn, resumable, cfg)
+
+
+def _execute(name: str, fn: StageFn, resumable: bool, cfg: DictConfig) -> Run:
+    run = Run(cfg, name, resumable=resumable)
+    try:
+        fn(cfg, run)
+    finally:
+        run.close()
+    return run
+
+
+def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[], None]]:
     """Make `fn(cfg, run)` a Hydra app reading `conf/<name>.yaml`."""
 
-    def decorate(fn: Callable[[DictConfig, Run], None]) -> Callable[[], None]:
+    def decorate(fn: StageFn) -> Callable[[], None]:
+        STAGES[name] = (fn, resumable)
+
         @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
         @functools.wraps(fn)
         def main(cfg: DictConfig) -> None:
-            run = Run(cfg, name)
-            try:
-                fn(cfg, run)
-            finally:
-                run.close()
+            # `fn` itself, not a registry lookup: launchers may run this in a process that
+            # unpickled it without importing the stage's module.
+            run = _execute(name, fn, resumable, cfg)
             sys.stdout.flush()
             print(f"results: {run.out_dir}", flush=True)
 
         return main
 
     return decorate
+
+
+def require_complete(
+    missing: Mapping[int, Sequence[Any]], total: int, count: int, what: str, allow_partial: bool
+) -> dict[str, Any]:
+    """Stop an aggregate step that would average over unfinished shards, naming what is missing.
+
+    `missing` maps shard index to the ids it has not finished. With `allow_partial`, the summary
+    goes ahead over what is there and says so (the returned fields go into `summary.json`).
+    """
+    gaps = {index: list(ids) for index, ids in missing.items() if ids}
+    if not gaps:
+        return {"complete": True}
+    absent = sum(len(ids) for ids in gaps.values())
+    lines = [
+        f"shard {index} of {count}: {len(ids)} {what} missing (ids {_some(ids)})"
+        for index, ids in sorted(gaps.items())
+    ]
+    report = f"{absent} of {total} {what} are not finished:\n  " + "\n  ".join(lines)
+    if not allow_partial:
+        raise SystemExit(
+            f"{report}\nRerun those shards (they resume where they stopped), or pass "
+            "allow_partial=true to summarize the finished part."
+        )
+    log.warning("%s\nsummarizing the %d finished (allow_partial=true)", report, total - absent)
+    return {
+        "complete": False,
+        "missing": absent,
+        "missing_by_shard": {str(i): ids[:100] for i, ids in sorted(gaps.items())},
+    }
+
+
+def _some(ids: Sequence[Any], shown: int = 10) -> str:
+    text = ", ".join(str(i) for i in ids[:shown])
+    return text + (f", ... {len(ids) - shown} more" if len(ids) > shown else "")

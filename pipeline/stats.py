@@ -2,7 +2,8 @@
 
     python -m pipeline.stats [model=...] [editor=rome] [layers=[17]] [editor.mom2.max_tokens=N]
     python -m pipeline.stats shard.index=i shard.count=n     # part i of n (any order, any host)
-    python -m pipeline.stats shard.count=n merge=true        # the full statistic from the n parts
+    python -m pipeline.stats shard.count=n aggregate_only=true   # the full statistic from the n parts
+    python -m pipeline.merge results/stats/<model>/<corpus>   # the same, from a shard's config
 
 The statistic lands in the shared cache (`paths.cache/stats/...`), keyed by model, layer, corpus,
 budget and dtypes, with a checksum; editing stages load it from there. `summary.json` records
@@ -31,11 +32,11 @@ def main(cfg: DictConfig, run: Run) -> None:
     rows = []
     for layer in layers:
         key, _ = stats_key(cfg, lm, layer)
-        shard = (index, count) if count > 1 and not cfg.merge else None
+        shard = (index, count) if count > 1 and not cfg.aggregate_only else None
         path = key.path(cfg.paths.cache, shard)
         cached = path.exists()
         started = time.perf_counter()
-        if cfg.merge:
+        if cfg.aggregate_only and count > 1:
             stat = merge_shards(key, cfg.paths.cache, count)
         else:
             stat = key_statistics(cfg, lm, layer, shard=shard)
@@ -57,7 +58,7 @@ def main(cfg: DictConfig, run: Run) -> None:
             "model": lm.name,
             "corpus": key.corpus,
             "shard": {"index": index, "count": count},
-            "merge": bool(cfg.merge),
+            "merged": bool(cfg.aggregate_only),
             "layers": rows,
         }
     )

@@ -1,7 +1,7 @@
 """Stage `trace`: causal tracing over the facts the model knows, and its figures.
 
     python -m pipeline.trace [model=...] [trace.limit=N] [shard.index=i shard.count=n]
-    python -m pipeline.trace aggregate_only=true     # merge whatever shards have finished
+    python -m pipeline.merge results/trace/<model>/<data>   # combine the finished shards
 
 Each traced fact gets one file, `prompts/<id>.json`, written atomically, so a rerun skips the
 finished ones and any number of shards can write into the same directory. The aggregate step
@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from metrics.intervals import column_mean_ci
 from pipeline import figures, io
-from pipeline.data import load_known, take_shard
+from pipeline.data import load_known, missing_by_shard, take_shard
 from pipeline.knowledge import check_known
 from pipeline.models import LoadedModel
 from pipeline.sources import resolve_data_file
-from pipeline.stage import Run, stage
+from pipeline.stage import Run, require_complete, stage
 from pipeline.tokens import encode, subject_span
 from pipeline.tracing import (
     BUCKETS,
@@ -179,7 +179,7 @@ def headline(averages: dict[str, Any]) -> dict[str, Any]:
     return peaks
 
 
-@stage("trace")
+@stage("trace", resumable=True)
 def main(cfg: DictConfig, run: Run) -> None:
     prompts_dir = run.path("prompts")
     prompts_dir.mkdir(exist_ok=True)
@@ -187,14 +187,15 @@ def main(cfg: DictConfig, run: Run) -> None:
     lm = run.load_model()
     facts, facts_source = known_facts(cfg, lm)
     facts = sorted(facts, key=lambda f: f["id"])
-    if options["limit"] is not None:
-        facts = facts[: int(options["limit"])]
     if not facts:
         raise SystemExit(f"no known facts to trace (from {facts_source})")
-    # One scale for every prompt and shard: the std of subject-token embeddings over all facts.
+    # One scale for every prompt, shard and limit: the std of subject-token embeddings over all
+    # the known facts, so a run limited to a few prompts and its continuation agree.
     if options["scale"] is None:
         std = embedding_std(lm, [(f["prompt"], f["subject"]) for f in facts])
         options["scale"] = float(options["noise_multiplier"]) * std
+    if options["limit"] is not None:
+        facts = facts[: int(options["limit"])]
     if not cfg.aggregate_only:
         mine = take_shard(facts, int(cfg.shard.index), int(cfg.shard.count))
         todo = [f for f in mine if not (prompts_dir / f"{f['id']}.json").exists()]
@@ -211,12 +212,19 @@ def main(cfg: DictConfig, run: Run) -> None:
     examples = [trace_example(lm, example, options, int(cfg.seed)) for example in cfg.examples]
     for index, record in enumerate(examples):
         run.write_json(f"example_{index}.json", record)
-    if cfg.shard.count > 1 and not cfg.aggregate_only:
-        run.write_summary({"shard": dict(cfg.shard), "facts": len(facts)})
+    count = int(cfg.shard.count)
+    if count > 1 and not cfg.aggregate_only:
+        print(
+            f"shard {cfg.shard.index} of {count} done; when all are, combine them with\n"
+            f"  python -m pipeline.merge {run.out_dir}"
+        )
         return
     finished = {int(p.stem): p for p in prompts_dir.glob("*.json")}
-    missing = [f["id"] for f in facts if f["id"] not in finished]
-    records = [io.read_json(finished[f["id"]]) for f in facts if f["id"] in finished]
+    ids = [f["id"] for f in facts]
+    completeness = require_complete(
+        missing_by_shard(ids, finished, count), len(ids), count, "prompts", cfg.allow_partial
+    )
+    records = [io.read_json(finished[i]) for i in ids if i in finished]
     if not records:
         raise SystemExit("no traced prompts to aggregate")
     averages = aggregate(records, list(options["kinds"]))
@@ -229,8 +237,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         "facts": len(facts),
         "facts_source": facts_source,
         "traced": len(records),
-        "missing": len(missing),
-        "missing_ids": missing[:100],
+        **completeness,
         "noise_scale": options["scale"],
         "samples": options["samples"],
         "window": options["window"],
@@ -240,13 +247,6 @@ def main(cfg: DictConfig, run: Run) -> None:
         "peaks": headline(averages),
         "figures": {name: str(path) for name, path in figure_paths.items()},
     }
-    if missing:
-        log.warning(
-            "%d of %d facts have no trace yet: the averages cover %d",
-            len(missing),
-            len(facts),
-            len(records),
-        )
     run.write_summary(summary)
     print(json.dumps(summary["peaks"], indent=1))
 

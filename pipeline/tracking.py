@@ -136,13 +136,14 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def from_config(tracking: Mapping[str, Any], **kwargs: Any) -> Tracker:
     """A tracker from the `tracking` config group; env vars WANDB_MODE etc. still apply."""
     mode = os.environ.get("WANDB_MODE", tracking.get("mode", "offline"))
+    sweep_group = kwargs.pop("group", None)  # a --multirun's own group, unless one is configured
     if mode == "dryrun":
         mode = "offline"
     return Tracker(
         mode=mode,
         project=tracking.get("project", "rome-pipeline"),
         entity=tracking.get("entity"),
-        group=kwargs.pop("group", None) or tracking.get("group"),
+        group=tracking.get("group") or sweep_group,
         tags=list(tracking.get("tags") or ()),
         **kwargs,
     )

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
 import pytest
 
+from pipeline.evaluate import read_jsonl
 from tests.test_data import ROME_CASE
-from tests.test_stages import run_stage
+from tests.test_stages import run_stage, stage_process
 from tests.test_stats_stage import TEXT
 
 
-def evaluate(tmp_path, *overrides, results="results", editor="rome"):
+def evaluate_args(tmp_path, *overrides, results="results", editor="rome"):
     corpus = tmp_path / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     (corpus / "text.txt").write_text(TEXT * 3)
-    done = run_stage(
-        "evaluate",
+    flags = [arg for arg in overrides if arg.startswith("--")]  # before the overrides
+    return (
+        *flags,
         "model=tiny-gpt2",
         f"corpus.local_dir={corpus}",
         f"paths.cache={tmp_path / 'cache'}",
@@ -27,7 +32,13 @@ def evaluate(tmp_path, *overrides, results="results", editor="rome"):
             if editor != "none"
             else []
         ),
-        *overrides,
+        *(arg for arg in overrides if arg not in flags),
+    )
+
+
+def evaluate(tmp_path, *overrides, results="results", editor="rome"):
+    done = run_stage(
+        "evaluate", *evaluate_args(tmp_path, *overrides, results=results, editor=editor)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -57,6 +68,33 @@ def test_batches_equal_single_cases_and_reruns_resume(tmp_path):
     assert summary["edits"]["ok"] + summary["edits"]["failed"] == 6
     for name in ("S", "ES", "PS", "NS", "EM", "PM", "NM"):
         assert {"mean", "low", "high", "n"} <= set(summary["post"][name])
+
+
+def test_a_run_killed_mid_way_and_rerun_equals_an_uninterrupted_one(tmp_path):
+    evaluate(tmp_path, "data.limit=12", "eval.cases_per_batch=1", results="whole")
+    args = evaluate_args(tmp_path, "data.limit=12", "eval.cases_per_batch=1", results="killed")
+    out = tmp_path / "killed/evaluate/tiny-gpt2/counterfact-easyedit/rome/cases-0of1.jsonl"
+    process = subprocess.Popen(**stage_process("evaluate", *args, stdout=subprocess.DEVNULL))
+    deadline = time.monotonic() + 300
+    while not (out.exists() and len(out.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(out.read_text().splitlines()) < 12  # really interrupted
+    again = run_stage("evaluate", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = read_jsonl([out])  # complete lines (one torn by the kill would be skipped)
+    assert len(lines) == len({row["id"] for row in lines}) == 12  # none lost, none twice
+    whole, whole_summary = cases(tmp_path, "whole")
+    killed, killed_summary = cases(tmp_path, "killed")
+    for case_id, row in whole.items():
+        for phase in ("pre", "post"):
+            assert killed[case_id][phase] == row[phase]
+    untimed = ("seconds", "seconds_per_case")
+    assert {k: v for k, v in killed_summary.items() if k not in untimed} == {
+        k: v for k, v in whole_summary.items() if k not in untimed
+    }
 
 
 def test_rome_schema_with_generation_and_the_unedited_row(tmp_path):

@@ -11,21 +11,27 @@ import pytest
 from tests.conftest import CACHE, ROOT
 
 
-def run_stage(stage: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {
-        **os.environ,
-        "ROME_CACHE": str(CACHE),
-        "ROME_WANDB_MODE": "disabled",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", *overrides],
+def stage_process(stage: str, *overrides: str, env: dict | None = None, **popen) -> dict:
+    """The arguments of `python -m pipeline.<stage> overrides...` from the repository root, W&B
+    off, for subprocess.run or Popen."""
+    return dict(
+        args=[sys.executable, "-m", f"pipeline.{stage}", *overrides],
         cwd=ROOT,
-        env=full_env,
-        capture_output=True,
+        env={**os.environ, "ROME_CACHE": str(CACHE), "ROME_WANDB_MODE": "disabled", **(env or {})},
         text=True,
-        timeout=900,
+        **popen,
     )
+
+
+def run_stage(stage: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        **stage_process(stage, *overrides, env=env, capture_output=True), timeout=900
+    )
+
+
+def merge(directory, *args: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline.merge directory args...`."""
+    return run_stage("merge", str(directory), *args)
 
 
 def last_line(text: str) -> str:

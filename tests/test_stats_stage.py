@@ -49,7 +49,7 @@ def test_stats_cache_and_sharded_merge(tmp_path):
 
     for index in (1, 0):
         stats(tmp_path / "two", "shard.count=2", f"shard.index={index}")
-    merged, _ = stats(tmp_path / "two", "shard.count=2", "merge=true")
+    merged, _ = stats(tmp_path / "two", "shard.count=2", "aggregate_only=true")
     a = load_second_moment(row["path"])
     b = load_second_moment(merged["layers"][0]["path"])
     assert a.count == b.count == row["keys"]
@@ -66,7 +66,7 @@ def test_merge_with_a_missing_part_fails_clearly(tmp_path):
         f"paths.cache={tmp_path / 'cache'}",
         f"paths.results={tmp_path / 'results'}",
         "shard.count=2",
-        "merge=true",
+        "aggregate_only=true",
     )
     assert done.returncode != 0
     assert "shard parts [1] of 2 are missing" in done.stderr

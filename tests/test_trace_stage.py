@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from tests.test_stages import last_line, run_stage
+from tests.test_stages import last_line, merge, run_stage
 
 TINY = ["model=tiny-gpt2", "trace.facts=all", "data.limit=12", "trace.limit=4", "trace.samples=3"]
 
@@ -28,7 +28,7 @@ def test_sharded_trace_equals_unsharded_and_reruns_skip(tmp_path):
         )
         assert part.returncode == 0, part.stderr[-3000:]
         assert "traced 2 prompts" in part.stdout
-    merged = run_stage("trace", *TINY, f"paths.results={sharded}", "aggregate_only=true")
+    merged = merge(sharded / "trace/tiny-gpt2/known_1000")
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert averages(sharded) == averages(whole)
 
@@ -36,7 +36,7 @@ def test_sharded_trace_equals_unsharded_and_reruns_skip(tmp_path):
     assert again.returncode == 0 and "prompts in" not in again.stdout  # nothing left to trace
     assert "4 already traced" in again.stdout
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["traced"] == 4 and summary["missing"] == 0
+    assert summary["traced"] == 4 and summary["complete"]
     first = averages(whole)
     assert first["kinds"]["mlp"]["count"][2] == 4  # every prompt has a last subject token
     for name in ("average_mlp", "last_subject_aie", "severed", "example_0_hidden"):
@@ -46,14 +46,29 @@ def test_sharded_trace_equals_unsharded_and_reruns_skip(tmp_path):
         assert (out_dir / "figures" / f"{name}.pdf").stat().st_size > 1000
 
 
-def test_missing_shard_is_reported(tmp_path):
+def test_a_missing_shard_stops_the_merge_and_says_what_is_missing(tmp_path):
     part = run_stage("trace", *TINY, f"paths.results={tmp_path}", "shard.index=0", "shard.count=2")
     assert part.returncode == 0, part.stderr[-3000:]
-    merged = run_stage("trace", *TINY, f"paths.results={tmp_path}", "aggregate_only=true")
-    assert merged.returncode == 0, merged.stderr[-3000:]
-    summary = json.loads((tmp_path / "trace/tiny-gpt2/known_1000/summary.json").read_text())
-    assert summary["traced"] == 2 and summary["missing"] == 2 and len(summary["missing_ids"]) == 2
-    assert "have no trace yet" in merged.stdout + merged.stderr
+    out_dir = tmp_path / "trace/tiny-gpt2/known_1000"
+    assert "python -m pipeline.merge" in part.stdout and not (out_dir / "summary.json").exists()
+    refused = merge(out_dir)
+    assert refused.returncode != 0
+    assert "2 of 4 prompts are not finished" in refused.stderr
+    assert "shard 1 of 2: 2 prompts missing" in refused.stderr
+    assert not (out_dir / "summary.json").exists()
+    partial = merge(out_dir, "--allow-partial")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["traced"] == 2 and summary["missing"] == 2 and not summary["complete"]
+    assert list(summary["missing_by_shard"]) == ["1"]
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    done = run_stage("trace", *TINY, f"paths.results={tmp_path}", "trace.limit=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = run_stage("trace", *TINY, f"paths.results={tmp_path}", "trace.samples=5")
+    assert other.returncode != 0
+    assert "holds results of another configuration (trace.samples: 3 -> 5)" in other.stderr
 
 
 def test_known_facts_from_another_data_setting_are_not_reused(tmp_path):
