@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate summarize bench-trace bench-edit bench-eval clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge summarize bench-trace bench-edit bench-eval clean-results
 
 setup: $(STAMP)
 
@@ -69,6 +69,19 @@ EVAL_CASES ?= 200
 evaluate: setup
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) $(OVERRIDES)
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) editor=none $(OVERRIDES)
+
+## ROME at every layer of the embedded default, SWEEP_CASES cases each: one sweep directory
+## (results/sweeps/layers) and one W&B group. SmolLM2 on 2 CPU cores: ~10 min per layer with 20
+## cases; on a cluster add OVERRIDES=hydra/launcher=slurm to run the layers as parallel jobs.
+SWEEP_LAYERS ?= range(0,30)
+SWEEP_CASES ?= 20
+sweep-layers: setup
+	$(PY) -m pipeline.evaluate --multirun experiment=sweep-layers 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
+
+## Combine the finished shards of the runs in MERGE_DIRS (results directories of trace, stats or
+## evaluate); fails naming what is missing unless MERGE_ARGS=--allow-partial.
+merge: setup
+	$(PY) -m pipeline.merge $(MERGE_DIRS) $(MERGE_ARGS)
 
 ## The paper's Table 4 from every evaluation run under results/evaluate (md, tex, csv).
 summarize: setup
