@@ -5,7 +5,7 @@ import json
 import torch
 
 from pipeline.second_moment import load_second_moment
-from tests.test_stages import run_stage
+from tests.test_stages import merge, run_stage
 
 TEXT = """The Eiffel Tower is located in Paris, the capital of France.
 
@@ -49,7 +49,11 @@ def test_stats_cache_and_sharded_merge(tmp_path):
 
     for index in (1, 0):
         stats(tmp_path / "two", "shard.count=2", f"shard.index={index}")
-    merged, _ = stats(tmp_path / "two", "shard.count=2", "aggregate_only=true")
+    done = merge(tmp_path / "two/results/stats/tiny-gpt2/wikipedia")  # from the shards' config
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads(
+        (tmp_path / "two/results/stats/tiny-gpt2/wikipedia/summary.json").read_text()
+    )
     a = load_second_moment(row["path"])
     b = load_second_moment(merged["layers"][0]["path"])
     assert a.count == b.count == row["keys"]
