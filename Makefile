@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge summarize bench-trace bench-edit bench-eval clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench-trace bench-edit bench-eval clean-results
 
 setup: $(STAMP)
 
@@ -76,12 +76,30 @@ evaluate: setup
 SWEEP_LAYERS ?= range(0,30)
 SWEEP_CASES ?= 20
 sweep-layers: setup
-	$(PY) -m pipeline.evaluate --multirun experiment=sweep-layers 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
+	$(PY) -m pipeline.evaluate --multirun sweep=layers 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
 
 ## Combine the finished shards of the runs in MERGE_DIRS (results directories of trace, stats or
 ## evaluate); fails naming what is missing unless MERGE_ARGS=--allow-partial.
 merge: setup
 	$(PY) -m pipeline.merge $(MERGE_DIRS) $(MERGE_ARGS)
+
+## Every figure and table of reports/$(EXPERIMENT)/ from the results on disk: seconds, no model.
+EXPERIMENT ?= default_smollm2
+figures: setup
+	$(PY) -m pipeline.report experiment=$(EXPERIMENT) $(OVERRIDES)
+
+## The paper's figures and tables for EXPERIMENT: runs each stage, which skips what is already on
+## disk, then the report. SmolLM2 on 2 CPU cores from nothing: about 10 hours (trace ~4 h, evaluate
+## ~1.5 h, layer sweep ~5 h). For experiment=paper_gpt2xl: EVAL_DATA=counterfact
+## SWEEP_LAYERS='range(0,48)' and a GPU cluster (OVERRIDES=hydra/launcher=slurm for the sweep).
+EVAL_DATA ?= counterfact-easyedit
+paper: setup
+	$(PY) -m pipeline.known experiment=$(EXPERIMENT)
+	$(PY) -m pipeline.trace experiment=$(EXPERIMENT)
+	$(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) data.limit=$(EVAL_CASES)
+	$(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) data.limit=$(EVAL_CASES) editor=none
+	$(PY) -m pipeline.evaluate --multirun experiment=$(EXPERIMENT) sweep=layers data=$(EVAL_DATA) 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
+	$(PY) -m pipeline.report experiment=$(EXPERIMENT)
 
 ## The paper's Table 4 from every evaluation run under results/evaluate (md, tex, csv).
 summarize: setup

@@ -146,3 +146,57 @@ def trace_figures(
     if "severed" in averages:
         paths["severed"] = severed_bars(out_dir, averages, model)
     return paths
+
+
+SWEEP_COLOURS = {"ES": "#1f78b4", "PS": "#ff7f00", "NS": "#b15928", "S": "#333333"}
+
+
+def layer_sweep(
+    out_dir: Path, rows: list[dict[str, Any]], averages: dict[str, Any] | None, model: str
+) -> Path:
+    """ROME's success and specificity by edited layer, under the causal effect at each layer."""
+    panels = 2 if averages else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(4.8, 2.4 * panels + 0.4), sharex=True)
+    axes = np.atleast_1d(axes)
+    if averages:
+        row = BUCKET_LABELS.index("last subject token")
+        for kind in ("mlp", "hidden"):
+            if kind not in averages["kinds"]:
+                continue
+            stats = averages["kinds"][kind]
+            mean = np.asarray(stats["mean"][row], dtype=float)
+            layers = np.arange(len(mean))
+            axes[0].plot(layers, mean, color=KIND_LINES[kind], label=KIND_TITLES[kind])
+            axes[0].fill_between(
+                layers,
+                np.asarray(stats["low"][row], dtype=float),
+                np.asarray(stats["high"][row], dtype=float),
+                color=KIND_LINES[kind],
+                alpha=0.2,
+            )
+        axes[0].set_ylabel("AIE at last subject\ntoken (Δ p(answer))")
+        axes[0].set_title(f"Causal effect and edit success by layer\n{model}", fontsize=9)
+        axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    layers = [r["layer"] for r in rows]
+    for name in ("ES", "PS", "NS", "S"):
+        mean = np.array([r["post"][name]["mean"] for r in rows])
+        low = np.array([r["post"][name]["low"] for r in rows])
+        high = np.array([r["post"][name]["high"] for r in rows])
+        ax.errorbar(
+            layers,
+            mean,
+            yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
+            color=SWEEP_COLOURS[name],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            label=f"{name} (n={rows[0]['n']})" if name == "ES" else name,
+        )
+    if not averages:
+        ax.set_title(f"ROME by edited layer\n{model}", fontsize=9)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("score after the edit (%)")
+    ax.legend(fontsize=7, ncol=4)
+    return _save(fig, out_dir, "layer_sweep")

@@ -70,7 +70,7 @@ def test_a_named_sweep_gives_each_job_its_own_directory_and_one_group(tmp_path):
         tmp_path,
         "data.limit=2",
         "--multirun",
-        "experiment=sweep",
+        "sweep=named",
         "sweep_name=layers",
         "editor.layer=0,1",
     )

@@ -1,0 +1,118 @@
+"""The report from small fixture results: every figure non-blank, the table whole, links resolve."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+from PIL import Image
+
+from metrics.counterfact import case_metrics
+from pipeline import io
+from pipeline.summarize import COLUMNS
+from pipeline.trace import aggregate
+from tests.test_stages import run_stage
+
+LAYERS, KINDS = 6, ("hidden", "mlp", "attn")
+
+
+def trace_record(rng, fact_id: int) -> dict:
+    tokens = ["The", " Eiffel", " Tower", " is", " in"]
+    grid = lambda: rng.uniform(0.0, 0.5, size=(len(tokens), LAYERS)).tolist()  # noqa: E731
+    return {
+        "id": fact_id,
+        "prompt": "".join(tokens),
+        "subject": "Eiffel Tower",
+        "tokens": tokens,
+        "subject_span": [1, 3],
+        "answer": " Paris",
+        "answer_ids": [7],
+        "seed": 0,
+        "window": 2,
+        "clean": 0.6,
+        "corrupted": 0.05,
+        "kinds": {kind: grid() for kind in KINDS},
+        "severed": {name: rng.uniform(0, 0.3, LAYERS).tolist() for name in ("none", "mlp", "attn")},
+        "severed_token": 2,
+    }
+
+
+def case_record(rng, case_id: int, edited: bool) -> dict:
+    def scored(lift):
+        probs = {
+            kind: [(float(rng.uniform(lift, 1)), float(rng.uniform(0, 1)))]
+            for kind in ("rewrite", "paraphrase", "neighborhood")
+        }
+        return {"probs": probs, "metrics": case_metrics(probs)}
+
+    return {"id": case_id, "pre": scored(0.0), "post": scored(0.5 if edited else 0.0), "seconds": 1}
+
+
+def run_dir(path, config: dict) -> None:
+    io.write_json(path / "run.json", {"stage": "x", "git": {"commit": "0123456789abcdef"}})
+    io.atomic_write(path / "config.yaml", json.dumps(config))
+
+
+def write_fixtures(results):
+    rng = np.random.default_rng(0)
+    trace = results / "trace/tiny-gpt2/known_1000"
+    records = [trace_record(rng, i) for i in range(5)]
+    io.write_json(trace / "averages.json", aggregate(records, list(KINDS)))
+    io.write_json(trace / "example_0.json", records[0])
+    io.write_json(trace / "summary.json", {"complete": True})
+    run_dir(trace, {"model": {"name": "tiny-gpt2"}})
+    for editor in ("rome", "none"):
+        out = results / "evaluate/tiny-gpt2/cf" / editor
+        cases = [case_record(rng, i, editor == "rome") for i in range(8)]
+        io.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
+        run_dir(out, {"editor": {"name": editor}})
+    for layer in range(LAYERS):
+        out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
+        cases = [case_record(rng, i, layer < 3) for i in range(4)]
+        io.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
+        run_dir(out, {"editor": {"layer": layer}})
+
+
+def report(tmp_path, *overrides):
+    done = run_stage(
+        "report",
+        "model=tiny-gpt2",
+        "eval_data=cf",
+        f"paths.results={tmp_path / 'results'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        *overrides,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, tmp_path / "reports/default_smollm2"
+
+
+def test_report_from_fixture_results(tmp_path):
+    write_fixtures(tmp_path / "results")
+    done, out = report(tmp_path, "paper={S: 89.2, ES: 100.0, mlp_peak_layers: 'layers 15-17'}")
+    assert "missing:" not in done.stdout
+    names = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
+    assert {"last_subject_aie", "severed", "layer_sweep"} <= names
+    for png in (out / "figures").glob("*.png"):
+        image = Image.open(png)
+        assert image.size[0] > 300 and image.size[1] > 200, png.name
+        assert len(set(image.convert("L").getdata())) > 10, f"{png.name} is blank"
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert all(f" {c} " in header for c in COLUMNS)
+    assert len((out / "table.csv").read_text().splitlines()) == 3  # header, unedited, rome
+    index = (out / "index.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", index)
+    assert len(links) >= 12
+    for link in links:
+        assert (out / link).exists(), f"broken link {link}"
+    assert "| ROME S | 89.2 |" in index and "| MLP effect peak" in index
+    sweep = json.loads((out / "layer_sweep.json").read_text())
+    assert [row["layer"] for row in sweep] == list(range(LAYERS))
+
+
+def test_report_lists_what_has_not_been_run(tmp_path):
+    (tmp_path / "results").mkdir()
+    done, out = report(tmp_path)
+    assert done.stdout.count("missing:") == 3
+    assert "run `make sweep-layers`" in (out / "index.md").read_text()
