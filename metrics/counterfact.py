@@ -17,7 +17,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 from metrics.intervals import mean_ci
 
@@ -60,6 +59,8 @@ def harmonic_mean(values: Sequence[float]) -> float:
         return math.nan
     if (values <= 0).any():
         return 0.0
+    from scipy import stats  # here: the per-case metrics need numpy only
+
     return float(stats.hmean(values))
 
 
@@ -101,6 +102,8 @@ def score_ci(
     if n < 2 or np.ptp(rows, axis=0).max() == 0:
         low = high = mean if n >= 2 else math.nan
         return {"mean": mean, "low": low, "high": high, "n": n}
+    from scipy import stats
+
     result = stats.bootstrap(
         (np.arange(n),),
         lambda index: harmonic_mean(rows[index.astype(int)].mean(axis=0)),

@@ -1,4 +1,8 @@
-"""Confidence intervals, always reported with the sample count they rest on."""
+"""Confidence intervals, always reported with the sample count they rest on.
+
+scipy is imported where it is used, so the tracing and editing algorithms that import this module
+run with torch and transformers alone (a GPU machine may have nothing else).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def column_mean_ci(
@@ -24,6 +27,8 @@ def column_mean_ci(
     if n < 2:
         nan = np.full_like(mean, np.nan)
         return mean, nan, nan.copy(), n
+    from scipy import stats
+
     half = stats.t.ppf((1 + confidence) / 2, df=n - 1) * data.std(axis=0, ddof=1) / math.sqrt(n)
     return mean, mean - half, mean + half, n
 
