@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench-trace bench-edit bench-eval clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-trace bench-edit bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -105,12 +105,20 @@ paper: setup
 summarize: setup
 	$(PY) -m pipeline.summarize $(OVERRIDES)
 
+## Every benchmark (trace, stats, edit, evaluate), the compute floor, the table in BENCHMARKS.md
+## and results/bench/<time>/bench.json. SmolLM2 on 2 CPU cores: ~15 min.
+bench: setup
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
 ## Benchmarks: print seconds per prompt / edit and the speed-up ratios (see BENCHMARKS.md).
 bench-trace: setup
 	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
 
 bench-edit: setup
 	$(PY) scripts/bench_edit.py $(BENCH_ARGS)
+
+bench-stats: setup
+	$(PY) scripts/bench_stats.py $(BENCH_ARGS)
 
 bench-eval: setup
 	$(PY) scripts/bench_eval.py $(BENCH_ARGS)

@@ -27,6 +27,7 @@ def parse_args():
     benchlib.add_model_arguments(parser)
     parser.add_argument("--editor", default="rome", choices=["rome", "r-rome"])
     parser.add_argument("--requests", type=int, default=8)
+    benchlib.add_output_arguments(parser)
     return parser.parse_args()
 
 
@@ -80,6 +81,19 @@ def main():
     print(
         f"statistics: {stat.count} tokens to layer {args.layer} in {stats_seconds:.1f} s "
         f"= {stat.count / stats_seconds:.0f} tokens/s"
+    )
+    benchlib.write_json(
+        args,
+        {
+            "benchmark": "edit",
+            "model": lm.name,
+            "device": str(lm.device),
+            "requests": n,
+            "one_at_a_time_seconds_per_edit": alone_seconds / n,
+            "batched_seconds_per_edit": batched_seconds / n,
+            "ratio": alone_seconds / batched_seconds,
+            "max_relative_difference": difference,
+        },
     )
 
 

@@ -30,6 +30,8 @@ def parse_args():
     benchlib.add_model_arguments(parser)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="cases per batch")
+    parser.add_argument("--no-floor", action="store_true", help="skip counting FLOPs")
+    benchlib.add_output_arguments(parser)
     return parser.parse_args()
 
 
@@ -59,14 +61,18 @@ def main():
         alone.append((case_metrics(pre), case_metrics(post)))
     alone_seconds = time.perf_counter() - start
 
-    start = time.perf_counter()
-    together = []
-    for first in range(0, len(cases), args.batch):
-        batch = cases[first : first + args.batch]
+    def evaluate_batch(batch):
         results = rome.compute_updates(lm, requests_of(batch), hp, batch_size=len(batch), **common)
         pre = score_cases(lm, batch)
         post = score_cases(lm, batch, [r.update if r.ok else None for r in results])
-        together += [(case_metrics(a), case_metrics(b)) for a, b in zip(pre, post, strict=True)]
+        return [(case_metrics(a), case_metrics(b)) for a, b in zip(pre, post, strict=True)]
+
+    start = time.perf_counter()
+    together, batch_seconds = [], []
+    for first in range(0, len(cases), args.batch):
+        batch_start = time.perf_counter()
+        together += evaluate_batch(cases[first : first + args.batch])
+        batch_seconds.append(time.perf_counter() - batch_start)
     batched_seconds = time.perf_counter() - start
 
     differences = [
@@ -91,6 +97,29 @@ def main():
         f"max difference of the per-case metrics: {difference:.1e} "
         f"(case {case_id}, {phase} {metric})"
     )
+    result = {
+        "benchmark": "evaluate",
+        "model": lm.name,
+        "device": str(lm.device),
+        "cases": n,
+        "batch": args.batch,
+        "one_at_a_time_cases_per_hour": 3600 * n / alone_seconds,
+        "batched_cases_per_hour": 3600 * n / batched_seconds,
+        "ratio": alone_seconds / batched_seconds,
+        "max_difference": difference,
+    }
+    if not args.no_floor:
+        _, flops = benchlib.counted_flops(lambda: evaluate_batch(cases[: args.batch]))
+        rate = benchlib.matmul_rate(str(lm.device), lm.model.dtype)
+        print("compute floor, first batch: " + benchlib.floor_line(flops, rate, batch_seconds[0]))
+        result["floor"] = {
+            "flops": flops,
+            "matmul_flops_per_second": rate,
+            "floor_seconds": flops / rate,
+            "measured_seconds": batch_seconds[0],
+            "fraction": flops / rate / batch_seconds[0],
+        }
+    benchlib.write_json(args, result)
 
 
 if __name__ == "__main__":

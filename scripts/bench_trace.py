@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchlib
 import torch
 import yaml
 
@@ -47,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-floor", action="store_true", help="skip counting FLOPs")
+    benchlib.add_output_arguments(parser)
     return parser.parse_args()
 
 
@@ -87,6 +90,7 @@ def main() -> None:
         f"noise scale {scale:.4f}"
     )
 
+    first_prompt = None  # (readout, span, noise) for the FLOP count
     fast_times: dict[str, list[Seconds]] = {kind: [] for kind in args.kinds}
     fast_all: list[Seconds] = []
     compared: dict[str, list[tuple[Seconds, Seconds, float]]] = {}  # kind -> (fast, ref, diff)
@@ -100,6 +104,7 @@ def main() -> None:
         noise = make_noise(generator, args.samples, span[1] - span[0], hidden_size(lm), scale)
         readout = Readout.build(ids, answer)
 
+        first_prompt = first_prompt or (readout, span, noise)
         tracer, runs = timed(lambda: FastTracer(lm, readout, span, noise, args.batch_size))  # noqa: B023
         grids, per_kind = {}, {}
         for kind in dict.fromkeys(args.kinds + args.reference_kinds):
@@ -136,6 +141,16 @@ def main() -> None:
     print(f"  {'all':6s} {seconds}  {1 / seconds.wall:.3f} prompts/s")
     if compared:
         print("reference vs fast, same prompts and noise:")
+    result = {
+        "benchmark": "trace",
+        "model": lm.name,
+        "device": str(lm.device),
+        "samples": args.samples,
+        "prompts": len(fast_all),
+        "fast_seconds_per_prompt": {k: mean(v).wall for k, v in fast_times.items()},
+        "fast_seconds_per_prompt_all_kinds": mean(fast_all).wall,
+        "reference": {},
+    }
     for kind, rows in compared.items():
         fast, ref = mean([r[0] for r in rows]), mean([r[1] for r in rows])
         print(
@@ -143,6 +158,35 @@ def main() -> None:
             f"{ref.wall / fast.wall:.1f}x wall, {ref.cpu / fast.cpu:.1f}x cpu; "
             f"max |difference| {max(r[2] for r in rows):.1e} over {len(rows)} prompt(s)"
         )
+        result["reference"][kind] = {
+            "reference_seconds": ref.wall,
+            "fast_seconds": fast.wall,
+            "ratio": ref.wall / fast.wall,
+            "max_difference": max(r[2] for r in rows),
+            "prompts": len(rows),
+        }
+    if not args.no_floor:
+        readout, span, noise = first_prompt
+
+        def all_kinds():
+            tracer = FastTracer(lm, readout, span, noise, args.batch_size)
+            for kind in args.kinds:
+                tracer.grid(kind, args.window)
+
+        _, flops = benchlib.counted_flops(all_kinds)
+        rate = benchlib.matmul_rate(str(lm.device), lm.model.dtype)
+        measured = fast_all[0].wall
+        print(
+            "compute floor, first prompt, all kinds: " + benchlib.floor_line(flops, rate, measured)
+        )
+        result["floor"] = {
+            "flops": flops,
+            "matmul_flops_per_second": rate,
+            "floor_seconds": flops / rate,
+            "measured_seconds": measured,
+            "fraction": flops / rate / measured,
+        }
+    benchlib.write_json(args, result)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +54,74 @@ def corpus(args: argparse.Namespace) -> Iterator[str]:
     if not (local.is_dir() and local_files(local)):
         raise SystemExit(f"no corpus under {local}: set ROME_DATA or --data")
     return read_local(local)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, help="also write the results here (make bench)")
+
+
+def write_json(args: argparse.Namespace, result: dict) -> None:
+    if getattr(args, "json", None):
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "machine": machine()}, indent=1) + "\n")
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 2.0
+) -> float:
+    """FLOP/s of n x n matrix products here: the rate the compute floor is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    synchronize(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def counted_flops(fn):
+    """(fn(), the floating-point operations torch counted while it ran)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        value = fn()
+    return value, counter.get_total_flops()
+
+
+def floor_line(flops: float, rate: float, measured: float) -> str:
+    floor = flops / rate
+    return (
+        f"{flops / 1e9:.1f} GFLOP counted; at {rate / 1e9:.1f} GFLOP/s (matmul here) the floor is "
+        f"{floor:.2f} s; measured {measured:.2f} s: {100 * floor / measured:.0f}% of the matmul rate"
+    )

@@ -15,6 +15,7 @@ extra = {"scipy", "hydra", "omegaconf", "wandb", "matplotlib", "datasets"}
 print(sorted(extra & {name.split(".")[0] for name in sys.modules}))
 """
 
+
 def test_algorithms_need_only_torch_and_transformers():
     done = subprocess.run(
         [sys.executable, "-c", CHECK], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -1,0 +1,39 @@
+"""The benchmark suite's mechanics on a tiny model: every script runs and reports (no timing
+assertions: the speed-ups are measured by `make bench`, not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import CACHE, ROOT
+from tests.test_stats_stage import TEXT
+
+
+def test_make_bench_runs_every_benchmark_and_writes_the_table(tmp_path):
+    (tmp_path / "data/wikipedia").mkdir(parents=True)
+    (tmp_path / "data/wikipedia/text.txt").write_text(TEXT * 20)
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text("# Benchmarks\n")
+    env = {
+        **os.environ,
+        "ROME_DATA": str(tmp_path / "data"),
+        "ROME_CACHE": str(CACHE),
+        "ROME_WANDB_MODE": "disabled",
+    }
+    argv = [sys.executable, "scripts/bench.py", "--model", "tiny-gpt2", "--layer", "1"]
+    argv += ["--cases", "2", "--stats-tokens", "500", "--out", str(tmp_path / "bench")]
+    argv += ["--markdown", str(markdown)]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (bench,) = (tmp_path / "bench").glob("*/bench.json")
+    results = json.loads(bench.read_text())
+    assert set(results) == {"trace", "stats", "edit", "eval"}
+    assert results["trace"]["reference"]["hidden"]["max_difference"] < 1e-4
+    assert results["trace"]["floor"]["fraction"] > 0 and results["eval"]["floor"]["fraction"] > 0
+    assert results["stats"]["max_relative_difference"] < 1e-6
+    assert results["eval"]["max_difference"] < 1e-5
+    lines = markdown.read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "tiny-gpt2" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| trace", "| stats", "| edit", "| eval"]
+    assert "bench:table:begin" in markdown.read_text()
