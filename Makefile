@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-trace bench-edit bench-eval bench-stats clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-trace bench-edit bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -111,6 +111,14 @@ bench: setup
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 ## Benchmarks: print seconds per prompt / edit and the speed-up ratios (see BENCHMARKS.md).
+## On a GPU machine that has only torch and transformers (no `make setup`): random-weight gpt2-xl
+## and gpt-j-6b in bf16, each benchmark with its peak GPU memory. Needs the corpus text in
+## $$ROME_DATA/wikipedia (copy it into data/wikipedia to carry it along).
+GPU_PY ?= python
+bench-gpu:
+	$(GPU_PY) scripts/bench.py --section gpu-gpt2-xl --model gpt2-xl --random --layer 17 --device cuda --dtype bfloat16 --cases 16 --prompts 20 --stats-tokens 200000 $(BENCH_ARGS)
+	$(GPU_PY) scripts/bench.py --section gpu-gpt-j-6b --model gpt-j-6b --random --layer 5 --device cuda --dtype bfloat16 --cases 16 --prompts 20 --stats-tokens 200000 $(BENCH_ARGS)
+
 bench-trace: setup
 	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
 

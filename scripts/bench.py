@@ -27,7 +27,7 @@ import benchlib
 from pipeline import tracking
 
 ROOT = benchlib.ROOT
-BEGIN, END = "<!-- bench:table:begin -->", "<!-- bench:table:end -->"
+MARKERS = "<!-- bench:{}:begin -->", "<!-- bench:{}:end -->"
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -36,9 +36,8 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     if args.random:
         model.append("--random")
     edit = [*model, "--layer", str(args.layer), "--stats-tokens", str(args.stats_tokens)]
-    trace_model = ["--model", str(ROOT / "conf/model" / f"{args.model}.yaml")]
     return {
-        "trace": [*trace_model, "--prompts", "2", "--reference-prompts", "1"],
+        "trace": [*model, "--prompts", str(args.prompts), "--reference-prompts", "1"],
         "stats": [*edit],
         "edit": [*edit, "--requests", str(args.cases)],
         "eval": [*edit, "--cases", str(args.cases), "--batch", str(args.cases)],
@@ -50,7 +49,10 @@ def row(name: str, result: dict, command: str) -> str:
     if name == "trace":
         ref = result["reference"].get("hidden", {})
         slow = f"{ref.get('reference_seconds', float('nan')):.1f} s/prompt (hidden)"
-        fast = f"{ref.get('fast_seconds', float('nan')):.1f} s/prompt"
+        fast = (
+            f"{ref.get('fast_seconds', float('nan')):.1f} s/prompt; all kinds "
+            f"{result['projected_hours_per_1000_prompts']:.2f} h per 1,000 prompts"
+        )
         ratio, agree = ref.get("ratio"), f"{ref.get('max_difference', float('nan')):.1e} abs"
     elif name == "stats":
         slow = f"{result['one_at_a_time_keys_per_second']:.0f} keys/s"
@@ -74,6 +76,7 @@ def row(name: str, result: dict, command: str) -> str:
         f"{ratio:.2f}x" if ratio else "–",
         agree,
         f"{100 * floor:.0f}%" if floor else "–",
+        f"{result['peak_memory_gib']:.1f} GiB",
         f"`{command}`",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -89,20 +92,22 @@ def table(results: dict[str, dict], shown: dict[str, str]) -> str:
         "(`make bench`); the slow and fast paths of a row ran in the same process.",
         "",
         "| benchmark | model | device | reference / one at a time | fast / batched | ratio | "
-        "agreement | matmul rate reached | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "agreement | matmul rate reached | peak memory | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [row(name, result, shown[name]) for name, result in results.items()]
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, text: str) -> None:
+def update_markdown(path: Path, section: str, text: str) -> None:
+    """Replace the section's table between its markers (added at the end the first time)."""
+    begin, end = (marker.format(section) for marker in MARKERS)
     body = path.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body and END in body:
-        body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END) :]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in body and end in body:
+        body = body[: body.index(begin)] + block + body[body.index(end) + len(end) :]
     else:
-        body = body.rstrip() + "\n\n## All benchmarks, latest `make bench`\n\n" + block + "\n"
+        body = body.rstrip() + f"\n\n## `make bench`: {section}\n\n" + block + "\n"
     path.write_text(body)
 
 
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--random", action="store_true")
     parser.add_argument("--cases", type=int, default=4, help="edits / cases per benchmark")
+    parser.add_argument("--prompts", type=int, default=2, help="traced prompts (1 with reference)")
+    parser.add_argument("--section", default="cpu", help="which table of BENCHMARKS.md to rewrite")
     parser.add_argument("--stats-tokens", type=int, default=20000)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -140,7 +147,7 @@ def main() -> None:
     text = table(results, shown)
     print("\n" + text)
     if not args.no_markdown:
-        update_markdown(args.markdown, text)
+        update_markdown(args.markdown, args.section, text)
     tracker = tracking.Tracker(
         mode=os.environ.get("ROME_WANDB_MODE", "offline"),
         job_type="bench",

@@ -13,7 +13,6 @@ the per-case metrics of the two are compared.
 from __future__ import annotations
 
 import argparse
-import time
 
 import benchlib
 import torch
@@ -51,7 +50,7 @@ def main():
     templates = rome.templates_for(lm, hp)
     common = dict(second_moment=stat, context_templates=templates)
 
-    start = time.perf_counter()
+    start = benchlib.clock(args.device)
     alone = []
     for case in cases:
         (result,) = rome.compute_updates(lm, requests_of([case]), hp, **common)
@@ -59,7 +58,7 @@ def main():
             (post,) = score_cases(lm, [case])
         (pre,) = score_cases(lm, [case])
         alone.append((case_metrics(pre), case_metrics(post)))
-    alone_seconds = time.perf_counter() - start
+    alone_seconds = benchlib.clock(args.device) - start
 
     def evaluate_batch(batch):
         results = rome.compute_updates(lm, requests_of(batch), hp, batch_size=len(batch), **common)
@@ -67,13 +66,13 @@ def main():
         post = score_cases(lm, batch, [r.update if r.ok else None for r in results])
         return [(case_metrics(a), case_metrics(b)) for a, b in zip(pre, post, strict=True)]
 
-    start = time.perf_counter()
+    start = benchlib.clock(args.device)
     together, batch_seconds = [], []
     for first in range(0, len(cases), args.batch):
-        batch_start = time.perf_counter()
+        batch_start = benchlib.clock(args.device)
         together += evaluate_batch(cases[first : first + args.batch])
-        batch_seconds.append(time.perf_counter() - batch_start)
-    batched_seconds = time.perf_counter() - start
+        batch_seconds.append(benchlib.clock(args.device) - batch_start)
+    batched_seconds = benchlib.clock(args.device) - start
 
     differences = [
         (abs(a[phase][k] - b[phase][k]), case.id, ("pre", "post")[phase], k)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,9 +23,7 @@ from pathlib import Path
 
 import benchlib
 import torch
-import yaml
 
-from pipeline.models import load_model
 from pipeline.tokens import encode, subject_span
 from pipeline.tracing import KINDS, FastTracer, Readout, embedding_std, make_noise, reference
 from pipeline.tracing.common import hidden_size
@@ -36,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(ROOT / "conf/model/smollm2-135m.yaml"))
+    parser.add_argument("--model", default="smollm2-135m", help="conf/model/<name>.yaml or a path")
+    parser.add_argument("--random", action="store_true", help="random weights of the architecture")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--data", default=str(ROOT / "data/samples/known_1000_sample.json"))
     parser.add_argument("--prompts", type=int, default=3, help="the first N records of --data")
     parser.add_argument("--indices", type=int, nargs="+", help="these records instead")
@@ -66,9 +66,10 @@ class Seconds:
 
 
 def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wall, cpu = benchlib.clock(device), time.process_time()
     value = fn()
-    return value, Seconds(time.perf_counter() - wall, time.process_time() - cpu)
+    return value, Seconds(benchlib.clock(device) - wall, time.process_time() - cpu)
 
 
 def mean(values: list[Seconds]) -> Seconds:
@@ -78,10 +79,7 @@ def mean(values: list[Seconds]) -> Seconds:
 @torch.no_grad()
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cache = os.environ.get("ROME_CACHE", str(ROOT / ".cache"))
-    lm = load_model(yaml.safe_load(Path(args.model).read_text()), cache_dir=cache)
+    lm = benchlib.load(args)
     records = json.loads(Path(args.data).read_text())
     scale = 3 * embedding_std(lm, [(r["prompt"], r["subject"]) for r in records[:100]])
     print(
@@ -149,6 +147,7 @@ def main() -> None:
         "prompts": len(fast_all),
         "fast_seconds_per_prompt": {k: mean(v).wall for k, v in fast_times.items()},
         "fast_seconds_per_prompt_all_kinds": mean(fast_all).wall,
+        "projected_hours_per_1000_prompts": 1000 * mean(fast_all).wall / 3600,
         "reference": {},
     }
     for kind, rows in compared.items():

@@ -1,4 +1,8 @@
-"""What the editing benchmarks share: model and hyperparameter arguments, and the corpus for C."""
+"""What the benchmarks share: model arguments, the corpus for C, timing, FLOPs and memory.
+
+The benchmarks need only torch and transformers (and what those bring: numpy, pyyaml, tqdm,
+safetensors, tokenizers), so they run on a bare GPU machine from a checkout, uninstalled.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.corpus import local_files, read_local
-from pipeline.models import LoadedModel, load_model
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the pipeline, from a checkout that was never installed
+
+from pipeline.corpus import local_files, read_local  # noqa: E402
+from pipeline.models import LoadedModel, load_model  # noqa: E402
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> LoadedModel:
-    """The model named by --model (conf/model/<name>.yaml), random weights with --random."""
+    """The model named by --model (conf/model/<name>.yaml or a path), random with --random."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
+    path = (
+        Path(args.model)
+        if args.model.endswith(".yaml")
+        else ROOT / "conf/model" / f"{args.model}.yaml"
+    )
+    spec = yaml.safe_load(path.read_text())
     if args.random:
         spec = {**spec, "source": "random"}
     cache = os.environ.get("ROME_CACHE", str(ROOT / ".cache"))
@@ -61,9 +73,23 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_json(args: argparse.Namespace, result: dict) -> None:
+    """The results with the machine and this process's peak memory (the stage's, since each
+    benchmark runs in its own process)."""
     if getattr(args, "json", None):
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**result, "machine": machine()}, indent=1) + "\n")
+        body = {
+            **result,
+            "peak_memory_gib": peak_memory_gib(result.get("device", "cpu")),
+            "machine": machine(),
+        }
+        args.json.write_text(json.dumps(body, indent=1) + "\n")
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def machine() -> dict:
@@ -125,3 +151,9 @@ def floor_line(flops: float, rate: float, measured: float) -> str:
         f"{flops / 1e9:.1f} GFLOP counted; at {rate / 1e9:.1f} GFLOP/s (matmul here) the floor is "
         f"{floor:.2f} s; measured {measured:.2f} s: {100 * floor / measured:.0f}% of the matmul rate"
     )
+
+
+def clock(device: str | torch.device = "cpu") -> float:
+    """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
+    synchronize(device)
+    return time.perf_counter()

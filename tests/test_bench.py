@@ -36,4 +36,4 @@ def test_make_bench_runs_every_benchmark_and_writes_the_table(tmp_path):
     lines = markdown.read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ") and "tiny-gpt2" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| trace", "| stats", "| edit", "| eval"]
-    assert "bench:table:begin" in markdown.read_text()
+    assert "bench:cpu:begin" in markdown.read_text()

@@ -1,4 +1,5 @@
-"""The algorithms import with torch and transformers alone (what a bare GPU machine has)."""
+"""The algorithms and the benchmarks import with torch and transformers alone (what a bare GPU
+machine has)."""
 
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import sys
 import pipeline.tracing, pipeline.rome, pipeline.second_moment, pipeline.evaluation
 import pipeline.models, pipeline.tokens, metrics.counterfact, metrics.generation
 from metrics.counterfact import case_metrics
+sys.path.insert(0, "scripts")
+import bench, bench_edit, bench_eval, bench_stats, bench_trace  # make bench-gpu's scripts
 print(case_metrics({"rewrite": [(0.6, 0.4)]})["ES"])
 extra = {"scipy", "hydra", "omegaconf", "wandb", "matplotlib", "datasets"}
 print(sorted(extra & {name.split(".")[0] for name in sys.modules}))
