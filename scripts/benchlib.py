@@ -36,7 +36,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--random", action="store_true", help="random weights of the architecture")
-    parser.add_argument("--data", default=os.environ.get("ROME_DATA", str(ROOT / "data")))
+    parser.add_argument("--data", default=default_data())
+
+
+def default_data() -> str:
+    return os.environ.get("ROME_DATA", str(ROOT / "data"))
 
 
 def load(args: argparse.Namespace) -> LoadedModel:

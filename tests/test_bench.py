@@ -37,3 +37,16 @@ def test_make_bench_runs_every_benchmark_and_writes_the_table(tmp_path):
     rows = [line for line in lines if line.startswith("| ") and "tiny-gpt2" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| trace", "| stats", "| edit", "| eval"]
     assert "bench:cpu:begin" in markdown.read_text()
+
+
+def test_scaling_benchmark_writes_every_panel(tmp_path):
+    argv = [sys.executable, "scripts/bench_scaling.py", "--base", "tiny-gpt2", "--no-eval"]
+    argv += ["--sizes", "tiny-gpt2", "tiny-llama", "--out", str(tmp_path)]
+    env = {**os.environ, "ROME_CACHE": str(CACHE)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    assert [row[0] for row in scaling["prompts"]] == [1, 2, 4]
+    assert [row[0] for row in scaling["model_size"]] == ["tiny-gpt2", "tiny-llama"]
+    assert [row[0] for row in scaling["shards"]] == [1, 2]
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
