@@ -32,8 +32,7 @@ def merge_config(directory: Path, allow_partial: bool = False) -> tuple[str, Dic
     if "aggregate_only" not in cfg:
         raise SystemExit(f"stage {name!r} has no shards to merge")
     cfg.aggregate_only = True
-    if "allow_partial" in cfg:
-        cfg.allow_partial = allow_partial
+    cfg.allow_partial = allow_partial  # also for runs saved before the key existed
     cfg.out_dir = str(directory.resolve())
     return name, cfg
 

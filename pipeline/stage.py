@@ -109,8 +109,13 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Settings (dotted keys present in both) that differ, except those a rerun may change."""
-    free = tuple(current.get("rerun_may_change") or ())
+    """Settings (dotted keys present in both) that differ, except those a rerun may change.
+
+    The free settings are conf/common.yaml's `rerun_may_change` and any the run adds, so a config
+    saved before the list existed (and merged from) is judged by today's list.
+    """
+    common = OmegaConf.load(Path(CONF_DIR) / "common.yaml")
+    free = (*common.rerun_may_change, *(current.get("rerun_may_change") or ()))
     theirs, ours = _leaves(saved), _leaves(current)
     return [
         f"{key}: {theirs[key]!r} -> {ours[key]!r}"

@@ -141,3 +141,12 @@ def test_smollm2_knows_its_facts(tmp_path, data_root):
     assert len(known) == summary["known"]
     assert any(fact["answer"] == " French" and fact["first_token_prob"] > 0.1 for fact in known)
     assert Path(summary["data"]["path"]).name == "known_1000.json"
+
+
+def test_config_differences_ignore_how_work_is_split_even_for_old_saved_configs():
+    from pipeline.stage import config_differences
+
+    saved = {"seed": 0, "shard": {"index": 0}, "out_dir": "./a", "editor": {"v_lr": 0.5}}
+    current = {"seed": 0, "shard": {"index": 1}, "out_dir": "/abs/a", "editor": {"v_lr": 0.1}}
+    assert config_differences(saved, current) == ["editor.v_lr: 0.5 -> 0.1"]
+    assert config_differences(saved, {**current, "editor": {"v_lr": 0.5}}) == []
