@@ -47,7 +47,10 @@ def test_two_shards_on_submitit_local_merge_into_the_unsharded_run(tmp_path):
     assert sharded_summary["complete"] and whole_summary["complete"]
     for phase in ("pre", "post"):
         for name in ("S", "ES", "PS", "NS", "EM", "PM", "NM"):
-            assert sharded_summary[phase][name] == pytest.approx(whole_summary[phase][name])
+            # percent; the shards batch their cases differently, so floats differ in the last bits
+            assert sharded_summary[phase][name] == pytest.approx(
+                whole_summary[phase][name], abs=1e-4
+            )
 
 
 def test_a_merge_with_an_unfinished_shard_names_its_missing_cases(tmp_path):
