@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import figures, io
 from pipeline.evaluate import read_jsonl, summarize_records
 from pipeline.stage import Run, stage
-from pipeline.summarize import COLUMNS, collect, csv_text, latex, markdown
+from pipeline.summarize import collect, markdown, write_table
 from pipeline.tracing import BUCKETS
 
 log = logging.getLogger(__name__)
@@ -152,18 +152,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     doc += ["## CounterFact (Table 4 layout)", ""]
     rome = None
     if table:
-        io.atomic_write(out / "table.md", markdown(table))
-        io.atomic_write(out / "table.tex", latex(table))
-        io.atomic_write(out / "table.csv", csv_text(table))
-        run.tracker.table(
-            "table4",
-            ["model", "data", "editor", "n", *COLUMNS],
-            [
-                [r["model"], r["data"], r["editor"], r["n"]]
-                + [(r["metrics"].get(c) or {}).get("mean") for c in COLUMNS]
-                for r in table
-            ],
-        )
+        write_table(run, table)
         rome = next((r["metrics"] for r in table if r["editor"] == "rome"), None)
         doc += [
             "Percent, mean ± half-width of the 95% interval; n cases. "

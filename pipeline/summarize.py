@@ -95,11 +95,8 @@ def csv_text(table: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-@stage("summarize")
-def main(cfg: DictConfig, run: Run) -> None:
-    table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
-    if not table:
-        raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
+def write_table(run: Run, table: list[dict[str, Any]]) -> None:
+    """table.md, table.tex and table.csv in the run's directory, and the table on W&B."""
     io.atomic_write(run.path("table.md"), markdown(table))
     io.atomic_write(run.path("table.tex"), latex(table))
     io.atomic_write(run.path("table.csv"), csv_text(table))
@@ -112,6 +109,14 @@ def main(cfg: DictConfig, run: Run) -> None:
             for r in table
         ],
     )
+
+
+@stage("summarize")
+def main(cfg: DictConfig, run: Run) -> None:
+    table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
+    if not table:
+        raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
+    write_table(run, table)
     run.write_summary({"rows": len(table), "runs_dir": str(cfg.runs_dir)})
     print(markdown(table))
 
