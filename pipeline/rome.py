@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from pipeline.models import LoadedModel
 from pipeline.second_moment import SecondMoment, StopForward, run_until_stopped
@@ -71,6 +72,10 @@ class RomeHparams:
     mom2_update_weight: float = 15000.0  # λ in (λC)⁻¹; cancels in ROME, kept for parity
     mom2_ridge: float = 1e-6  # ridge relative to mean(diag(λC)), keeps the solve defined
     reject_already_predicted: bool = True  # a target the model already gives is no edit
+    # How, not what: run the tokens before each row's subject once and reuse their keys and
+    # values at every step of the v* optimisation (False: the whole rows at every step, as the
+    # reference code does; same result up to float rounding; benchmarks compare the two).
+    reuse_prefix: bool = True
 
     def __post_init__(self):
         """Lists from a YAML config become tuples, so equal settings compare equal."""
@@ -204,7 +209,7 @@ def templates_for(lm: LoadedModel, hparams: RomeHparams) -> list[str]:
 # Forward passes that stop early and read what they need
 
 
-def _run_until(lm: LoadedModel, module: torch.nn.Module, ids, mask) -> torch.Tensor:
+def _run_until(lm: LoadedModel, module: torch.nn.Module, ids, mask, **inputs) -> torch.Tensor:
     """Run the model until `module` has produced its output; return that output."""
     box: list[torch.Tensor] = []
 
@@ -214,7 +219,7 @@ def _run_until(lm: LoadedModel, module: torch.nn.Module, ids, mask) -> torch.Ten
 
     handle = module.register_forward_hook(grab)
     try:
-        run_until_stopped(lm, ids, mask)
+        run_until_stopped(lm, ids, mask, **inputs)
     finally:
         handle.remove()
     return box[0]
@@ -375,6 +380,82 @@ def _adder(rows: torch.Tensor, cols: torch.Tensor, deltas: torch.Tensor):
     return add_delta
 
 
+@dataclass
+class _Rows:
+    """The v* optimisation's rows, fixed for the whole optimisation.
+
+    Row i is tokens[i] (context + prompt + target[:-1], or a KL prompt) of request owner[i]; δ is
+    added at column subject[i]. Everything before that column is untouched by δ (causal
+    attention), so `split[i]` tokens of the row can be run once (`_Prefixes`) and only the rest
+    at every step. The loss reads (row, column) pairs: `nll_at` (predicting `nll_tokens` of
+    request `nll_owner`) and `kl_at` (the KL prompts' last tokens, of request `kl_owner`).
+    """
+
+    tokens: list[list[int]] = field(default_factory=list)
+    subject: list[int] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+    split: list[int] = field(default_factory=list)
+    nll_at: list[tuple[int, int]] = field(default_factory=list)
+    nll_owner: list[int] = field(default_factory=list)
+    nll_tokens: list[int] = field(default_factory=list)
+    kl_at: list[tuple[int, int]] = field(default_factory=list)
+    kl_owner: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, prepared: Sequence[_Prepared], reuse_prefix: bool) -> _Rows:
+        rows = cls()
+
+        def add(tokens: list[int], subject: int, owner: int) -> int:
+            rows.tokens.append(tokens)
+            rows.subject.append(subject)
+            rows.owner.append(owner)
+            rows.split.append(subject if reuse_prefix else 0)
+            return len(rows.tokens) - 1
+
+        for r, p in enumerate(prepared):
+            for tokens, pos in zip(p.contexts, p.context_subject, strict=True):
+                row = add(tokens + p.target[:-1], pos, r)
+                first = len(tokens) - 1  # the logits there predict the first target token
+                rows.nll_at += [(row, first + i) for i in range(len(p.target))]
+                rows.nll_owner += [r] * len(p.target)
+                rows.nll_tokens += p.target
+            for tokens, pos in zip(p.kl, p.kl_subject, strict=True):
+                rows.kl_at.append((add(tokens, pos, r), len(tokens) - 1))
+                rows.kl_owner.append(r)
+        return rows
+
+
+@dataclass
+class _Prefixes:
+    """Keys and values, at every layer, of each row's first `split` tokens (right-padded)."""
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (rows, heads, width, dim)
+    mask: torch.Tensor  # (rows, width)
+    lengths: torch.Tensor  # (rows,)
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, lm: LoadedModel, rows: _Rows) -> _Prefixes | None:
+        prefixes = [t[:s] for t, s in zip(rows.tokens, rows.split, strict=True)]
+        if not any(prefixes):
+            return None
+        ids, mask = right_pad(prefixes, lm.tokenizer.pad_token_id or 0, lm.device)
+        cache = DynamicCache()
+        _run_until(lm, lm.module("block", -1), ids, mask, past_key_values=cache, use_cache=True)
+        # A row with no prefix at all has only padding there, which a model may turn into NaN;
+        # padded entries are masked out later, but 0 · NaN is still NaN, so zero them.
+        keep = mask.bool()[:, None, :, None]
+        key_values = [
+            (layer.keys.masked_fill(~keep, 0.0), layer.values.masked_fill(~keep, 0.0))
+            for layer in cache.layers
+        ]
+        return cls(key_values, mask, mask.sum(-1))
+
+    def cache_for(self, rows: torch.Tensor) -> DynamicCache:
+        """A fresh cache holding the given rows' prefixes (the step's forward pass extends it)."""
+        return DynamicCache([(k[rows], v[rows]) for k, v in self.key_values])
+
+
 def _optimise_values(
     lm: LoadedModel,
     prepared: Sequence[_Prepared],
@@ -386,84 +467,88 @@ def _optimise_values(
     Each request contributes its (context + prompt + target[:-1]) rows, teacher-forced on the
     target, and its KL rows; every row adds its own request's δ to the projection's output at
     the subject's last token. Requests are independent: their losses are summed, each has its own
-    Adam state, and a request leaves the batch as soon as its target NLL is low enough.
+    Adam state, and a request leaves the batch as soon as its target NLL is low enough. With
+    `hp.reuse_prefix`, the tokens before each subject's last token run once (see `_Rows`).
     """
     n_req = len(prepared)
-    layer = hp.layer
-    loss_layer = hp.v_loss_layer
+    device = lm.device
     dim = reference_outputs.shape[1]
-    deltas = [torch.zeros(dim, device=lm.device, requires_grad=True) for _ in range(n_req)]
+    deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in range(n_req)]
     optimisers = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     max_norms = hp.clamp_norm_factor * reference_outputs.norm(dim=-1)
     ref_sq = reference_outputs.norm(dim=-1) ** 2
-    # The first pass (all requests, δ = 0) fixes the original KL distributions, request-major;
-    # kl_index[r] picks request r's rows of them.
-    n_kl = len(hp.kl_prompts)
-    kl_index = torch.arange(n_req * n_kl, device=lm.device).view(n_req, n_kl)
+    rows = _Rows.build(prepared, hp.reuse_prefix)
+    prefixes = _Prefixes.compute(lm, rows)
+    split = torch.as_tensor(rows.split, device=device)
+    row_owner = torch.as_tensor(rows.owner, device=device)
+    # Reads as (row, column, owner); the token predicted for the NLL reads.
+    nll_reads = torch.as_tensor(
+        [(r, c, o) for (r, c), o in zip(rows.nll_at, rows.nll_owner, strict=True)], device=device
+    ).view(-1, 3)
+    nll_tokens = torch.as_tensor(rows.nll_tokens, device=device)
+    kl_reads = torch.as_tensor(
+        [(r, c, o) for (r, c), o in zip(rows.kl_at, rows.kl_owner, strict=True)], device=device
+    ).view(-1, 3)
+    kl_init = None  # the KL prompts' original distributions (δ = 0), one per KL read
     nlls = [float("nan")] * n_req
     steps = [0] * n_req
     active = list(range(n_req))
     pad_id = lm.tokenizer.pad_token_id or 0
 
     for iteration in range(hp.v_num_grad_steps):
-        # The batch of the requests still optimising: their rows, and the positions read out.
-        rows, subject_pos, row_owner = [], [], []
-        nll_at, nll_owner, nll_tokens, kl_at, kl_owner = [], [], [], [], []
-        for slot, r in enumerate(active):
-            p = prepared[r]
-            for tokens, pos in zip(p.contexts, p.context_subject, strict=True):
-                first = len(tokens) - 1  # the logits there predict the first target token
-                nll_at += [(len(rows), first + i) for i in range(len(p.target))]
-                nll_owner += [slot] * len(p.target)
-                nll_tokens += p.target
-                rows.append(tokens + p.target[:-1])
-                subject_pos.append(pos)
-                row_owner.append(slot)
-            for tokens, pos in zip(p.kl, p.kl_subject, strict=True):
-                kl_at.append((len(rows), len(tokens) - 1))
-                kl_owner.append(slot)
-                rows.append(tokens)
-                subject_pos.append(pos)
-                row_owner.append(slot)
-        ids, mask = right_pad(rows, pad_id, lm.device)
-        row_index = torch.arange(len(rows), device=lm.device)
-        col_index = torch.as_tensor(subject_pos, device=lm.device)
-        owners = torch.tensor(row_owner, device=lm.device)
-        row_deltas = torch.stack([deltas[r] for r in active])[owners]
-        handle = lm.module("mlp_out", layer).register_forward_hook(
-            _adder(row_index, col_index, row_deltas)
+        is_active = torch.zeros(n_req, dtype=torch.bool, device=device)
+        is_active[active] = True
+        batch_rows = is_active[row_owner].nonzero().squeeze(-1)  # the rows still optimising
+        position = torch.full_like(row_owner, -1)  # row -> its place in this step's batch
+        position[batch_rows] = torch.arange(len(batch_rows), device=device)
+        slot = torch.full((n_req,), -1, device=device)  # request -> its slot among the active
+        slot[active] = torch.arange(len(active), device=device)
+
+        suffixes = [rows.tokens[r][rows.split[r] :] for r in batch_rows.tolist()]
+        ids, mask = right_pad(suffixes, pad_id, device)
+        steps_ahead = torch.arange(ids.shape[1], device=device)
+        inputs = {}
+        if prefixes is not None:
+            inputs["past_key_values"] = prefixes.cache_for(batch_rows)
+            inputs["use_cache"] = True
+            mask = torch.cat([prefixes.mask[batch_rows], mask], dim=1)
+            inputs["position_ids"] = prefixes.lengths[batch_rows, None] + steps_ahead
+        else:
+            inputs["position_ids"] = steps_ahead.expand_as(ids)
+        subject_cols = torch.as_tensor(rows.subject, device=device)[batch_rows] - split[batch_rows]
+        row_deltas = torch.stack([deltas[r] for r in active])[slot[row_owner[batch_rows]]]
+        handle = lm.module("mlp_out", hp.layer).register_forward_hook(
+            _adder(torch.arange(len(batch_rows), device=device), subject_cols, row_deltas)
         )
         try:
             with torch.enable_grad():
-                hidden = _run_until(lm, lm.module("block", loss_layer), ids, mask)
+                hidden = _run_until(lm, lm.module("block", hp.v_loss_layer), ids, mask, **inputs)
         finally:
             handle.remove()
 
-        read = torch.as_tensor(nll_at + kl_at, device=lm.device)
-        log_probs = _logits_at(lm, hidden[read[:, 0], read[:, 1]]).log_softmax(-1)
-        n_active, n_nll = len(active), len(nll_at)
-        tokens = torch.as_tensor(nll_tokens, device=lm.device)
-        token_nll = -log_probs[torch.arange(n_nll, device=lm.device), tokens]
-        owner = torch.as_tensor(nll_owner, device=lm.device)
-        per_request = torch.zeros(n_active, device=lm.device).index_add(0, owner, token_nll)
-        nll = per_request / torch.bincount(owner, minlength=n_active)  # mean over tokens
-        kl_log_probs = log_probs[n_nll:]
-        if iteration == 0:  # δ is still zero: the original distributions
+        # The NLL reads, then the KL reads, of the requests still optimising.
+        nll_mask, kl_mask = is_active[nll_reads[:, 2]], is_active[kl_reads[:, 2]]
+        r, c, o = torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]]).unbind(-1)
+        log_probs = _logits_at(lm, hidden[position[r], c - split[r]]).log_softmax(-1)
+        owner = slot[o]
+        n_active, n_nll = len(active), int(nll_mask.sum())
+        token_nll = -log_probs[:n_nll].gather(-1, nll_tokens[nll_mask, None])[:, 0]
+        per_request = torch.zeros(n_active, device=device).index_add(0, owner[:n_nll], token_nll)
+        nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
+        kl_log_probs, kl_owner = log_probs[n_nll:], owner[n_nll:]
+        if kl_init is None:  # iteration 0: δ is still zero, the original distributions
             kl_init = kl_log_probs.detach()
         # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
-        kl_owner_t = torch.as_tensor(kl_owner, device=lm.device)
-        kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_index[active].flatten()])).sum(
-            -1
-        )
-        kl = torch.zeros(n_active, device=lm.device).index_add(0, kl_owner_t, kl_terms)
-        kl = kl / torch.bincount(kl_owner_t, minlength=n_active)
+        kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_mask])).sum(-1)
+        kl = torch.zeros(n_active, device=device).index_add(0, kl_owner, kl_terms)
+        kl = kl / torch.bincount(kl_owner, minlength=n_active)
         norms = torch.stack([deltas[r].norm() for r in active])
         decay = hp.v_weight_decay * norms / ref_sq[active]
         loss = (nll + hp.kl_factor * kl + decay).sum()  # requests are independent
 
         finished = set()
-        for slot, r in enumerate(active):
-            nlls[r] = float(nll[slot].detach())
+        for s, r in enumerate(active):
+            nlls[r] = float(nll[s].detach())
             if nlls[r] < hp.early_stop_nll or iteration == hp.v_num_grad_steps - 1:
                 finished.add(r)
         if iteration == hp.v_num_grad_steps - 1:

@@ -128,10 +128,11 @@ class StopForward(Exception):
     """Raised by a hook once it has what it needs, to skip the rest of the network."""
 
 
-def run_until_stopped(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """A forward pass that a hook may end early by raising StopForward."""
+def run_until_stopped(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> None:
+    """A forward pass that a hook may end early by raising StopForward (`inputs`: more model
+    arguments, e.g. position_ids and past_key_values)."""
     with contextlib.suppress(StopForward):
-        lm.model(input_ids=ids, attention_mask=mask)
+        lm.model(input_ids=ids, attention_mask=mask, **inputs)
 
 
 @torch.no_grad()

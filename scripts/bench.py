@@ -59,12 +59,26 @@ def row(name: str, result: dict, command: str) -> str:
         fast = f"{result['batched_keys_per_second']:.0f} keys/s"
         ratio, agree = result["ratio"], f"{result['max_relative_difference']:.1e} rel"
     elif name == "edit":
-        slow = f"{result['one_at_a_time_seconds_per_edit']:.1f} s/edit"
-        fast = f"{result['batched_seconds_per_edit']:.1f} s/edit"
+        slow = (
+            f"{result['original_seconds_per_edit']:.1f} s/edit original; "
+            f"{result['one_at_a_time_seconds_per_edit']:.1f} one at a time "
+            f"({result['prefix_ratio']:.2f}x: v* reuses the prefix)"
+        )
+        fast = (
+            f"{result['batched_seconds_per_edit']:.1f} s/edit "
+            f"({result['batching_ratio']:.2f}x over one at a time)"
+        )
         ratio, agree = result["ratio"], f"{result['max_relative_difference']:.1e} rel"
     else:
-        slow = f"{result['one_at_a_time_cases_per_hour']:.0f} cases/h"
-        fast = f"{result['batched_cases_per_hour']:.0f} cases/h"
+        slow = (
+            f"{result['original_cases_per_hour']:.0f} cases/h original; "
+            f"{result['one_at_a_time_cases_per_hour']:.0f} one at a time "
+            f"({result['prefix_ratio']:.2f}x: v* reuses the prefix)"
+        )
+        fast = (
+            f"{result['batched_cases_per_hour']:.0f} cases/h "
+            f"({result['batching_ratio']:.2f}x over one at a time)"
+        )
         ratio, agree = result["ratio"], f"{result['max_difference']:.1e} abs"
     floor = result.get("floor", {}).get("fraction")
     cells = [

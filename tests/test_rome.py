@@ -15,7 +15,7 @@ from pipeline import rome
 from pipeline.rome import EditRequest, RomeHparams
 from pipeline.second_moment import second_moment
 from pipeline.tokens import encode, fill, right_pad, subject_span, target_ids
-from tests.conftest import ROOT, tiny_model
+from tests.conftest import ROOT, TINY, tiny_model
 
 LAYER = 1
 TEMPLATES = ["{}", "The first thing. {}", "Because of that. {}"]
@@ -24,6 +24,18 @@ REQUESTS = [
     EditRequest.from_filled(r["prompt"], r["subject"], r["target_new"], id=r["case_id"])
     for r in SAMPLES[:3]
 ]
+
+# Updates computed in batches of other sizes agree to float32 rounding, which the v* optimisation
+# amplifies: attention over a cached prefix sums in another order when the batch pads prefixes to
+# another width, and Adam turns rounding in near-zero gradient components into whole steps. On
+# the random tiny models ΔW differs by up to ~2e-4 of its largest entry; the metrics computed
+# from the updates still agree to 1e-5 (tests/test_evaluation.py, tests/test_evaluate_stage.py).
+UPDATE_RTOL = 5e-4
+
+
+def assert_updates_close(a: rome.RankOneUpdate, b: rome.RankOneUpdate) -> None:
+    x, y = a.matrix(), b.matrix()
+    assert (x - y).abs().max() <= UPDATE_RTOL * y.abs().max()
 
 
 @contextlib.contextmanager
@@ -134,9 +146,25 @@ def test_batched_requests_equal_one_at_a_time(tiny, variant):
     batched = rome.compute_updates(lm, REQUESTS, hparams(variant), batch_size=8, **common)
     for request, together in zip(REQUESTS, batched, strict=True):
         alone = rome.compute_update(lm, request, hparams(variant), **common)
-        a, b = alone.update.matrix(), together.update.matrix()
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+        assert_updates_close(alone.update, together.update)
         assert alone.steps == together.steps
+
+
+@pytest.mark.parametrize("family", TINY)
+def test_reusing_the_prefix_equals_running_whole_rows(family):
+    """The tokens before the subject run once (their keys and values reused at every step): the
+    same updates as whole rows at every step, in every family (absolute and rotary positions)."""
+    lm = tiny_model(family)
+    common = dict(second_moment=None, context_templates=TEMPLATES, batch_size=8)
+    # Subjects late in the prompt (long prefixes) and first (none before the KL prompt's).
+    requests = [*REQUESTS, EditRequest("{} is a native speaker of", "Paris", "Tamil", id="first")]
+    whole = rome.compute_updates(lm, requests, hparams(reuse_prefix=False), **common)
+    reused = rome.compute_updates(lm, requests, hparams(reuse_prefix=True), **common)
+    for a, b in zip(whole, reused, strict=True):
+        assert a.ok and b.ok, (a.error, b.error)
+        assert a.steps == b.steps > 0
+        assert abs(a.target_nll - b.target_nll) <= 1e-5 * max(1.0, abs(a.target_nll))
+        assert_updates_close(a.update, b.update)
 
 
 def already_predicted_request(lm):
@@ -201,7 +229,7 @@ def test_sequential_edits_accumulate_and_checkpoint(tiny):
     independent = rome.compute_updates(
         lm, REQUESTS, hparams("r-rome"), second_moment=stat, context_templates=TEMPLATES
     )
-    torch.testing.assert_close(results[0].update.matrix(), independent[0].update.matrix())
+    assert_updates_close(results[0].update, independent[0].update)
     assert not torch.allclose(results[1].update.matrix(), independent[1].update.matrix())
 
 
