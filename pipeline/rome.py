@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from pipeline.models import LoadedModel
@@ -72,10 +73,11 @@ class RomeHparams:
     mom2_update_weight: float = 15000.0  # λ in (λC)⁻¹; cancels in ROME, kept for parity
     mom2_ridge: float = 1e-6  # ridge relative to mean(diag(λC)), keeps the solve defined
     reject_already_predicted: bool = True  # a target the model already gives is no edit
-    # How, not what: run the tokens before each row's subject once and reuse their keys and
-    # values at every step of the v* optimisation (False: the whole rows at every step, as the
-    # reference code does; same result up to float rounding; benchmarks compare the two).
-    reuse_prefix: bool = True
+    # How, not what (the same v* up to float rounding): False runs the tokens before each row's
+    # subject once, reusing their keys and values at every v* step, and batches rows of equal
+    # length together; True runs every row whole, in one padded batch, at every step, as the
+    # reference code does (benchmarks compare the two).
+    v_whole_rows: bool = False
 
     def __post_init__(self):
         """Lists from a YAML config become tuples, so equal settings compare equal."""
@@ -386,43 +388,60 @@ class _Rows:
 
     Row i is tokens[i] (context + prompt + target[:-1], or a KL prompt) of request owner[i]; δ is
     added at column subject[i]. Everything before that column is untouched by δ (causal
-    attention), so `split[i]` tokens of the row can be run once (`_Prefixes`) and only the rest
-    at every step. The loss reads (row, column) pairs: `nll_at` (predicting `nll_tokens` of
-    request `nll_owner`) and `kl_at` (the KL prompts' last tokens, of request `kl_owner`).
+    attention), so the first `split[i]` tokens can run once (`_Prefixes`) and only the rest at
+    every step. The loss reads `reads` = (row, column, request), first the NLL reads (predicting
+    `nll_tokens`), then the KL reads (the KL prompts' last tokens).
     """
 
     tokens: list[list[int]] = field(default_factory=list)
     subject: list[int] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)
     split: list[int] = field(default_factory=list)
-    nll_at: list[tuple[int, int]] = field(default_factory=list)
-    nll_owner: list[int] = field(default_factory=list)
+    nll_reads: list[tuple[int, int, int]] = field(default_factory=list)
     nll_tokens: list[int] = field(default_factory=list)
-    kl_at: list[tuple[int, int]] = field(default_factory=list)
-    kl_owner: list[int] = field(default_factory=list)
+    kl_reads: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, prepared: Sequence[_Prepared], reuse_prefix: bool) -> _Rows:
+    def build(cls, prepared: Sequence[_Prepared], whole_rows: bool) -> _Rows:
         rows = cls()
 
         def add(tokens: list[int], subject: int, owner: int) -> int:
             rows.tokens.append(tokens)
             rows.subject.append(subject)
             rows.owner.append(owner)
-            rows.split.append(subject if reuse_prefix else 0)
+            rows.split.append(0 if whole_rows else subject)
             return len(rows.tokens) - 1
 
         for r, p in enumerate(prepared):
             for tokens, pos in zip(p.contexts, p.context_subject, strict=True):
                 row = add(tokens + p.target[:-1], pos, r)
                 first = len(tokens) - 1  # the logits there predict the first target token
-                rows.nll_at += [(row, first + i) for i in range(len(p.target))]
-                rows.nll_owner += [r] * len(p.target)
+                rows.nll_reads += [(row, first + i, r) for i in range(len(p.target))]
                 rows.nll_tokens += p.target
             for tokens, pos in zip(p.kl, p.kl_subject, strict=True):
-                rows.kl_at.append((add(tokens, pos, r), len(tokens) - 1))
-                rows.kl_owner.append(r)
+                rows.kl_reads.append((add(tokens, pos, r), len(tokens) - 1, r))
         return rows
+
+    def groups(self, rows: Sequence[int], whole_rows: bool) -> list[list[int]]:
+        """The rows to run together at a step: rows of one length, so that nothing is padded
+        (suffixes are short, 3 tokens on average for CounterFact and up to ~8: padding all to the
+        longest would double the work). A group under `_GROUP_TOKENS` tokens takes the next
+        length in too, since many small passes cost more than a little padding."""
+        if whole_rows:
+            return [list(rows)]
+        length = {row: len(self.tokens[row]) - self.split[row] for row in rows}
+        groups: list[list[int]] = []
+        current: list[int] = []
+        for row in sorted(rows, key=length.__getitem__):
+            longer = current and length[row] > length[current[-1]]
+            if longer and sum(length[r] for r in current) >= _GROUP_TOKENS:
+                groups.append(current)
+                current = []
+            current.append(row)
+        return [*groups, current] if current else groups
+
+
+_GROUP_TOKENS = 64
 
 
 @dataclass
@@ -436,24 +455,75 @@ class _Prefixes:
     @classmethod
     @torch.no_grad()
     def compute(cls, lm: LoadedModel, rows: _Rows) -> _Prefixes | None:
-        prefixes = [t[:s] for t, s in zip(rows.tokens, rows.split, strict=True)]
-        if not any(prefixes):
+        """Run the prefixes in batches of equal length (no padding to compute), then lay them
+        out right-padded to the longest."""
+        if not any(rows.split):
             return None
-        ids, mask = right_pad(prefixes, lm.tokenizer.pad_token_id or 0, lm.device)
-        cache = DynamicCache()
-        _run_until(lm, lm.module("block", -1), ids, mask, past_key_values=cache, use_cache=True)
-        # A row with no prefix at all has only padding there, which a model may turn into NaN;
-        # padded entries are masked out later, but 0 · NaN is still NaN, so zero them.
-        keep = mask.bool()[:, None, :, None]
-        key_values = [
-            (layer.keys.masked_fill(~keep, 0.0), layer.values.masked_fill(~keep, 0.0))
-            for layer in cache.layers
-        ]
-        return cls(key_values, mask, mask.sum(-1))
+        lengths = torch.as_tensor(rows.split, device=lm.device)
+        by_length: dict[int, list[int]] = {}
+        for row, length in enumerate(rows.split):
+            if length:
+                by_length.setdefault(length, []).append(row)
+        width, key_values = int(lengths.max()), []
+        for length, members in by_length.items():
+            ids = torch.as_tensor([rows.tokens[r][:length] for r in members], device=lm.device)
+            cache = DynamicCache()
+            run = dict(past_key_values=cache, use_cache=True)
+            _run_until(lm, lm.module("block", -1), ids, torch.ones_like(ids), **run)
+            if not key_values:  # zeros where a row has no token (0 · NaN would poison them)
+                key_values = [
+                    tuple(t.new_zeros(len(rows.split), t.shape[1], width, t.shape[3]) for t in kv)
+                    for kv in ((layer.keys, layer.values) for layer in cache.layers)
+                ]
+            index = torch.as_tensor(members, device=lm.device)
+            for (keys, values), layer in zip(key_values, cache.layers, strict=True):
+                keys[index, :, :length] = layer.keys
+                values[index, :, :length] = layer.values
+        positions = torch.arange(width, device=lm.device)
+        return cls(key_values, (positions < lengths[:, None]).long(), lengths)
 
-    def cache_for(self, rows: torch.Tensor) -> DynamicCache:
-        """A fresh cache holding the given rows' prefixes (the step's forward pass extends it)."""
-        return DynamicCache([(k[rows], v[rows]) for k, v in self.key_values])
+    def select(self, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """A fresh cache with these rows' prefixes (a forward pass extends it), their mask and
+        their lengths, cut to the longest of them."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        cache = DynamicCache([(k[rows, :, :width], v[rows, :, :width]) for k, v in self.key_values])
+        return cache, self.mask[rows, :width], lengths
+
+
+def _run_rows(
+    lm: LoadedModel,
+    hp: RomeHparams,
+    rows: _Rows,
+    prefixes: _Prefixes | None,
+    members: list[int],
+    deltas: torch.Tensor,
+) -> torch.Tensor:
+    """Block outputs at `hp.v_loss_layer` for the given rows' tokens after their split, with
+    deltas[i] added to the projection's output at row members[i]'s subject: (rows, width, d)."""
+    device = lm.device
+    index = torch.as_tensor(members, device=device)
+    suffixes = [rows.tokens[r][rows.split[r] :] for r in members]
+    ids, mask = right_pad(suffixes, lm.tokenizer.pad_token_id or 0, device)
+    ahead = torch.arange(ids.shape[1], device=device)
+    inputs: dict = {"position_ids": ahead.expand_as(ids)}
+    if prefixes is not None:
+        cache, prefix_mask, lengths = prefixes.select(index)
+        mask = torch.cat([prefix_mask, mask], dim=1)
+        inputs = {
+            "past_key_values": cache,
+            "use_cache": True,
+            "position_ids": lengths[:, None] + ahead,
+        }
+    columns = torch.as_tensor([rows.subject[r] - rows.split[r] for r in members], device=device)
+    handle = lm.module("mlp_out", hp.layer).register_forward_hook(
+        _adder(torch.arange(len(members), device=device), columns, deltas)
+    )
+    try:
+        with torch.enable_grad():
+            return _run_until(lm, lm.module("block", hp.v_loss_layer), ids, mask, **inputs)
+    finally:
+        handle.remove()
 
 
 def _optimise_values(
@@ -467,8 +537,8 @@ def _optimise_values(
     Each request contributes its (context + prompt + target[:-1]) rows, teacher-forced on the
     target, and its KL rows; every row adds its own request's δ to the projection's output at
     the subject's last token. Requests are independent: their losses are summed, each has its own
-    Adam state, and a request leaves the batch as soon as its target NLL is low enough. With
-    `hp.reuse_prefix`, the tokens before each subject's last token run once (see `_Rows`).
+    Adam state, and a request leaves the batch as soon as its target NLL is low enough. Unless
+    `hp.v_whole_rows`, the tokens before each subject's last token run once (see `_Rows`).
     """
     n_req = len(prepared)
     device = lm.device
@@ -477,65 +547,51 @@ def _optimise_values(
     optimisers = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     max_norms = hp.clamp_norm_factor * reference_outputs.norm(dim=-1)
     ref_sq = reference_outputs.norm(dim=-1) ** 2
-    rows = _Rows.build(prepared, hp.reuse_prefix)
+    rows = _Rows.build(prepared, hp.v_whole_rows)
     prefixes = _Prefixes.compute(lm, rows)
     split = torch.as_tensor(rows.split, device=device)
-    row_owner = torch.as_tensor(rows.owner, device=device)
-    # Reads as (row, column, owner); the token predicted for the NLL reads.
-    nll_reads = torch.as_tensor(
-        [(r, c, o) for (r, c), o in zip(rows.nll_at, rows.nll_owner, strict=True)], device=device
-    ).view(-1, 3)
+    nll_reads = torch.as_tensor(rows.nll_reads, device=device).view(-1, 3)
     nll_tokens = torch.as_tensor(rows.nll_tokens, device=device)
-    kl_reads = torch.as_tensor(
-        [(r, c, o) for (r, c), o in zip(rows.kl_at, rows.kl_owner, strict=True)], device=device
-    ).view(-1, 3)
+    kl_reads = torch.as_tensor(rows.kl_reads, device=device).view(-1, 3)
     kl_init = None  # the KL prompts' original distributions (δ = 0), one per KL read
     nlls = [float("nan")] * n_req
     steps = [0] * n_req
     active = list(range(n_req))
-    pad_id = lm.tokenizer.pad_token_id or 0
 
     for iteration in range(hp.v_num_grad_steps):
         is_active = torch.zeros(n_req, dtype=torch.bool, device=device)
         is_active[active] = True
-        batch_rows = is_active[row_owner].nonzero().squeeze(-1)  # the rows still optimising
-        position = torch.full_like(row_owner, -1)  # row -> its place in this step's batch
-        position[batch_rows] = torch.arange(len(batch_rows), device=device)
         slot = torch.full((n_req,), -1, device=device)  # request -> its slot among the active
         slot[active] = torch.arange(len(active), device=device)
-
-        suffixes = [rows.tokens[r][rows.split[r] :] for r in batch_rows.tolist()]
-        ids, mask = right_pad(suffixes, pad_id, device)
-        steps_ahead = torch.arange(ids.shape[1], device=device)
-        inputs = {}
-        if prefixes is not None:
-            inputs["past_key_values"] = prefixes.cache_for(batch_rows)
-            inputs["use_cache"] = True
-            mask = torch.cat([prefixes.mask[batch_rows], mask], dim=1)
-            inputs["position_ids"] = prefixes.lengths[batch_rows, None] + steps_ahead
-        else:
-            inputs["position_ids"] = steps_ahead.expand_as(ids)
-        subject_cols = torch.as_tensor(rows.subject, device=device)[batch_rows] - split[batch_rows]
-        row_deltas = torch.stack([deltas[r] for r in active])[slot[row_owner[batch_rows]]]
-        handle = lm.module("mlp_out", hp.layer).register_forward_hook(
-            _adder(torch.arange(len(batch_rows), device=device), subject_cols, row_deltas)
-        )
-        try:
-            with torch.enable_grad():
-                hidden = _run_until(lm, lm.module("block", hp.v_loss_layer), ids, mask, **inputs)
-        finally:
-            handle.remove()
-
+        active_deltas = torch.stack([deltas[r] for r in active])
         # The NLL reads, then the KL reads, of the requests still optimising.
         nll_mask, kl_mask = is_active[nll_reads[:, 2]], is_active[kl_reads[:, 2]]
-        r, c, o = torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]]).unbind(-1)
-        log_probs = _logits_at(lm, hidden[position[r], c - split[r]]).log_softmax(-1)
-        owner = slot[o]
+        reads = torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]])
+        group_of = torch.full((len(rows.tokens),), -1, device=device)
+        place = torch.zeros(len(rows.tokens), dtype=torch.long, device=device)
+        states, order = [], []
+        still = set(active)
+        active_rows = [row for row, owner in enumerate(rows.owner) if owner in still]
+        for g, members in enumerate(rows.groups(active_rows, hp.v_whole_rows)):
+            index = torch.as_tensor(members, device=device)
+            group_of[index] = g
+            place[index] = torch.arange(len(members), device=device)
+            owners = slot[torch.as_tensor([rows.owner[r] for r in members], device=device)]
+            hidden = _run_rows(lm, hp, rows, prefixes, members, active_deltas[owners])
+            in_group = (group_of[reads[:, 0]] == g).nonzero().squeeze(-1)
+            r, c = reads[in_group, 0], reads[in_group, 1]
+            states.append(hidden[place[r], c - split[r]])
+            order.append(in_group)
+        states = torch.cat(states)[torch.argsort(torch.cat(order))]
+        logits = _logits_at(lm, states)
+
+        owner = slot[reads[:, 2]]
         n_active, n_nll = len(active), int(nll_mask.sum())
-        token_nll = -log_probs[:n_nll].gather(-1, nll_tokens[nll_mask, None])[:, 0]
+        # Fused log-softmax + NLL: no (reads, vocab) log-probabilities to keep for backward.
+        token_nll = F.cross_entropy(logits[:n_nll], nll_tokens[nll_mask], reduction="none")
         per_request = torch.zeros(n_active, device=device).index_add(0, owner[:n_nll], token_nll)
         nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
-        kl_log_probs, kl_owner = log_probs[n_nll:], owner[n_nll:]
+        kl_log_probs, kl_owner = logits[n_nll:].log_softmax(-1), owner[n_nll:]
         if kl_init is None:  # iteration 0: δ is still zero, the original distributions
             kl_init = kl_log_probs.detach()
         # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.

@@ -62,7 +62,7 @@ def main():
         return results, benchlib.clock(args.device) - start
 
     # The reference code's v*: whole rows at every step; then the pipeline's, one at a time.
-    original, original_seconds = one_at_a_time(replace(hp, reuse_prefix=False))
+    original, original_seconds = one_at_a_time(replace(hp, v_whole_rows=True))
     alone, alone_seconds = one_at_a_time(hp)
     start = benchlib.clock(args.device)
     together = rome.compute_updates(lm, requests, hp, batch_size=len(requests), **common)

@@ -65,7 +65,7 @@ def main():
             metrics.append((case_metrics(pre), case_metrics(post)))
         return metrics, benchlib.clock(args.device) - start
 
-    original, original_seconds = one_at_a_time(replace(hp, reuse_prefix=False))
+    original, original_seconds = one_at_a_time(replace(hp, v_whole_rows=True))
     alone, alone_seconds = one_at_a_time(hp)
 
     def evaluate_batch(batch):

@@ -158,8 +158,8 @@ def test_reusing_the_prefix_equals_running_whole_rows(family):
     common = dict(second_moment=None, context_templates=TEMPLATES, batch_size=8)
     # Subjects late in the prompt (long prefixes) and first (none before the KL prompt's).
     requests = [*REQUESTS, EditRequest("{} is a native speaker of", "Paris", "Tamil", id="first")]
-    whole = rome.compute_updates(lm, requests, hparams(reuse_prefix=False), **common)
-    reused = rome.compute_updates(lm, requests, hparams(reuse_prefix=True), **common)
+    whole = rome.compute_updates(lm, requests, hparams(v_whole_rows=True), **common)
+    reused = rome.compute_updates(lm, requests, hparams(v_whole_rows=False), **common)
     for a, b in zip(whole, reused, strict=True):
         assert a.ok and b.ok, (a.error, b.error)
         assert a.steps == b.steps > 0
