@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-trace bench-edit bench-eval bench-stats clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -118,6 +118,12 @@ GPU_PY ?= python
 bench-gpu:
 	$(GPU_PY) scripts/bench.py --section gpu-gpt2-xl --model gpt2-xl --random --layer 17 --device cuda --dtype bfloat16 --cases 16 --prompts 20 --stats-tokens 200000 $(BENCH_ARGS)
 	$(GPU_PY) scripts/bench.py --section gpu-gpt-j-6b --model gpt-j-6b --random --layer 5 --device cuda --dtype bfloat16 --cases 16 --prompts 20 --stats-tokens 200000 $(BENCH_ARGS)
+	$(GPU_PY) scripts/bench_memory.py --models gpt2-xl gpt-j-6b --predict --device cuda --dtype bfloat16
+
+## Peak memory of each stage by model size (tiny .. gpt2-xl on the CPU) and an estimate for the
+## models that do not fit (gpt-j-6b); each (model, stage) in its own process.
+bench-memory: setup
+	$(PY) scripts/bench_memory.py $(BENCH_ARGS)
 
 ## How cost grows: prompts, prompt length, batch size, model size (random gpt2-medium/large on
 ## the CPU), shards and cases; scaling.png and scaling.json under results/bench/scaling.

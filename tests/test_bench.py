@@ -50,3 +50,24 @@ def test_scaling_benchmark_writes_every_panel(tmp_path):
     assert [row[0] for row in scaling["model_size"]] == ["tiny-gpt2", "tiny-llama"]
     assert [row[0] for row in scaling["shards"]] == [1, 2]
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_memory_benchmark_measures_each_stage_and_estimates_a_larger_model(tmp_path):
+    (tmp_path / "data/wikipedia").mkdir(parents=True)
+    (tmp_path / "data/wikipedia/text.txt").write_text(TEXT * 20)
+    argv = [sys.executable, "scripts/bench_memory.py", "--models", "tiny-gpt2", "tiny-llama"]
+    argv += ["--predict", "gpt2-xl", "--data", str(tmp_path / "data")]
+    argv += ["--json", str(tmp_path / "memory.json")]
+    env = {**os.environ, "ROME_CACHE": str(CACHE)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    memory = json.loads((tmp_path / "memory.json").read_text())
+    stages = ["load", "stats", "trace", "evaluate"]
+    for model in ("tiny-gpt2", "tiny-llama"):
+        peaks = memory["measured_gib"][model]
+        assert list(peaks) == stages and all(peak > 0.1 for peak in peaks.values())
+        assert peaks["evaluate"] >= peaks["load"]  # a stage holds at least the loaded model
+    xl = memory["shapes"]["gpt2-xl"]
+    assert (xl["layers"], xl["width"]) == (48, 1600) and 1.5e9 < xl["parameters"] < 1.6e9
+    weights = xl["parameters"] * 4 / 2**30
+    assert all(memory["estimated_gib"]["gpt2-xl"][s] > weights for s in stages)
