@@ -389,14 +389,18 @@ class _Rows:
     Row i is tokens[i] (context + prompt + target[:-1], or a KL prompt) of request owner[i]; δ is
     added at column subject[i]. Everything before that column is untouched by δ (causal
     attention), so the first `split[i]` tokens can run once (`_Prefixes`) and only the rest at
-    every step. The loss reads `reads` = (row, column, request), first the NLL reads (predicting
-    `nll_tokens`), then the KL reads (the KL prompts' last tokens).
+    every step. Rows with one `label` (one context template, or one KL prompt) start alike. The
+    loss reads `reads` = (row, column, request), first the NLL reads (predicting `nll_tokens`),
+    then the KL reads (the KL prompts' last tokens). `context_rows[r]` are request r's context
+    rows, in template order.
     """
 
     tokens: list[list[int]] = field(default_factory=list)
     subject: list[int] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)
     split: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    context_rows: list[list[int]] = field(default_factory=list)
     nll_reads: list[tuple[int, int, int]] = field(default_factory=list)
     nll_tokens: list[int] = field(default_factory=list)
     kl_reads: list[tuple[int, int, int]] = field(default_factory=list)
@@ -405,22 +409,29 @@ class _Rows:
     def build(cls, prepared: Sequence[_Prepared], whole_rows: bool) -> _Rows:
         rows = cls()
 
-        def add(tokens: list[int], subject: int, owner: int) -> int:
+        def add(tokens: list[int], subject: int, owner: int, label: int) -> int:
             rows.tokens.append(tokens)
             rows.subject.append(subject)
             rows.owner.append(owner)
             rows.split.append(0 if whole_rows else subject)
+            rows.label.append(label)
             return len(rows.tokens) - 1
 
         for r, p in enumerate(prepared):
-            for tokens, pos in zip(p.contexts, p.context_subject, strict=True):
-                row = add(tokens + p.target[:-1], pos, r)
+            rows.context_rows.append([])
+            for t, (tokens, pos) in enumerate(zip(p.contexts, p.context_subject, strict=True)):
+                row = add(tokens + p.target[:-1], pos, r, t)
+                rows.context_rows[r].append(row)
                 first = len(tokens) - 1  # the logits there predict the first target token
                 rows.nll_reads += [(row, first + i, r) for i in range(len(p.target))]
                 rows.nll_tokens += p.target
-            for tokens, pos in zip(p.kl, p.kl_subject, strict=True):
-                rows.kl_reads.append((add(tokens, pos, r), len(tokens) - 1, r))
+            for k, (tokens, pos) in enumerate(zip(p.kl, p.kl_subject, strict=True)):
+                row = add(tokens, pos, r, len(p.contexts) + k)
+                rows.kl_reads.append((row, len(tokens) - 1, r))
         return rows
+
+    def suffix_length(self, row: int) -> int:
+        return len(self.tokens[row]) - self.split[row]
 
     def groups(self, rows: Sequence[int], whole_rows: bool) -> list[list[int]]:
         """The rows to run together at a step: rows of one length, so that nothing is padded
@@ -429,12 +440,11 @@ class _Rows:
         length in too, since many small passes cost more than a little padding."""
         if whole_rows:
             return [list(rows)]
-        length = {row: len(self.tokens[row]) - self.split[row] for row in rows}
         groups: list[list[int]] = []
         current: list[int] = []
-        for row in sorted(rows, key=length.__getitem__):
-            longer = current and length[row] > length[current[-1]]
-            if longer and sum(length[r] for r in current) >= _GROUP_TOKENS:
+        for row in sorted(rows, key=self.suffix_length):
+            longer = current and self.suffix_length(row) > self.suffix_length(current[-1])
+            if longer and sum(map(self.suffix_length, current)) >= _GROUP_TOKENS:
                 groups.append(current)
                 current = []
             current.append(row)
@@ -444,83 +454,243 @@ class _Rows:
 _GROUP_TOKENS = 64
 
 
+def _shared_start(token_lists: Sequence[Sequence[int]]) -> list[int]:
+    """The longest list of tokens that every one of token_lists starts with."""
+    first = token_lists[0]
+    length = min(len(tokens) for tokens in token_lists)
+    for tokens in token_lists[1:]:
+        length = next((i for i in range(length) if tokens[i] != first[i]), length)
+    return list(first[:length])
+
+
 @dataclass
 class _Prefixes:
-    """Keys and values, at every layer, of each row's first `split` tokens (right-padded)."""
+    """Keys and values, at every layer, of tokens that rows have already run: the past of what
+    they run next. Entries may have holes between them (a shared start padded to its longest,
+    then each row's own tokens): `mask` marks the real ones, which are in order, `lengths` counts
+    them (the next token's position) and `ends` is one past the last. Unreal entries are zero,
+    since 0 · NaN in attention would poison the sums."""
 
     key_values: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (rows, heads, width, dim)
     mask: torch.Tensor  # (rows, width)
     lengths: torch.Tensor  # (rows,)
+    ends: torch.Tensor  # (rows,)
+
+    @classmethod
+    def compute(cls, lm: LoadedModel, rows: _Rows) -> _Prefixes | None:
+        """Each row's tokens before its split. The start that all rows of a label share (a
+        context template's text: ~9 of the ~12 tokens before a CounterFact subject) runs once,
+        then each row's own tokens run after it."""
+        by_label: dict[int, list[int]] = {}
+        for row, label in enumerate(rows.label):
+            by_label.setdefault(label, []).append(row)
+        starts: list[list[int]] = []
+        start_of = [0] * len(rows.tokens)
+        for members in by_label.values():
+            befores = [rows.tokens[r][: rows.split[r]] for r in members]
+            starts.append(_shared_start(befores) if len(members) > 1 else [])
+            for r in members:
+                start_of[r] = len(starts) - 1
+        shared = cls.run(lm, starts)
+        own = [
+            rows.tokens[r][len(starts[start_of[r]]) : rows.split[r]]
+            for r in range(len(rows.tokens))
+        ]
+        return cls.run(lm, own, shared, start_of)
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, lm: LoadedModel, rows: _Rows) -> _Prefixes | None:
-        """Run the prefixes in batches of equal length (no padding to compute), then lay them
-        out right-padded to the longest."""
-        if not any(rows.split):
-            return None
-        lengths = torch.as_tensor(rows.split, device=lm.device)
+    def run(
+        cls,
+        lm: LoadedModel,
+        token_lists: Sequence[Sequence[int]],
+        past: _Prefixes | None = None,
+        past_rows: Sequence[int] | None = None,
+    ) -> _Prefixes | None:
+        """Run token_lists[i] after past row past_rows[i] (if a past is given), in batches of one
+        length (nothing padded is computed); the result holds the past, then the new tokens."""
+        device = lm.device
         by_length: dict[int, list[int]] = {}
-        for row, length in enumerate(rows.split):
-            if length:
-                by_length.setdefault(length, []).append(row)
-        width, key_values = int(lengths.max()), []
+        for i, tokens in enumerate(token_lists):
+            if tokens:
+                by_length.setdefault(len(tokens), []).append(i)
+        lengths = torch.as_tensor([len(t) for t in token_lists], device=device)
+        width = int(lengths.max()) if len(token_lists) else 0
+        index = None if past is None else torch.as_tensor(past_rows, device=device)
+        new: list[tuple[torch.Tensor, torch.Tensor]] = []
         for length, members in by_length.items():
-            ids = torch.as_tensor([rows.tokens[r][:length] for r in members], device=lm.device)
-            cache = DynamicCache()
-            run = dict(past_key_values=cache, use_cache=True)
-            _run_until(lm, lm.module("block", -1), ids, torch.ones_like(ids), **run)
-            if not key_values:  # zeros where a row has no token (0 · NaN would poison them)
-                key_values = [
-                    tuple(t.new_zeros(len(rows.split), t.shape[1], width, t.shape[3]) for t in kv)
+            ids = torch.as_tensor([token_lists[i] for i in members], device=device)
+            before = None if index is None else past.select(index[members])
+            ids, mask, inputs = _inputs_after(before, ids, torch.ones_like(ids))
+            _run_until(lm, lm.module("block", -1), ids, mask, **inputs)
+            cache = inputs["past_key_values"]
+            if not new:
+                new = [
+                    tuple(t.new_zeros(len(token_lists), t.shape[1], width, t.shape[3]) for t in kv)
                     for kv in ((layer.keys, layer.values) for layer in cache.layers)
                 ]
-            index = torch.as_tensor(members, device=lm.device)
-            for (keys, values), layer in zip(key_values, cache.layers, strict=True):
-                keys[index, :, :length] = layer.keys
-                values[index, :, :length] = layer.values
-        positions = torch.arange(width, device=lm.device)
-        return cls(key_values, (positions < lengths[:, None]).long(), lengths)
+            rows = torch.as_tensor(members, device=device)
+            for (keys, values), layer in zip(new, cache.layers, strict=True):
+                keys[rows, :, :length] = layer.keys[:, :, -length:]
+                values[rows, :, :length] = layer.values[:, :, -length:]
+        positions = torch.arange(width, device=device)
+        new_mask = (positions < lengths[:, None]).long()
+        if past is None:
+            if not new:
+                return None
+            return cls(new, new_mask, lengths, lengths)
+        old_width = int(past.ends[index].max())
+        old = [(k[index, :, :old_width], v[index, :, :old_width]) for k, v in past.key_values]
+        if new:
+            old = [
+                (torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2))
+                for (k, v), (nk, nv) in zip(old, new, strict=True)
+            ]
+        ends = torch.where(lengths > 0, old_width + lengths, past.ends[index])
+        mask = torch.cat([past.mask[index, :old_width], new_mask], dim=1)
+        return cls(old, mask, past.lengths[index] + lengths, ends)
 
     def select(self, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """A fresh cache with these rows' prefixes (a forward pass extends it), their mask and
-        their lengths, cut to the longest of them."""
-        lengths = self.lengths[rows]
-        width = int(lengths.max())
+        """A fresh cache with these rows' entries (a forward pass extends it), their mask and
+        their lengths, cut to the last entry any of them has."""
+        width = int(self.ends[rows].max())
+        if width == 0:
+            return DynamicCache(), self.mask[rows, :0], self.lengths[rows]
         cache = DynamicCache([(k[rows, :, :width], v[rows, :, :width]) for k, v in self.key_values])
-        return cache, self.mask[rows, :width], lengths
+        return cache, self.mask[rows, :width], self.lengths[rows]
+
+
+def _inputs_after(
+    before: tuple[DynamicCache, torch.Tensor, torch.Tensor] | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Model inputs for running ids (right-padded, `mask`) after `before` (a selected past)."""
+    if before is None:
+        before = (
+            DynamicCache(),
+            mask[:, :0],
+            torch.zeros(len(ids), dtype=torch.long, device=ids.device),
+        )
+    cache, past_mask, past_lengths = before
+    positions = past_lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)
+    inputs = {"past_key_values": cache, "use_cache": True, "position_ids": positions}
+    return ids, torch.cat([past_mask, mask], dim=1), inputs
+
+
+@dataclass
+class _Frozen:
+    """What δ cannot change, computed once before v* is optimised: the prefixes' keys and values;
+    for every token from the subject's last on, the input of the edited layer's block (δ enters
+    in that block, so the blocks below it see the same at every step and then replay it instead
+    of running); and each row's key (the projection's input at its subject, δ = 0)."""
+
+    layer: int
+    prefixes: _Prefixes | None
+    block_inputs: torch.Tensor | None  # (rows, longest suffix, d); None if the layer is 0
+    block_output: Callable[[torch.Tensor], object]  # a block input as a block's output looks
+    keys: torch.Tensor  # (rows, in)
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, lm: LoadedModel, rows: _Rows, layer: int) -> _Frozen:
+        prefixes = _Prefixes.compute(lm, rows)
+        device, n = lm.device, len(rows.tokens)
+        longest = max(map(rows.suffix_length, range(n)))
+        seen: dict[str, object] = {}
+        block_inputs = keys = None
+
+        def grab_block_input(module, args, output):
+            seen["block"] = output
+
+        def grab_key(module, args):
+            seen["key"] = args[0]
+            raise StopForward
+
+        hooks = [lm.module("mlp_out", layer).register_forward_pre_hook(grab_key)]
+        if layer > 0:
+            hooks.append(lm.module("block", layer - 1).register_forward_hook(grab_block_input))
+        try:
+            for members in rows.groups(range(n), whole_rows=False):
+                ids, mask, inputs = _suffix_inputs(lm, rows, prefixes, members)
+                run_until_stopped(lm, ids, mask, **inputs)
+                index = torch.as_tensor(members, device=device)
+                cols = torch.as_tensor(
+                    [rows.subject[r] - rows.split[r] for r in members], device=device
+                )
+                key = seen["key"][torch.arange(len(members), device=device), cols]
+                if keys is None:
+                    keys = key.new_zeros(n, key.shape[-1])
+                keys[index] = key
+                if layer > 0:
+                    state = seen["block"]
+                    state = state[0] if isinstance(state, tuple) else state
+                    if block_inputs is None:
+                        block_inputs = state.new_zeros(n, longest, state.shape[-1])
+                    block_inputs[index, : state.shape[1]] = state
+        finally:
+            for hook in hooks:
+                hook.remove()
+        output = seen.get("block")
+        extra = len(output) - 1 if isinstance(output, tuple) else -1
+
+        def block_output(state: torch.Tensor) -> object:
+            return state if extra < 0 else (state, *([None] * extra))
+
+        return cls(layer, prefixes, block_inputs, block_output, keys)
+
+
+@contextlib.contextmanager
+def _replaying(blocks: Sequence[torch.nn.Module], output: object) -> Iterator[None]:
+    """The blocks return `output` instead of running (their result is known and unchanged)."""
+
+    def replay(*args, **kwargs):
+        return output
+
+    for block in blocks:
+        block.forward = replay
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def _suffix_inputs(
+    lm: LoadedModel, rows: _Rows, prefixes: _Prefixes | None, members: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Model inputs for the given rows' tokens after their split, right-padded, after their
+    prefixes."""
+    suffixes = [rows.tokens[r][rows.split[r] :] for r in members]
+    ids, mask = right_pad(suffixes, lm.tokenizer.pad_token_id or 0, lm.device)
+    if prefixes is None:  # whole rows
+        return ids, mask, {"position_ids": torch.arange(ids.shape[1], device=lm.device)[None]}
+    return _inputs_after(prefixes.select(torch.as_tensor(members, device=lm.device)), ids, mask)
 
 
 def _run_rows(
     lm: LoadedModel,
     hp: RomeHparams,
     rows: _Rows,
-    prefixes: _Prefixes | None,
+    frozen: _Frozen | None,
     members: list[int],
     deltas: torch.Tensor,
 ) -> torch.Tensor:
     """Block outputs at `hp.v_loss_layer` for the given rows' tokens after their split, with
     deltas[i] added to the projection's output at row members[i]'s subject: (rows, width, d)."""
     device = lm.device
-    index = torch.as_tensor(members, device=device)
-    suffixes = [rows.tokens[r][rows.split[r] :] for r in members]
-    ids, mask = right_pad(suffixes, lm.tokenizer.pad_token_id or 0, device)
-    ahead = torch.arange(ids.shape[1], device=device)
-    inputs: dict = {"position_ids": ahead.expand_as(ids)}
-    if prefixes is not None:
-        cache, prefix_mask, lengths = prefixes.select(index)
-        mask = torch.cat([prefix_mask, mask], dim=1)
-        inputs = {
-            "past_key_values": cache,
-            "use_cache": True,
-            "position_ids": lengths[:, None] + ahead,
-        }
+    ids, mask, inputs = _suffix_inputs(lm, rows, frozen and frozen.prefixes, members)
     columns = torch.as_tensor([rows.subject[r] - rows.split[r] for r in members], device=device)
+    replay = contextlib.nullcontext()
+    if frozen is not None and frozen.block_inputs is not None:
+        state = frozen.block_inputs[torch.as_tensor(members, device=device), : ids.shape[1]]
+        below = [lm.module("block", i) for i in range(frozen.layer)]
+        replay = _replaying(below, frozen.block_output(state))
     handle = lm.module("mlp_out", hp.layer).register_forward_hook(
         _adder(torch.arange(len(members), device=device), columns, deltas)
     )
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), replay:
             return _run_until(lm, lm.module("block", hp.v_loss_layer), ids, mask, **inputs)
     finally:
         handle.remove()
@@ -528,7 +698,8 @@ def _run_rows(
 
 def _optimise_values(
     lm: LoadedModel,
-    prepared: Sequence[_Prepared],
+    rows: _Rows,
+    frozen: _Frozen | None,
     reference_outputs: torch.Tensor,
     hp: RomeHparams,
 ) -> tuple[torch.Tensor, list[float], list[int]]:
@@ -537,18 +708,16 @@ def _optimise_values(
     Each request contributes its (context + prompt + target[:-1]) rows, teacher-forced on the
     target, and its KL rows; every row adds its own request's δ to the projection's output at
     the subject's last token. Requests are independent: their losses are summed, each has its own
-    Adam state, and a request leaves the batch as soon as its target NLL is low enough. Unless
-    `hp.v_whole_rows`, the tokens before each subject's last token run once (see `_Rows`).
+    Adam state, and a request leaves the batch as soon as its target NLL is low enough. With
+    `frozen` (see `_Frozen`), only what δ changes runs at each step; without, whole rows.
     """
-    n_req = len(prepared)
+    n_req = len(rows.context_rows)
     device = lm.device
     dim = reference_outputs.shape[1]
     deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in range(n_req)]
     optimisers = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     max_norms = hp.clamp_norm_factor * reference_outputs.norm(dim=-1)
     ref_sq = reference_outputs.norm(dim=-1) ** 2
-    rows = _Rows.build(prepared, hp.v_whole_rows)
-    prefixes = _Prefixes.compute(lm, rows)
     split = torch.as_tensor(rows.split, device=device)
     nll_reads = torch.as_tensor(rows.nll_reads, device=device).view(-1, 3)
     nll_tokens = torch.as_tensor(rows.nll_tokens, device=device)
@@ -577,7 +746,7 @@ def _optimise_values(
             group_of[index] = g
             place[index] = torch.arange(len(members), device=device)
             owners = slot[torch.as_tensor([rows.owner[r] for r in members], device=device)]
-            hidden = _run_rows(lm, hp, rows, prefixes, members, active_deltas[owners])
+            hidden = _run_rows(lm, hp, rows, frozen, members, active_deltas[owners])
             in_group = (group_of[reads[:, 0]] == g).nonzero().squeeze(-1)
             r, c = reads[in_group, 0], reads[in_group, 1]
             states.append(hidden[place[r], c - split[r]])
@@ -626,6 +795,38 @@ def _optimise_values(
     return torch.stack([d.detach() for d in deltas]), nlls, steps
 
 
+def _keys(
+    lm: LoadedModel,
+    hp: RomeHparams,
+    prepared: Sequence[_Prepared],
+    rows: _Rows,
+    frozen: _Frozen | None,
+) -> torch.Tensor:
+    """Each request's keys: one per context template, then the bare prompt's: (B, T + 1, in).
+
+    With `frozen` they are already known (the bare prompt is usually the "{}" template's row);
+    otherwise, and for a bare prompt no template gives, they run as the reference code does."""
+    missing = list(range(len(prepared))) if frozen is None else []
+    found: dict[int, torch.Tensor] = {}
+    for r, p in enumerate(prepared):
+        if frozen is not None:
+            found[r] = frozen.keys[rows.context_rows[r]]
+            if p.bare not in p.contexts:
+                missing.append(r)
+    token_lists, positions = [], []
+    for r in missing:
+        p = prepared[r]
+        token_lists += ([] if r in found else p.contexts) + [p.bare]
+        positions += ([] if r in found else p.context_subject) + [p.bare_subject]
+    computed = iter(projection_inputs(lm, hp.layer, token_lists, positions)) if missing else None
+    keys = []
+    for r, p in enumerate(prepared):
+        contexts = found[r] if r in found else torch.stack([next(computed) for _ in p.contexts])
+        bare = next(computed) if r in missing else contexts[p.contexts.index(p.bare)]
+        keys.append(torch.cat([contexts, bare[None]]))
+    return torch.stack(keys)
+
+
 def _compute_batch(
     lm: LoadedModel,
     indexed_requests: Sequence[tuple[int, EditRequest]],
@@ -654,12 +855,9 @@ def _compute_batch(
 
     if prepared:
         n_templates = len(templates)
-        token_lists, positions = [], []
-        for p in prepared:
-            token_lists += p.contexts + [p.bare]
-            positions += p.context_subject + [p.bare_subject]
-        keys = projection_inputs(lm, hp.layer, token_lists, positions).double()
-        keys = keys.view(len(prepared), n_templates + 1, -1)
+        rows = _Rows.build(prepared, hp.v_whole_rows)
+        frozen = None if hp.v_whole_rows else _Frozen.compute(lm, rows, hp.layer % lm.n_layers)
+        keys = _keys(lm, hp, prepared, rows, frozen).double()  # (requests, templates + 1, in)
         mean_keys = keys[:, :n_templates].mean(dim=1)  # k̄
         ref_keys = mean_keys if hp.consistent_keys else keys[:, n_templates]
 
@@ -669,7 +867,7 @@ def _compute_batch(
         bias = getattr(projection, "bias", None)
         reference_outputs = linear if bias is None else linear + bias.detach().double()
 
-        deltas, nlls, steps = _optimise_values(lm, prepared, reference_outputs.float(), hp)
+        deltas, nlls, steps = _optimise_values(lm, rows, frozen, reference_outputs.float(), hp)
         values = linear + deltas.double()  # v* = W k_ref + δ
         u = solver(mean_keys)
         alignment = (u * ref_keys).sum(-1, keepdim=True)  # uᵀk_ref: small means a huge ΔW

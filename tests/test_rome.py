@@ -167,6 +167,36 @@ def test_reusing_the_prefix_equals_running_whole_rows(family):
         assert_updates_close(a.update, b.update)
 
 
+def test_blocks_below_the_edited_layer_run_once_not_at_every_step():
+    """δ enters at the edited layer, so the blocks below it run before the optimisation only:
+    how often they run does not depend on the number of steps, while the blocks above do."""
+    lm = tiny_model("tiny-llama")
+    calls = {0: 0, LAYER: 0}
+    hooks = [
+        lm.module("mlp", layer).register_forward_hook(
+            lambda *_, layer=layer: calls.__setitem__(layer, calls[layer] + 1)
+        )
+        for layer in calls
+    ]
+    counted = []
+    try:
+        for steps in (2, 6):
+            calls.update({0: 0, LAYER: 0})
+            hp = RomeHparams.for_editor(
+                "rome", layer=LAYER, v_num_grad_steps=steps, early_stop_nll=0.0
+            )
+            (result,) = rome.compute_updates(
+                lm, REQUESTS[:1], hp, second_moment=None, context_templates=TEMPLATES
+            )
+            assert result.steps == steps - 1
+            counted.append(dict(calls))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert counted[0][0] == counted[1][0]
+    assert counted[1][LAYER] > counted[0][LAYER]
+
+
 def already_predicted_request(lm):
     """A sample whose target is set to the model's own greedy next token."""
     for record in SAMPLES:
