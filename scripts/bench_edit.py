@@ -83,17 +83,7 @@ def main():
     print(f"\n{args.model} layer {args.layer} {args.editor}, {args.device}, {threads} threads")
     print(f"{len(templates)} context templates (generated in {template_seconds:.1f} s)")
     print(f"steps per request: {[r.steps for r in together]}, ok: {[r.ok for r in together]}")
-    print(f"\n{'mode':<14}{'requests':>9}{'total s':>10}{'s / edit':>10}")
-    modes = (
-        ("original", original_seconds),
-        ("one at a time", alone_seconds),
-        ("batched", batched_seconds),
-    )
-    for name, seconds in modes:
-        print(f"{name:<14}{n:>9}{seconds:>10.1f}{seconds / n:>10.2f}")
-    print(f"speed-up (original / batched): {original_seconds / batched_seconds:.2f}x")
-    print(f"  of which v* reusing the prefix: {original_seconds / alone_seconds:.2f}x")
-    print(f"  of which batching: {alone_seconds / batched_seconds:.2f}x")
+    ratios = benchlib.print_modes("edit", n, original_seconds, alone_seconds, batched_seconds)
     print(f"max relative difference of the updates: {difference:.1e}")
     print(
         f"statistics: {stat.count} tokens to layer {args.layer} in {stats_seconds:.1f} s "
@@ -109,9 +99,7 @@ def main():
             "original_seconds_per_edit": original_seconds / n,
             "one_at_a_time_seconds_per_edit": alone_seconds / n,
             "batched_seconds_per_edit": batched_seconds / n,
-            "ratio": original_seconds / batched_seconds,
-            "prefix_ratio": original_seconds / alone_seconds,
-            "batching_ratio": alone_seconds / batched_seconds,
+            **ratios,
             "max_relative_difference": difference,
         },
     )

@@ -97,17 +97,7 @@ def main():
     print(
         f"{len(templates)} context templates, up to {args.steps} steps, {args.batch} cases per batch"
     )
-    print(f"\n{'mode':<14}{'cases':>7}{'total s':>10}{'s / case':>10}{'cases / h':>11}")
-    modes = (
-        ("original", original_seconds),
-        ("one at a time", alone_seconds),
-        ("batched", batched_seconds),
-    )
-    for name, seconds in modes:
-        print(f"{name:<14}{n:>7}{seconds:>10.1f}{seconds / n:>10.2f}{3600 * n / seconds:>11.0f}")
-    print(f"speed-up (batched cases/h over original): {original_seconds / batched_seconds:.2f}x")
-    print(f"  of which v* reusing the prefix: {original_seconds / alone_seconds:.2f}x")
-    print(f"  of which batching: {alone_seconds / batched_seconds:.2f}x")
+    ratios = benchlib.print_modes("case", n, original_seconds, alone_seconds, batched_seconds)
     print(
         f"max difference of the per-case metrics: {difference:.1e} "
         f"(case {case_id}, {phase} {metric})"
@@ -121,9 +111,7 @@ def main():
         "original_cases_per_hour": 3600 * n / original_seconds,
         "one_at_a_time_cases_per_hour": 3600 * n / alone_seconds,
         "batched_cases_per_hour": 3600 * n / batched_seconds,
-        "ratio": original_seconds / batched_seconds,
-        "prefix_ratio": original_seconds / alone_seconds,
-        "batching_ratio": alone_seconds / batched_seconds,
+        **ratios,
         "max_difference": difference,
     }
     if not args.no_floor:

@@ -161,3 +161,22 @@ def clock(device: str | torch.device = "cpu") -> float:
     """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
     synchronize(device)
     return time.perf_counter()
+
+
+def print_modes(item: str, n: int, original: float, alone: float, batched: float) -> dict:
+    """Print the seconds of the three ways an edit benchmark runs n items (`item`: edit, case)
+    and the ratios between them; return the ratios for the JSON.
+
+    original: the reference code's way, one item at a time; one at a time: this pipeline's v*;
+    batched: this pipeline, many items together."""
+    print(f"\n{'mode':<14}{item + 's':>8}{'total s':>10}{'s / ' + item:>10}{item + 's / h':>10}")
+    for name, seconds in (("original", original), ("one at a time", alone), ("batched", batched)):
+        print(f"{name:<14}{n:>8}{seconds:>10.1f}{seconds / n:>10.2f}{3600 * n / seconds:>10.0f}")
+    print(f"speed-up (original / batched): {original / batched:.2f}x")
+    print(f"  of which v* (only what δ changes runs at each step): {original / alone:.2f}x")
+    print(f"  of which batching: {alone / batched:.2f}x")
+    return {
+        "ratio": original / batched,
+        "v_ratio": original / alone,
+        "batching_ratio": alone / batched,
+    }
