@@ -647,13 +647,18 @@ def _replaying(blocks: Sequence[torch.nn.Module], output: object) -> Iterator[No
     def replay(*args, **kwargs):
         return output
 
+    # A block's own `forward` attribute (accelerate's device hooks set one) is put back after.
+    saved = [block.__dict__.get("forward") for block in blocks]
     for block in blocks:
         block.forward = replay
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _suffix_inputs(

@@ -65,7 +65,7 @@ def tiny(request):
 
 
 def hparams(variant="rome", **overrides):
-    return RomeHparams.for_editor(variant, layer=LAYER, v_num_grad_steps=6, **overrides)
+    return RomeHparams.for_editor(variant, **{"layer": LAYER, "v_num_grad_steps": 6, **overrides})
 
 
 def logits(lm, prompts):
@@ -150,16 +150,19 @@ def test_batched_requests_equal_one_at_a_time(tiny, variant):
         assert alone.steps == together.steps
 
 
-@pytest.mark.parametrize("family", TINY)
-def test_reusing_the_prefix_equals_running_whole_rows(family):
-    """The tokens before the subject run once (their keys and values reused at every step): the
-    same updates as whole rows at every step, in every family (absolute and rotary positions)."""
+@pytest.mark.parametrize(
+    ("family", "layer"), [(family, LAYER) for family in TINY] + [("tiny-gptj", 0), ("tiny-gptj", 3)]
+)
+def test_reusing_the_prefix_equals_running_whole_rows(family, layer):
+    """The tokens before the subject run once (their keys and values reused at every step), and
+    the blocks below the edited layer only once: the same updates as whole rows at every step, in
+    every family (absolute and rotary positions) and at the first and last layers."""
     lm = tiny_model(family)
     common = dict(second_moment=None, context_templates=TEMPLATES, batch_size=8)
     # Subjects late in the prompt (long prefixes) and first (none before the KL prompt's).
     requests = [*REQUESTS, EditRequest("{} is a native speaker of", "Paris", "Tamil", id="first")]
-    whole = rome.compute_updates(lm, requests, hparams(v_whole_rows=True), **common)
-    reused = rome.compute_updates(lm, requests, hparams(v_whole_rows=False), **common)
+    whole = rome.compute_updates(lm, requests, hparams(layer=layer, v_whole_rows=True), **common)
+    reused = rome.compute_updates(lm, requests, hparams(layer=layer), **common)
     for a, b in zip(whole, reused, strict=True):
         assert a.ok and b.ok, (a.error, b.error)
         assert a.steps == b.steps > 0
@@ -182,9 +185,7 @@ def test_blocks_below_the_edited_layer_run_once_not_at_every_step():
     try:
         for steps in (2, 6):
             calls.update({0: 0, LAYER: 0})
-            hp = RomeHparams.for_editor(
-                "rome", layer=LAYER, v_num_grad_steps=steps, early_stop_nll=0.0
-            )
+            hp = hparams(v_num_grad_steps=steps, early_stop_nll=0.0)
             (result,) = rome.compute_updates(
                 lm, REQUESTS[:1], hp, second_moment=None, context_templates=TEMPLATES
             )
@@ -195,6 +196,7 @@ def test_blocks_below_the_edited_layer_run_once_not_at_every_step():
             hook.remove()
     assert counted[0][0] == counted[1][0]
     assert counted[1][LAYER] > counted[0][LAYER]
+    assert not any("forward" in lm.module("block", i).__dict__ for i in range(lm.n_layers))
 
 
 def already_predicted_request(lm):
