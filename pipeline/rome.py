@@ -809,25 +809,29 @@ def _keys(
 ) -> torch.Tensor:
     """Each request's keys: one per context template, then the bare prompt's: (B, T + 1, in).
 
-    With `frozen` they are already known (the bare prompt is usually the "{}" template's row);
-    otherwise, and for a bare prompt no template gives, they run as the reference code does."""
-    missing = list(range(len(prepared))) if frozen is None else []
-    found: dict[int, torch.Tensor] = {}
-    for r, p in enumerate(prepared):
-        if frozen is not None:
-            found[r] = frozen.keys[rows.context_rows[r]]
-            if p.bare not in p.contexts:
-                missing.append(r)
-    token_lists, positions = [], []
-    for r in missing:
-        p = prepared[r]
-        token_lists += ([] if r in found else p.contexts) + [p.bare]
-        positions += ([] if r in found else p.context_subject) + [p.bare_subject]
-    computed = iter(projection_inputs(lm, hp.layer, token_lists, positions)) if missing else None
+    With `frozen` they are already known (the bare prompt is the "{}" template's row); without,
+    and for a bare prompt that no template gives, they run on their own, as in the reference
+    code."""
+    if frozen is None:
+        token_lists = [t for p in prepared for t in (*p.contexts, p.bare)]
+        positions = [c for p in prepared for c in (*p.context_subject, p.bare_subject)]
+        keys = projection_inputs(lm, hp.layer, token_lists, positions)
+        return keys.view(len(prepared), -1, keys.shape[-1])
+    elsewhere = [r for r, p in enumerate(prepared) if p.bare not in p.contexts]
+    bare_keys = iter(
+        projection_inputs(
+            lm,
+            hp.layer,
+            [prepared[r].bare for r in elsewhere],
+            [prepared[r].bare_subject for r in elsewhere],
+        )
+        if elsewhere
+        else ()
+    )
     keys = []
     for r, p in enumerate(prepared):
-        contexts = found[r] if r in found else torch.stack([next(computed) for _ in p.contexts])
-        bare = next(computed) if r in missing else contexts[p.contexts.index(p.bare)]
+        contexts = frozen.keys[rows.context_rows[r]]
+        bare = next(bare_keys) if r in elsewhere else contexts[p.contexts.index(p.bare)]
         keys.append(torch.cat([contexts, bare[None]]))
     return torch.stack(keys)
 

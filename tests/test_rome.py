@@ -199,6 +199,19 @@ def test_blocks_below_the_edited_layer_run_once_not_at_every_step():
     assert not any("forward" in lm.module("block", i).__dict__ for i in range(lm.n_layers))
 
 
+def test_keys_of_a_bare_prompt_no_template_gives_are_computed_on_their_own():
+    """Without a "{}" template the bare prompt's key (ROME's k_ref) is not among the rows' keys;
+    it is computed apart, and the updates equal the reference way's."""
+    lm = tiny_model("tiny-llama")
+    common = dict(second_moment=None, context_templates=TEMPLATES[1:])
+    whole = rome.compute_updates(lm, REQUESTS, hparams(v_whole_rows=True), **common)
+    reused = rome.compute_updates(lm, REQUESTS, hparams(), **common)
+    for a, b in zip(whole, reused, strict=True):
+        assert a.ok and b.ok
+        torch.testing.assert_close(a.key, b.key, rtol=1e-5, atol=1e-6)
+        assert_updates_close(a.update, b.update)
+
+
 def already_predicted_request(lm):
     """A sample whose target is set to the model's own greedy next token."""
     for record in SAMPLES:
