@@ -906,6 +906,12 @@ def _compute_batch(
 
 
 def _setup(lm, hparams, second_moment, context_templates) -> tuple[list[str], _KeySolver]:
+    layer, loss_layer = lm.path("mlp_out", hparams.layer), hparams.v_loss_layer % lm.n_layers
+    if loss_layer < hparams.layer % lm.n_layers:
+        raise ValueError(
+            f"v_loss_layer {hparams.v_loss_layer} reads the model below the edited layer "
+            f"({layer}), where δ cannot change the loss"
+        )
     templates = list(context_templates) if context_templates else templates_for(lm, hparams)
     return templates, _KeySolver(second_moment, hparams, lm.device)
 

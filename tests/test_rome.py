@@ -212,6 +212,18 @@ def test_keys_of_a_bare_prompt_no_template_gives_are_computed_on_their_own():
         assert_updates_close(a.update, b.update)
 
 
+def test_a_loss_layer_below_the_edited_layer_is_refused():
+    lm = tiny_model("tiny-llama")
+    with pytest.raises(ValueError, match="below the edited layer"):
+        rome.compute_updates(
+            lm,
+            REQUESTS[:1],
+            hparams(layer=2, v_loss_layer=1),
+            second_moment=None,
+            context_templates=TEMPLATES,
+        )
+
+
 def already_predicted_request(lm):
     """A sample whose target is set to the model's own greedy next token."""
     for record in SAMPLES:
