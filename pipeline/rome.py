@@ -442,12 +442,14 @@ class _Rows:
             return [list(rows)]
         groups: list[list[int]] = []
         current: list[int] = []
+        tokens = 0  # in current
         for row in sorted(rows, key=self.suffix_length):
-            longer = current and self.suffix_length(row) > self.suffix_length(current[-1])
-            if longer and sum(map(self.suffix_length, current)) >= _GROUP_TOKENS:
+            length = self.suffix_length(row)
+            if current and length > self.suffix_length(current[-1]) and tokens >= _GROUP_TOKENS:
                 groups.append(current)
-                current = []
+                current, tokens = [], 0
             current.append(row)
+            tokens += length
         return [*groups, current] if current else groups
 
 
