@@ -51,7 +51,7 @@ format: setup
 
 ## The official ROME data files (and WikiText through `datasets`) into the data root.
 data: setup
-	$(PY) -m pipeline.sources --root "$${ROME_DATA:-data}"
+	$(PY) -m pipeline.data.sources --root "$${ROME_DATA:-data}"
 
 known: setup
 	$(PY) -m pipeline.known $(OVERRIDES)

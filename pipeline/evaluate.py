@@ -15,277 +15,40 @@ model and cached under `pre_dir`, for every editor. Each finished case is one li
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import counterfact as cf
-from metrics import generation as gen
-from metrics.intervals import mean_ci
-from pipeline.data import CounterfactCase, load_counterfact, missing_by_shard, take_shard
-from pipeline.editor import context_templates, key_statistics, rome_hparams
-from pipeline.evaluation import generate, score_cases
-from pipeline.models import LoadedModel, file_lock
-from pipeline.rome import (
-    EditRequest,
-    EditResult,
-    compute_updates,
-    edit_sequentially,
-    preserved_weights,
+from pipeline.app.editors import Editor
+from pipeline.app.generation_scores import Reference, generation_metrics
+from pipeline.app.results import (
+    PreCache,
+    append_jsonl,
+    case_record,
+    headline,
+    read_jsonl,
+    scored,
+    summarize_records,
 )
-from pipeline.sources import resolve_data_file
-from pipeline.stage import Run, require_complete, stage
+from pipeline.app.stage import Run, require_complete, stage
+from pipeline.core.editing.requests import EditResult, update_of
+from pipeline.core.models import LoadedModel
+from pipeline.core.scoring import score_cases
+from pipeline.data.records import CounterfactCase, load_counterfact, missing_by_shard, take_shard
+from pipeline.data.sources import resolve_data_file
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Append-only JSONL files: one complete line per finished case
-
-
-def read_jsonl(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Every complete line of the files; a torn last line (a killed run) is ignored."""
-    rows = []
-    for path in paths:
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("ignoring an incomplete line in %s", path)
-    return rows
-
-
-def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(row) + "\n" for row in rows)
-    with open(path, "a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:  # a torn last line from a killed run: start a fresh line
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write(data.encode())
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-# --------------------------------------------------------------------------------------------
-# The editor
-
-
-class Editor:
-    """Updates for cases under the configured editor (`none` gives no updates)."""
-
-    def __init__(self, cfg: DictConfig, lm: LoadedModel):
-        self.name = cfg.editor.name
-        self.lm = lm
-        if self.name == "none":
-            return
-        self.hparams = rome_hparams(cfg.editor, lm.name)
-        self.second_moment = key_statistics(cfg, lm, self.hparams.layer)
-        self.templates = context_templates(cfg.paths.cache, lm, self.hparams)
-
-    def requests(self, cases: Sequence[CounterfactCase]) -> list[EditRequest]:
-        return [
-            EditRequest(c.template, c.subject, c.target_new, target_true=c.target_true, id=c.id)
-            for c in cases
-        ]
-
-    def updates(self, cases: Sequence[CounterfactCase]) -> list[EditResult | None]:
-        if self.name == "none":
-            return [None] * len(cases)
-        return compute_updates(
-            self.lm,
-            self.requests(cases),
-            self.hparams,
-            second_moment=self.second_moment,
-            context_templates=self.templates,
-            batch_size=len(cases),
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring
-
-
-def case_record(
-    case: CounterfactCase,
-    pre: dict[str, Any],
-    post: dict[str, Any],
-    result: EditResult | None,
-    seconds: float,
-) -> dict[str, Any]:
-    record = {
-        "id": case.id,
-        "subject": case.subject,
-        "target_new": case.target_new,
-        "target_true": case.target_true,
-        "pre": pre,
-        "post": post,
-        "seconds": round(seconds, 3),
-    }
-    if result is not None:
-        record["edit"] = {
-            "ok": result.ok,
-            "error": None if result.ok else result.error.reason,
-            "steps": result.steps,
-            "target_nll": result.target_nll,
-            "update_norm": result.info.get("update_norm"),
-        }
-    return record
-
-
-def scored(probs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
-    return {"probs": probs, "metrics": cf.case_metrics(probs)}
-
-
-class PreCache:
-    """Unedited scores per case id, shared by every editor's run of this model and data."""
-
-    def __init__(self, directory: Path, tag: str):
-        self.path = directory / f"pre-{tag}.jsonl"
-        self.rows = {r["id"]: r for r in read_jsonl(sorted(directory.glob("pre-*.jsonl")))}
-
-    def get(self, lm: LoadedModel, cases: Sequence[CounterfactCase], rows_per_pass: int) -> list:
-        missing = [c for c in cases if c.id not in self.rows]
-        if missing:
-            fresh = score_cases(lm, missing, batch_size=rows_per_pass)
-            new_rows = [{"id": c.id, **scored(p)} for c, p in zip(missing, fresh, strict=True)]
-            with file_lock(self.path.with_suffix(".lock")):  # jobs of a sweep share the file
-                append_jsonl(self.path, new_rows)
-            self.rows.update({r["id"]: r for r in new_rows})
-        return [{k: v for k, v in self.rows[c.id].items() if k != "id"} for c in cases]
-
-
-def generation_metrics(
-    lm: LoadedModel,
-    cases: Sequence[CounterfactCase],
-    results: Sequence[EditResult | None],
-    cfg: DictConfig,
-    references: Reference,
-) -> list[dict[str, Any]]:
-    """GE and RS per case from top-k samples of its generation prompts, under its update."""
-    prompts, owners = [], []
-    for index, case in enumerate(cases):
-        prompts += case.generation_prompts
-        owners += [index] * len(case.generation_prompts)
-    updates = [_update(results[i]) for i in owners]
-    texts = generate(
-        lm,
-        prompts,
-        updates=updates,
-        max_new_tokens=int(cfg.eval.max_new_tokens),
-        top_k=int(cfg.eval.top_k),
-        seed=int(cfg.seed) + int(cases[0].id),
-    )
-    out = []
-    for index, case in enumerate(cases):
-        mine = [t for t, owner in zip(texts, owners, strict=True) if owner == index]
-        out.append(
-            {
-                "texts": mine,
-                "GE": gen.fluency(mine),
-                "RS": gen.consistency(references.tfidf, mine, references.texts_about(case)),
-            }
-        )
-    return out
-
-
-class Reference:
-    """Reference text about each new target, and the tf-idf it is compared with (RS).
-
-    ROME's files (`attribute_snippets.json`, `idf.npy`, `tfidf_vocab.json` in the data root) when
-    present; otherwise the idf is fitted on the cases' prompts and the references are the other
-    cases' prompts with the same new target (a weaker stand-in, reported as such).
-    """
-
-    def __init__(self, data_root: Path, cases: Sequence[CounterfactCase]):
-        snippets, idf, vocab = (
-            data_root / name for name in ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json")
-        )
-        if snippets.exists() and idf.exists() and vocab.exists():
-            self.source = "ROME attribute snippets and tf-idf"
-            self.tfidf = gen.TfIdf(json.loads(vocab.read_text()), np.load(idf))
-            self.snippets: dict[tuple[str, str], list[str]] = {}
-            for entry in json.loads(snippets.read_text()):
-                key = (entry["relation_id"], entry["target_id"])
-                self.snippets.setdefault(key, []).extend(s["text"] for s in entry["samples"])
-            return
-        self.source = (
-            "stand-in: idf fitted on the cases' prompts; other cases' prompts as references"
-        )
-        self.snippets = None
-        documents = [p for c in cases for p in (c.prompt, *c.generation_prompts)]
-        self.tfidf = gen.TfIdf.fit(documents)
-        self.by_target: dict[str, list[tuple[int, str]]] = {}
-        for case in cases:
-            for prompt in (case.prompt, *case.paraphrase_prompts):
-                self.by_target.setdefault(case.target_new, []).append(
-                    (case.id, f"{prompt} {case.target_new}")
-                )
-
-    def texts_about(self, case: CounterfactCase) -> list[str]:
-        if self.snippets is not None:
-            return self.snippets.get((case.relation_id, case.target_new_id), [])
-        return [text for owner, text in self.by_target.get(case.target_new, []) if owner != case.id]
-
-
-def _update(result: EditResult | None):
-    return result.update if result is not None and result.ok else None
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries
-
-
-def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    out: dict[str, Any] = {"n_cases": len(records)}
-    for phase in ("pre", "post"):
-        out[phase] = cf.summarize([r[phase]["metrics"] for r in records], seed=seed)
-        for name in ("GE", "RS"):
-            values = [
-                r[phase][name] for r in records if not math.isnan(r[phase].get(name, math.nan))
-            ]
-            if values:
-                out[phase][name] = mean_ci(values)
-                if name == "RS":
-                    out[phase][name] = {
-                        k: v * 100 if k != "n" else v for k, v in out[phase][name].items()
-                    }
-    edits = [r["edit"] for r in records if "edit" in r]
-    if edits:
-        out["edits"] = {
-            "ok": sum(e["ok"] for e in edits),
-            "failed": sum(not e["ok"] for e in edits),
-            "errors": sorted({e["error"] for e in edits if e["error"]})[:20],
-            "mean_steps": float(np.mean([e["steps"] for e in edits])),
-        }
-    out["seconds_per_case"] = float(np.mean([r["seconds"] for r in records])) if records else None
-    return out
-
-
-def headline(summary: dict[str, Any]) -> str:
-    def row(phase):
-        s = summary[phase]
-        return " ".join(
-            f"{k}={s[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS", "EM", "PM", "NM")
-        )
-
-    return f"pre:  {row('pre')}\npost: {row('post')}  (n={summary['n_cases']})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +154,7 @@ def run_independent(
         started = time.perf_counter()
         results = editor.updates(batch)
         pre = pre_cache.get(lm, batch, rows_per_pass)
-        updates = [_update(r) for r in results]
+        updates = [update_of(r) for r in results]
         post_probs = score_cases(lm, batch, updates, batch_size=rows_per_pass)
         post = [scored(p) for p in post_probs]
         if with_generation:
@@ -439,16 +202,7 @@ def run_sequential(
             + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
         )
 
-    with preserved_weights(lm, [editor.hparams.layer]):
-        edit_sequentially(
-            lm,
-            editor.requests(cases),
-            editor.hparams,
-            second_moment=editor.second_moment,
-            context_templates=editor.templates,
-            checkpoint_every=1,
-            on_checkpoint=on_checkpoint,
-        )
+    editor.edit_sequentially(cases, on_checkpoint)
     run.write_summary(
         {"mode": "sequential", "model": cfg.model.name, "editor": editor.name, "checkpoints": curve}
     )

@@ -13,11 +13,11 @@ import json
 
 from omegaconf import DictConfig
 
-from pipeline import io
-from pipeline.data import load_known
-from pipeline.knowledge import check_known
-from pipeline.sources import resolve_data_file
-from pipeline.stage import Run, stage
+from pipeline.app.stage import Run, stage
+from pipeline.core import files
+from pipeline.core.recall import check_known
+from pipeline.data.records import load_known
+from pipeline.data.sources import resolve_data_file
 
 
 @stage("known")
@@ -41,7 +41,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     ]
     known = [row for row in rows if row["known"]]
     run.write_json("known.json", known)
-    io.atomic_write(run.path("recall.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    files.atomic_write(run.path("recall.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     summary = {
         "model": cfg.model.name,
         "data": {**loaded.report(), "origin": origin},

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import io
-from pipeline.stage import STAGES, run_stage
+from pipeline.app.stage import STAGES, run_stage
+from pipeline.core import files
 
 
 def merge_config(directory: Path, allow_partial: bool = False) -> tuple[str, DictConfig]:
@@ -27,7 +27,7 @@ def merge_config(directory: Path, allow_partial: bool = False) -> tuple[str, Dic
     config, meta = directory / "config.yaml", directory / "run.json"
     if not config.exists() or not meta.exists():
         raise SystemExit(f"{directory} is not a results directory (no config.yaml / run.json)")
-    name = io.read_json(meta)["stage"]
+    name = files.read_json(meta)["stage"]
     cfg = OmegaConf.load(config)
     if "aggregate_only" not in cfg:
         raise SystemExit(f"stage {name!r} has no shards to merge")

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import figures, io
-from pipeline.evaluate import read_jsonl, summarize_records
-from pipeline.stage import Run, stage
-from pipeline.summarize import collect, markdown, write_table
-from pipeline.tracing import BUCKETS
+from pipeline.app import figures
+from pipeline.app.results import read_jsonl, summarize_records
+from pipeline.app.stage import Run, stage
+from pipeline.app.tables import collect, markdown, write_table
+from pipeline.core import files
+from pipeline.core.patching import BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def layer_sweep(sweep_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
 def provenance(directory: Path, report_dir: Path) -> str:
     """Which commit and config made a results directory, as a Markdown line with links."""
     meta_path, config = directory / "run.json", directory / "config.yaml"
-    meta = io.read_json(meta_path) if meta_path.exists() else {}
+    meta = files.read_json(meta_path) if meta_path.exists() else {}
     commit = (meta.get("git") or {}).get("commit") or "unknown"
     dirty = " (uncommitted changes)" if (meta.get("git") or {}).get("dirty") else ""
     link = os.path.relpath(config, report_dir)
@@ -108,11 +109,11 @@ def main(cfg: DictConfig, run: Run) -> None:
     averages = None
     doc += ["## Causal tracing", ""]
     if (trace_dir / "averages.json").exists():
-        averages = io.read_json(trace_dir / "averages.json")
-        examples = [io.read_json(p) for p in sorted(trace_dir.glob("example_*.json"))]
+        averages = files.read_json(trace_dir / "averages.json")
+        examples = [files.read_json(p) for p in sorted(trace_dir.glob("example_*.json"))]
         made.update(figures.trace_figures(figure_dir, averages, examples, model))
         summary = (
-            io.read_json(trace_dir / "summary.json")
+            files.read_json(trace_dir / "summary.json")
             if (trace_dir / "summary.json").exists()
             else {}
         )
@@ -172,7 +173,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         doc += ["## Beside the paper", "", *paper_comparison(dict(cfg.paper), rome, peak), ""]
     if missing:
         doc += ["## Not yet run", "", *[f"- {m}" for m in missing], ""]
-    io.atomic_write(out / "index.md", "\n".join(doc))
+    files.atomic_write(out / "index.md", "\n".join(doc))
     for name, path in made.items():
         run.tracker.image(f"figures/{name}", path)
     run.write_summary(

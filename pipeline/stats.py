@@ -17,9 +17,9 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline.editor import edit_layer, key_statistics, stats_key
-from pipeline.second_moment import merge_shards
-from pipeline.stage import Run, stage
+from pipeline.app.editors import edit_layer, key_statistics, stats_key
+from pipeline.app.stage import Run, stage
+from pipeline.core.second_moment import merge_shards
 
 log = logging.getLogger(__name__)
 

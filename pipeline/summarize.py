@@ -10,105 +10,12 @@ are mean ± half-width of the 95% interval; n is the number of cases.
 
 from __future__ import annotations
 
-import csv
-import io as text_io
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline import io
-from pipeline.evaluate import read_jsonl, summarize_records
-from pipeline.stage import Run, stage
-
-COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
-
-
-def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per (model, data, editor) with the post-edit metrics, unedited rows first."""
-    rows = []
-    for run_dir in sorted(p.parent for p in runs_dir.glob("*/*/*/cases-*.jsonl")):
-        if rows and rows[-1]["dir"] == str(run_dir):
-            continue
-        model, data, editor = run_dir.relative_to(runs_dir).parts
-        records = {r["id"]: r for r in read_jsonl(sorted(run_dir.glob("cases-*.jsonl")))}
-        summary = summarize_records(list(records.values()), seed=seed)
-        base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
-        rows.append({**base, "editor": editor, "metrics": summary["post"]})
-        if editor != "none":
-            rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
-    table = []
-    for key in sorted({(r["model"], r["data"]) for r in rows}):
-        group = [r for r in rows if (r["model"], r["data"]) == key]
-        unedited = [r for r in group if r["editor"] == "none"] or [
-            max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
-        ]
-        table += unedited[:1] + sorted(
-            (r for r in group if not r["editor"].startswith("none")), key=lambda r: r["editor"]
-        )
-    return table
-
-
-def cell(metric: dict[str, float] | None) -> str:
-    if not metric or metric.get("n", 0) == 0:
-        return "–"
-    half = (metric["high"] - metric["low"]) / 2 if metric["high"] == metric["high"] else None
-    return f"{metric['mean']:.1f}" + (f" ± {half:.1f}" if half is not None else "")
-
-
-def markdown(table: list[dict[str, Any]]) -> str:
-    head = ["model", "data", "editor", "n", *COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in table:
-        cells = [row["model"], row["data"], row["editor"], str(row["n"])]
-        cells += [cell(row["metrics"].get(c)) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def latex(table: list[dict[str, Any]]) -> str:
-    lines = [
-        r"\begin{tabular}{lll" + "r" * (1 + len(COLUMNS)) + "}",
-        r"\toprule",
-        " & ".join(["Model", "Data", "Editor", "n", *COLUMNS]) + r" \\",
-        r"\midrule",
-    ]
-    for row in table:
-        cells = [row["model"], row["data"], row["editor"], str(row["n"])]
-        cells += [cell(row["metrics"].get(c)).replace("±", r"$\pm$") for c in COLUMNS]
-        lines.append(" & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def csv_text(table: list[dict[str, Any]]) -> str:
-    out = text_io.StringIO()
-    writer = csv.writer(out)
-    fields = [f"{c}_{part}" for c in COLUMNS for part in ("mean", "low", "high", "n")]
-    writer.writerow(["model", "data", "editor", "n", *fields])
-    for row in table:
-        values = []
-        for column in COLUMNS:
-            metric = row["metrics"].get(column) or {}
-            values += [metric.get(part, "") for part in ("mean", "low", "high", "n")]
-        writer.writerow([row["model"], row["data"], row["editor"], row["n"], *values])
-    return out.getvalue()
-
-
-def write_table(run: Run, table: list[dict[str, Any]]) -> None:
-    """table.md, table.tex and table.csv in the run's directory, and the table on W&B."""
-    io.atomic_write(run.path("table.md"), markdown(table))
-    io.atomic_write(run.path("table.tex"), latex(table))
-    io.atomic_write(run.path("table.csv"), csv_text(table))
-    run.tracker.table(
-        "table4",
-        ["model", "data", "editor", "n", *COLUMNS],
-        [
-            [r["model"], r["data"], r["editor"], r["n"]]
-            + [(r["metrics"].get(c) or {}).get("mean") for c in COLUMNS]
-            for r in table
-        ],
-    )
+from pipeline.app.stage import Run, stage
+from pipeline.app.tables import collect, markdown, write_table
 
 
 @stage("summarize")

@@ -12,6 +12,7 @@ numbers however they were sharded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,20 +25,22 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from metrics.intervals import column_mean_ci
-from pipeline import figures, io
-from pipeline.data import load_known, missing_by_shard, take_shard
-from pipeline.knowledge import check_known
-from pipeline.models import LoadedModel
-from pipeline.sources import resolve_data_file
-from pipeline.stage import Run, require_complete, stage
-from pipeline.tokens import encode, subject_span
-from pipeline.tracing import (
+from pipeline.app import figures
+from pipeline.app.stage import Run, require_complete, stage
+from pipeline.core import files
+from pipeline.core.models import LoadedModel
+from pipeline.core.patching import (
     BUCKETS,
+    TraceOptions,
     average_by_bucket,
     embedding_std,
     trace_all_kinds,
     trace_severed,
 )
+from pipeline.core.recall import check_known
+from pipeline.core.tokens import encode, subject_span
+from pipeline.data.records import load_known, missing_by_shard, take_shard
+from pipeline.data.sources import resolve_data_file
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def known_facts(cfg: DictConfig, lm: LoadedModel) -> tuple[list[dict[str, Any]],
     path = Path(cfg.known_dir) / "known.json"
     if cfg.trace.facts == "known" and path.exists():
         if _same_inputs(Path(cfg.known_dir) / "config.yaml", cfg):
-            return io.read_json(path), str(path)
+            return files.read_json(path), str(path)
         log.warning("ignoring %s: it was computed with other data or model settings", path)
     data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
     loaded = load_known(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
@@ -81,30 +84,20 @@ def _same_inputs(known_config: Path, cfg: DictConfig) -> bool:
     return all(OmegaConf.select(theirs, key) == OmegaConf.select(ours, key) for key in keys)
 
 
+def trace_options(options: dict[str, Any], seed: int) -> TraceOptions:
+    """The `trace:` config section (scale resolved) as the tracer's options, for one fact."""
+    names = {f.name for f in dataclasses.fields(TraceOptions)} - {"seed"}
+    return TraceOptions(seed=seed, **{k: v for k, v in options.items() if k in names})
+
+
 def trace_fact(
     lm: LoadedModel, fact: dict[str, Any], options: dict[str, Any], seed: int
 ) -> dict[str, Any]:
     """All kinds and the severed paths for one fact, on one noise draw seeded by the fact."""
     ids = encode(lm.tokenizer, fact["prompt"])
     span = subject_span(lm.tokenizer, fact["prompt"], fact["subject"])
-    common = dict(
-        samples=options["samples"],
-        scale=options["scale"],
-        distribution=options["distribution"],
-        seed=seed,
-        whole_answer=options["whole_answer"],
-        engine=options["engine"],
-        batch_size=options["batch_size"],
-    )
-    results = trace_all_kinds(
-        lm,
-        ids,
-        span,
-        fact["answer_ids"],
-        kinds=options["kinds"],
-        window=options["window"],
-        **common,
-    )
+    how = trace_options(options, seed)
+    results = trace_all_kinds(lm, ids, span, fact["answer_ids"], how, kinds=options["kinds"])
     record: dict[str, Any] = {
         "id": fact["id"],
         "prompt": fact["prompt"],
@@ -121,7 +114,7 @@ def trace_fact(
         record["clean"], record["corrupted"] = result.clean, result.corrupted
         record["kinds"][kind] = result.restored.tolist()
     if options["severed"]:
-        severed = trace_severed(lm, ids, span, fact["answer_ids"], **common)
+        severed = trace_severed(lm, ids, span, fact["answer_ids"], how)
         record["severed"] = {name: values.tolist() for name, values in severed.restored.items()}
         record["severed_token"] = severed.token
     return record
@@ -203,7 +196,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         started = time.time()
         for fact in tqdm(todo, desc="tracing", unit="prompt"):
             record = trace_fact(lm, fact, options, seed=int(cfg.seed) * 1_000_003 + int(fact["id"]))
-            io.write_json(prompts_dir / f"{fact['id']}.json", record)
+            files.write_json(prompts_dir / f"{fact['id']}.json", record)
         elapsed = time.time() - started
         if todo:
             print(
@@ -224,7 +217,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     completeness = require_complete(
         missing_by_shard(ids, finished, count), len(ids), count, "prompts", cfg.allow_partial
     )
-    records = [io.read_json(finished[i]) for i in ids if i in finished]
+    records = [files.read_json(finished[i]) for i in ids if i in finished]
     if not records:
         raise SystemExit("no traced prompts to aggregate")
     averages = aggregate(records, list(options["kinds"]))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import benchlib
 
-from pipeline import tracking
+from pipeline.app import tracking
 
 ROOT = benchlib.ROOT
 MARKERS = "<!-- bench:{}:begin -->", "<!-- bench:{}:end -->"

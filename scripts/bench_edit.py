@@ -18,8 +18,9 @@ from dataclasses import replace
 import benchlib
 import torch
 
-from pipeline import rome
-from pipeline.second_moment import second_moment
+from pipeline.core import editing
+from pipeline.core.editing import rome
+from pipeline.core.second_moment import second_moment
 
 
 def parse_args():
@@ -46,12 +47,12 @@ def main():
     stats_seconds = benchlib.clock(args.device) - start
 
     start = benchlib.clock(args.device)
-    templates = rome.templates_for(lm, hp)
+    templates = editing.templates_for(lm, hp)
     template_seconds = benchlib.clock(args.device) - start
 
     records = json.loads((benchlib.ROOT / "data/samples/counterfact-edit_sample.json").read_text())
     requests = [
-        rome.EditRequest.from_filled(r["prompt"], r["subject"], r["target_new"], id=r["case_id"])
+        editing.EditRequest.from_filled(r["prompt"], r["subject"], r["target_new"], id=r["case_id"])
         for r in records[: args.requests]
     ]
     common = dict(second_moment=stat, context_templates=templates)

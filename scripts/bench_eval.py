@@ -22,10 +22,11 @@ import benchlib
 import torch
 
 from metrics.counterfact import case_metrics
-from pipeline import rome
-from pipeline.data import load_counterfact
-from pipeline.evaluation import score_cases
-from pipeline.second_moment import second_moment
+from pipeline.core import editing
+from pipeline.core.editing import rome
+from pipeline.core.scoring import score_cases
+from pipeline.core.second_moment import second_moment
+from pipeline.data.records import load_counterfact
 
 
 def parse_args():
@@ -39,7 +40,7 @@ def parse_args():
 
 
 def requests_of(cases):
-    return [rome.EditRequest(c.template, c.subject, c.target_new) for c in cases]
+    return [editing.EditRequest(c.template, c.subject, c.target_new) for c in cases]
 
 
 def main():
@@ -51,7 +52,7 @@ def main():
         benchlib.ROOT / "data/samples/counterfact-edit_sample.json", limit=args.cases
     ).records
     stat = second_moment(lm, args.layer, benchlib.corpus(args), max_tokens=args.stats_tokens)
-    templates = rome.templates_for(lm, hp)
+    templates = editing.templates_for(lm, hp)
     common = dict(second_moment=stat, context_templates=templates)
 
     def one_at_a_time(hparams):
@@ -59,7 +60,7 @@ def main():
         metrics = []
         for case in cases:
             (result,) = rome.compute_updates(lm, requests_of([case]), hparams, **common)
-            with rome.edited(lm, [result.update] if result.ok else []):
+            with editing.edited(lm, [result.update] if result.ok else []):
                 (post,) = score_cases(lm, [case])
             (pre,) = score_cases(lm, [case])
             metrics.append((case_metrics(pre), case_metrics(post)))

@@ -71,12 +71,13 @@ def shape(name: str) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     """One stage's unit of work on one model; prints its peak memory as JSON."""
-    from pipeline import rome
-    from pipeline.data import load_counterfact
-    from pipeline.evaluation import score_cases
-    from pipeline.second_moment import second_moment
-    from pipeline.tokens import encode, subject_span, target_ids
-    from pipeline.tracing import trace
+    from pipeline.core import editing
+    from pipeline.core.editing import rome
+    from pipeline.core.patching import trace
+    from pipeline.core.scoring import score_cases
+    from pipeline.core.second_moment import second_moment
+    from pipeline.core.tokens import encode, subject_span, target_ids
+    from pipeline.data.records import load_counterfact
 
     name, stage = args.child
     load = argparse.Namespace(
@@ -101,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
         path = benchlib.ROOT / "data/samples/counterfact-edit_sample.json"
         cases = load_counterfact(path, limit=8).records
         hp = rome.RomeHparams(layer=layer, v_num_grad_steps=2, reject_already_predicted=False)
-        requests = [rome.EditRequest(c.template, c.subject, c.target_new) for c in cases]
+        requests = [editing.EditRequest(c.template, c.subject, c.target_new) for c in cases]
         results = rome.compute_updates(lm, requests, hp, second_moment=None, batch_size=8)
         score_cases(lm, cases, [r.update if r.ok else None for r in results])
     print(

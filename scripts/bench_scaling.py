@@ -21,9 +21,9 @@ from pathlib import Path
 import benchlib
 import torch
 
-from pipeline.tokens import encode, subject_span
-from pipeline.tracing import FastTracer, Readout, embedding_std, make_noise
-from pipeline.tracing.common import hidden_size
+from pipeline.core.patching import FastTracer, Readout, embedding_std, make_noise
+from pipeline.core.patching.common import hidden_size
+from pipeline.core.tokens import encode, subject_span
 
 ROOT = benchlib.ROOT
 KNOWN = ROOT / "data/samples/known_1000_sample.json"
@@ -128,22 +128,23 @@ def main() -> None:
 
 def eval_scaling(lm, args) -> list[list[float]]:
     """Seconds to edit and score k cases together (k = 1, 2, 4), with the same C and templates."""
-    from pipeline import rome
-    from pipeline.data import load_counterfact
-    from pipeline.evaluation import score_cases
-    from pipeline.second_moment import second_moment
+    from pipeline.core import editing
+    from pipeline.core.editing import rome
+    from pipeline.core.scoring import score_cases
+    from pipeline.core.second_moment import second_moment
+    from pipeline.data.records import load_counterfact
 
     layer = lm.n_layers // 5
     hp = rome.RomeHparams(layer=layer, context_templates=((5, 10), (10, 10)), v_num_grad_steps=20)
     cases = load_counterfact(ROOT / "data/samples/counterfact-edit_sample.json", limit=4).records
     texts = benchlib.corpus(argparse.Namespace(data=benchlib.default_data()))
     stat = second_moment(lm, layer, texts, max_tokens=20000, progress=False)
-    templates = rome.templates_for(lm, hp)
+    templates = editing.templates_for(lm, hp)
     rows = []
     for k in (1, 2, 4):
         batch = cases[:k]
         start = benchlib.clock(args.device)
-        requests = [rome.EditRequest(c.template, c.subject, c.target_new) for c in batch]
+        requests = [editing.EditRequest(c.template, c.subject, c.target_new) for c in batch]
         results = rome.compute_updates(
             lm, requests, hp, second_moment=stat, context_templates=templates, batch_size=k
         )

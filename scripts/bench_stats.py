@@ -15,7 +15,7 @@ import time
 import benchlib
 import torch
 
-from pipeline.second_moment import second_moment
+from pipeline.core.second_moment import second_moment
 
 
 def parse_args():

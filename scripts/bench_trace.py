@@ -24,9 +24,9 @@ from pathlib import Path
 import benchlib
 import torch
 
-from pipeline.tokens import encode, subject_span
-from pipeline.tracing import KINDS, FastTracer, Readout, embedding_std, make_noise, reference
-from pipeline.tracing.common import hidden_size
+from pipeline.core.patching import KINDS, FastTracer, Readout, embedding_std, make_noise, reference
+from pipeline.core.patching.common import hidden_size
+from pipeline.core.tokens import encode, subject_span
 
 ROOT = Path(__file__).resolve().parents[1]
 

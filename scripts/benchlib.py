@@ -22,8 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the pipeline, from a checkout that was never installed
 
-from pipeline.corpus import local_files, read_local  # noqa: E402
-from pipeline.models import LoadedModel, load_model  # noqa: E402
+from pipeline.core.models import LoadedModel, load_model  # noqa: E402
+from pipeline.data.corpus import local_files, read_local  # noqa: E402
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

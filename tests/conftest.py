@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.models import LoadedModel, load_model
+from pipeline.core.models import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ROME_CACHE", ROOT / ".cache"))

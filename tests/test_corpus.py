@@ -1,6 +1,6 @@
 import bz2
 
-from pipeline.corpus import (
+from pipeline.data.corpus import (
     detokenize_wikitext,
     read_local,
     read_mediawiki_dump,

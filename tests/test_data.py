@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.data import (
+from pipeline.data.records import (
     CounterfactCase,
     KnownFact,
     RecordError,
@@ -12,7 +12,7 @@ from pipeline.data import (
     load_records,
     take_shard,
 )
-from pipeline.sources import DataNotFoundError, resolve_data_file
+from pipeline.data.sources import DataNotFoundError, resolve_data_file
 
 ROME_CASE = {
     "case_id": 0,

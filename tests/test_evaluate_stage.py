@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.evaluate import read_jsonl
+from pipeline.app.results import read_jsonl
 from tests.test_data import ROME_CASE
 from tests.test_stages import run_stage, stage_process
 from tests.test_stats_stage import TEXT

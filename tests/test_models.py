@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import (
+from pipeline.core.models import (
     FAMILIES,
     ModelNotAvailableError,
     UnsupportedModelError,
@@ -9,7 +9,7 @@ from pipeline.models import (
     load_model,
     wrap,
 )
-from pipeline.tokens import encode
+from pipeline.core.tokens import encode
 from tests.conftest import CACHE, TINY, model_spec, tiny_model
 
 

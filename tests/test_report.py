@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from metrics.counterfact import case_metrics
-from pipeline import io
-from pipeline.summarize import COLUMNS
+from pipeline.app.tables import COLUMNS
+from pipeline.core import files
 from pipeline.trace import aggregate
 from tests.test_stages import run_stage
 
@@ -50,27 +50,27 @@ def case_record(rng, case_id: int, edited: bool) -> dict:
 
 
 def run_dir(path, config: dict) -> None:
-    io.write_json(path / "run.json", {"stage": "x", "git": {"commit": "0123456789abcdef"}})
-    io.atomic_write(path / "config.yaml", json.dumps(config))
+    files.write_json(path / "run.json", {"stage": "x", "git": {"commit": "0123456789abcdef"}})
+    files.atomic_write(path / "config.yaml", json.dumps(config))
 
 
 def write_fixtures(results):
     rng = np.random.default_rng(0)
     trace = results / "trace/tiny-gpt2/known_1000"
     records = [trace_record(rng, i) for i in range(5)]
-    io.write_json(trace / "averages.json", aggregate(records, list(KINDS)))
-    io.write_json(trace / "example_0.json", records[0])
-    io.write_json(trace / "summary.json", {"complete": True})
+    files.write_json(trace / "averages.json", aggregate(records, list(KINDS)))
+    files.write_json(trace / "example_0.json", records[0])
+    files.write_json(trace / "summary.json", {"complete": True})
     run_dir(trace, {"model": {"name": "tiny-gpt2"}})
     for editor in ("rome", "none"):
         out = results / "evaluate/tiny-gpt2/cf" / editor
         cases = [case_record(rng, i, editor == "rome") for i in range(8)]
-        io.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
+        files.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
         run_dir(out, {"editor": {"name": editor}})
     for layer in range(LAYERS):
         out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
         cases = [case_record(rng, i, layer < 3) for i in range(4)]
-        io.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
+        files.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
         run_dir(out, {"editor": {"layer": layer}})
 
 

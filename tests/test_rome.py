@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import rome
-from pipeline.rome import EditRequest, RomeHparams
-from pipeline.second_moment import second_moment
-from pipeline.tokens import encode, fill, right_pad, subject_span, target_ids
+from pipeline.core import editing
+from pipeline.core.editing import rome
+from pipeline.core.editing.keys import projection_inputs
+from pipeline.core.editing.requests import EditRequest
+from pipeline.core.editing.rome import RomeHparams
+from pipeline.core.second_moment import second_moment
+from pipeline.core.tokens import encode, fill, right_pad, subject_span, target_ids
 from tests.conftest import ROOT, TINY, tiny_model
 
 LAYER = 1
@@ -33,7 +36,7 @@ REQUESTS = [
 UPDATE_RTOL = 5e-4
 
 
-def assert_updates_close(a: rome.RankOneUpdate, b: rome.RankOneUpdate) -> None:
+def assert_updates_close(a: editing.RankOneUpdate, b: editing.RankOneUpdate) -> None:
     x, y = a.matrix(), b.matrix()
     assert (x - y).abs().max() <= UPDATE_RTOL * y.abs().max()
 
@@ -84,7 +87,7 @@ def test_update_maps_key_to_value_with_rank_one_and_restores_exactly(tiny, varia
     assert result.steps > 0 and result.info["delta_norm"] > 0
     original = lm.mlp_out_weight(LAYER).detach().clone()
     stored = lm.module("mlp_out", LAYER).weight.detach().clone()
-    with rome.edited(lm, [result.update]):
+    with editing.edited(lm, [result.update]):
         edited = lm.mlp_out_weight(LAYER).detach().clone()
         assert not torch.equal(lm.module("mlp_out", LAYER).weight, stored)
     change = edited - original
@@ -101,7 +104,7 @@ def test_rome_and_r_rome_differ_only_in_the_reference_key(tiny):
     request = REQUESTS[0]
     rows = [fill(t.replace("{}", request.prompt), request.subject) for t in TEMPLATES]
     positions = [subject_span(lm.tokenizer, text, request.subject)[1] - 1 for text in rows]
-    keys = rome.projection_inputs(lm, LAYER, [encode(lm.tokenizer, r) for r in rows], positions)
+    keys = projection_inputs(lm, LAYER, [encode(lm.tokenizer, r) for r in rows], positions)
     common = dict(second_moment=stat, context_templates=TEMPLATES)
     (original,) = rome.compute_updates(lm, [request], hparams("rome"), **common)
     (consistent,) = rome.compute_updates(lm, [request], hparams("r-rome"), **common)
@@ -121,16 +124,16 @@ def test_per_example_hook_equals_edited_weights_and_leaves_other_rows_alone(tiny
     prompts = [r.filled for r in REQUESTS] + ["An unrelated prompt about nothing"]
     plain, mask = logits(lm, prompts)
     rows_updates = [*updates, None]
-    with rome.PerExampleEdits(lm, rows_updates):
+    with editing.PerExampleEdits(lm, rows_updates):
         hooked, _ = logits(lm, prompts)
     assert torch.equal(hooked[3], plain[3])  # the unedited row is bitwise unchanged
     for row, update in enumerate(updates):
-        with rome.edited(lm, [update]):
+        with editing.edited(lm, [update]):
             weights, _ = logits(lm, prompts)
         real = mask[row].bool()
         torch.testing.assert_close(hooked[row][real], weights[row][real], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(hooked[row][real], plain[row][real], atol=1e-5)
-    with rome.PerExampleEdits(lm, rows_updates) as hook:
+    with editing.PerExampleEdits(lm, rows_updates) as hook:
         hook.set_rows([None, updates[1]])  # the next batch: two rows, only the second edited
         swapped, swapped_mask = logits(lm, prompts[:2])
     for row, reference in [(0, plain), (1, hooked)]:
@@ -257,7 +260,7 @@ def test_bad_requests_get_their_own_errors_and_the_rest_go_on(tiny):
     assert results[2].error.request_id == "empty" and "empty" in str(results[2].error)
     assert "subject is empty" in results[3].error.reason
     assert results[5].error.request_id == "same" and "greedy" in results[5].error.reason
-    with pytest.raises(rome.EditRequestError, match="edit request 0 \\(id=missing\\)"):
+    with pytest.raises(editing.EditRequestError, match="edit request 0 \\(id=missing\\)"):
         rome.compute_update(
             lm, requests[0], hparams(), second_moment=stat, context_templates=TEMPLATES
         )
@@ -267,7 +270,7 @@ def test_sequential_edits_accumulate_and_checkpoint(tiny):
     lm, stat = tiny
     original = lm.mlp_out_weight(LAYER).detach().clone()
     checkpoints = []
-    with rome.preserved_weights(lm, [LAYER]):
+    with editing.preserved_weights(lm, [LAYER]):
         results = rome.edit_sequentially(
             lm,
             REQUESTS,
@@ -292,9 +295,9 @@ def test_sequential_edits_accumulate_and_checkpoint(tiny):
 
 def test_context_templates_are_reproducible():
     lm = tiny_model("tiny-llama")
-    first = rome.generate_context_templates(lm, ((3, 4), (5, 2)), seed=1)
-    assert first == rome.generate_context_templates(lm, ((3, 4), (5, 2)), seed=1)
-    assert first != rome.generate_context_templates(lm, ((3, 4), (5, 2)), seed=2)
+    first = editing.generate_context_templates(lm, ((3, 4), (5, 2)), seed=1)
+    assert first == editing.generate_context_templates(lm, ((3, 4), (5, 2)), seed=1)
+    assert first != editing.generate_context_templates(lm, ((3, 4), (5, 2)), seed=2)
     assert len(first) == 7 and first[0] == "{}"
     assert all(t.endswith(". {}") and t.count("{}") == 1 for t in first[1:])
     assert first[1].startswith("The") and first[2].startswith("Therefore")
@@ -327,7 +330,7 @@ def smol(smollm2):
     if WIKITEXT.exists():
         texts = [line for line in WIKITEXT.read_text().splitlines() if len(line.split()) > 8]
     else:  # no corpus: text the model writes itself
-        templates = rome.generate_context_templates(smollm2, ((60, 200),), seed=3)
+        templates = editing.generate_context_templates(smollm2, ((60, 200),), seed=3)
         texts = [t.removesuffix(". {}") for t in templates[1:]]
     with single_thread():
         stat = second_moment(smollm2, SMOL_LAYER, texts, max_tokens=20_000, progress=False)
@@ -365,7 +368,7 @@ def test_smollm2_edit_generalises_and_keeps_neighbours(smol):
     hp = RomeHparams(layer=SMOL_LAYER, context_templates=((5, 5), (10, 5)))
     result = rome.compute_update(lm, request, hp, second_moment=stat)
     assert result.target_nll < hp.early_stop_nll
-    with rome.edited(lm, [result.update]):
+    with editing.edited(lm, [result.update]):
         for prompt in [request.filled, *paraphrases]:
             assert greedy(lm, prompt).startswith(" English"), prompt
         for neighbour in neighbours:

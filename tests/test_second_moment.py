@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from pipeline.second_moment import (
+from pipeline.core.second_moment import (
     SecondMoment,
     StatsKey,
     cached_second_moment,
@@ -160,7 +160,7 @@ def test_concurrent_jobs_compute_once(lm, tmp_path):
 
 
 def test_cached_shard_parts_merge_into_the_cached_whole(lm, tmp_path):
-    from pipeline.second_moment import load_second_moment, merge_shards
+    from pipeline.core.second_moment import load_second_moment, merge_shards
 
     def part(index):
         return cached_second_moment(

@@ -144,7 +144,7 @@ def test_smollm2_knows_its_facts(tmp_path, data_root):
 
 
 def test_config_differences_ignore_how_work_is_split_even_for_old_saved_configs():
-    from pipeline.stage import config_differences
+    from pipeline.app.stage import config_differences
 
     saved = {"seed": 0, "shard": {"index": 0}, "out_dir": "./a", "editor": {"v_lr": 0.5}}
     current = {"seed": 0, "shard": {"index": 1}, "out_dir": "/abs/a", "editor": {"v_lr": 0.1}}

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from pipeline.second_moment import load_second_moment
+from pipeline.core.second_moment import load_second_moment
 from tests.test_stages import merge, run_stage
 
 TEXT = """The Eiffel Tower is located in Paris, the capital of France.

@@ -4,8 +4,8 @@ import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.models import local_bpe_tokenizer
-from pipeline.tokens import (
+from pipeline.core.models import local_bpe_tokenizer
+from pipeline.core.tokens import (
     SubjectNotFoundError,
     encode,
     fill,

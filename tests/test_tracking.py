@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from pipeline import tracking
-from pipeline.tracking import Tracker, read_offline_run
+from pipeline.app import tracking
+from pipeline.app.tracking import Tracker, read_offline_run
 
 
 def test_offline_run_files_hold_logged_metrics(tmp_path):

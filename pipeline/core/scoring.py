@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from metrics.counterfact import PROMPT_KINDS, probability
-from pipeline.data import CounterfactCase
-from pipeline.models import LoadedModel
-from pipeline.rome import PerExampleEdits, RankOneUpdate
-from pipeline.tokens import encode, right_pad, target_ids
+from pipeline.core.editing.updates import PerExampleEdits, RankOneUpdate
+from pipeline.core.models import LoadedModel
+from pipeline.core.tokens import encode, right_pad, target_ids
+from pipeline.data.records import CounterfactCase
 
 
 @dataclass(frozen=True)

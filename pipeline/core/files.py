@@ -1,7 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written result, even after a SIGKILL."""
+"""Files that many jobs share: atomic writes (a reader never sees a half-written result, even
+after a SIGKILL) and exclusive locks (concurrent jobs build a shared cache entry once)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -41,3 +44,15 @@ def _default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock so concurrent jobs build a shared cache entry once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

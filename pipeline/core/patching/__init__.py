@@ -13,14 +13,21 @@ same numbers: `reference` (a full forward pass with hooks per cell, as the origi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.models import LoadedModel
-from pipeline.tracing import reference
-from pipeline.tracing.aggregate import BUCKETS, BucketAverage, average_by_bucket, bucket_positions
-from pipeline.tracing.common import (
+from pipeline.core.models import LoadedModel
+from pipeline.core.patching import reference
+from pipeline.core.patching.aggregate import (
+    BUCKETS,
+    BucketAverage,
+    average_by_bucket,
+    bucket_positions,
+)
+from pipeline.core.patching.common import (
     DISTRIBUTIONS,
     KINDS,
     SEVERED,
@@ -32,7 +39,7 @@ from pipeline.tracing.common import (
     make_noise,
     window_layers,
 )
-from pipeline.tracing.fast import FastTracer
+from pipeline.core.patching.fast import FastTracer
 
 ENGINES = ("fast", "reference")
 
@@ -46,6 +53,7 @@ __all__ = [
     "FastTracer",
     "Readout",
     "SeveredResult",
+    "TraceOptions",
     "TraceResult",
     "average_by_bucket",
     "bucket_positions",
@@ -94,34 +102,48 @@ def resolve_noise(
     return make_noise(generator, samples, end - start, width, scale, distribution)
 
 
+@dataclass(frozen=True)
+class TraceOptions:
+    """How a trace corrupts and restores (the `trace:` config section holds the same names).
+
+    `scale=None` takes 3 x the std of this prompt's subject-token embeddings; the paper uses 3 x
+    the std over the data set's subjects: pass `scale=3 * embedding_std(lm, pairs)`."""
+
+    samples: int = 10  # S corrupted copies
+    scale: float | None = None
+    distribution: str = "gaussian"  # gaussian | uniform
+    seed: int = 0
+    window: int = 10  # layers restored together for the mlp / attn kinds
+    whole_answer: bool = False  # False: P(first answer token), as in the paper
+    engine: str = "fast"  # fast | reference
+    batch_size: int = 512  # rows per forward pass (fast engine)
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got '{self.engine}'")
+
+    @classmethod
+    def of(cls, options: TraceOptions | None = None, **overrides) -> TraceOptions:
+        """`options` (or the defaults) with `overrides` (any field by name) replaced."""
+        return dataclasses.replace(options or cls(), **overrides)
+
+
 def _prepare(
-    lm,
-    prompt_ids,
-    subject_span,
-    answer_ids,
-    engine,
-    noise,
-    samples,
-    scale,
-    distribution,
-    seed,
-    whole_answer,
+    lm, prompt_ids, subject_span, answer_ids, options: TraceOptions, noise
 ) -> tuple[tuple[int, int], torch.Tensor, Readout]:
-    """What every trace needs: a checked engine and span, the noise, and the answer read-out."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
+    """What every trace needs: a checked span, the noise, and the answer read-out."""
     span = (int(subject_span[0]), int(subject_span[1]))
     noise = resolve_noise(
         lm,
         prompt_ids,
         span,
         noise=noise,
-        samples=samples,
-        scale=scale,
-        distribution=distribution,
-        seed=seed,
+        samples=options.samples,
+        scale=options.scale,
+        distribution=options.distribution,
+        seed=options.seed,
     )
-    return span, noise, Readout.build(prompt_ids, answer_ids, whole_answer)
+    return span, noise, Readout.build(prompt_ids, answer_ids, options.whole_answer)
 
 
 def trace_all_kinds(
@@ -129,37 +151,25 @@ def trace_all_kinds(
     prompt_ids: Sequence[int],
     subject_span: tuple[int, int],
     answer_ids: Sequence[int],
+    options: TraceOptions | None = None,
     *,
     kinds: Sequence[str] = KINDS,
-    window: int = 10,
     noise: torch.Tensor | None = None,
-    samples: int = 10,
-    scale: float | None = None,
-    distribution: str = "gaussian",
-    seed: int = 0,
-    whole_answer: bool = False,
-    engine: str = "fast",
-    batch_size: int = 512,
+    **overrides,
 ) -> dict[str, TraceResult]:
-    """Trace several kinds on the same noise; the fast engine shares its clean/corrupted runs."""
+    """Trace several kinds on the same noise; the fast engine shares its clean/corrupted runs.
+
+    `overrides` replace fields of `options` by name (`samples=3, seed=1`); `noise` (copies,
+    subject tokens, hidden size), if given, is used instead of a draw."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"kinds must be among {KINDS}, got {sorted(unknown)}")
-    span, noise, readout = _prepare(
-        lm,
-        prompt_ids,
-        subject_span,
-        answer_ids,
-        engine,
-        noise,
-        samples,
-        scale,
-        distribution,
-        seed,
-        whole_answer,
-    )
+    options = TraceOptions.of(options, **overrides)
+    span, noise, readout = _prepare(lm, prompt_ids, subject_span, answer_ids, options, noise)
     results = {}
-    tracer = FastTracer(lm, readout, span, noise, batch_size) if engine == "fast" else None
+    fast = options.engine == "fast"
+    tracer = FastTracer(lm, readout, span, noise, options.batch_size) if fast else None
+    window = options.window
     for kind in kinds:
         if tracer is not None:
             clean, corrupted, grid = tracer.clean, tracer.corrupted, tracer.grid(kind, window)
@@ -174,12 +184,16 @@ def trace(
     prompt_ids: Sequence[int],
     subject_span: tuple[int, int],
     answer_ids: Sequence[int],
+    options: TraceOptions | None = None,
     *,
     kind: str = "hidden",
-    **options,
+    **overrides,
 ) -> TraceResult:
-    """Causal trace of one kind (hidden, mlp or attn); options as in `trace_all_kinds`."""
-    return trace_all_kinds(lm, prompt_ids, subject_span, answer_ids, kinds=(kind,), **options)[kind]
+    """Causal trace of one kind (hidden, mlp or attn); arguments as in `trace_all_kinds`."""
+    results = trace_all_kinds(
+        lm, prompt_ids, subject_span, answer_ids, options, kinds=(kind,), **overrides
+    )
+    return results[kind]
 
 
 def trace_severed(
@@ -187,32 +201,16 @@ def trace_severed(
     prompt_ids: Sequence[int],
     subject_span: tuple[int, int],
     answer_ids: Sequence[int],
+    options: TraceOptions | None = None,
     *,
     noise: torch.Tensor | None = None,
-    samples: int = 10,
-    scale: float | None = None,
-    distribution: str = "gaussian",
-    seed: int = 0,
-    whole_answer: bool = False,
-    engine: str = "fast",
-    batch_size: int = 512,
+    **overrides,
 ) -> SeveredResult:
     """Hidden-state effect at the last subject token, per layer, with MLP / attn paths severed."""
-    span, noise, readout = _prepare(
-        lm,
-        prompt_ids,
-        subject_span,
-        answer_ids,
-        engine,
-        noise,
-        samples,
-        scale,
-        distribution,
-        seed,
-        whole_answer,
-    )
-    if engine == "fast":
-        tracer = FastTracer(lm, readout, span, noise, batch_size)
+    options = TraceOptions.of(options, **overrides)
+    span, noise, readout = _prepare(lm, prompt_ids, subject_span, answer_ids, options, noise)
+    if options.engine == "fast":
+        tracer = FastTracer(lm, readout, span, noise, options.batch_size)
         clean, corrupted, restored = tracer.clean, tracer.corrupted, tracer.severed()
     else:
         clean, corrupted, restored = reference.trace_severed(lm, readout, span, noise)

@@ -12,9 +12,8 @@ import torch
 import yaml
 from scipy import stats
 
-from pipeline.models import load_model
-from pipeline.tokens import encode, subject_span
-from pipeline.tracing import (
+from pipeline.core.models import load_model
+from pipeline.core.patching import (
     BUCKETS,
     KINDS,
     Readout,
@@ -29,6 +28,7 @@ from pipeline.tracing import (
     trace_severed,
     window_layers,
 )
+from pipeline.core.tokens import encode, subject_span
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, SUBJECT = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"

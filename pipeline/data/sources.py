@@ -1,6 +1,6 @@
 """Where data files come from: the data root, a download, or the samples bundled in `data/`.
 
-`python -m pipeline.sources` (`make data`) downloads the official ROME files into the data root,
+`python -m pipeline.data.sources` (`make data`) downloads the official ROME files into the data root,
 skipping what is already there.
 """
 
@@ -28,7 +28,7 @@ OFFICIAL_FILES = {
     "tfidf_vocab.json": ROME_BASE_URL + "tfidf_vocab.json",
     "zsre_mem_eval.json": ROME_BASE_URL + "zsre_mem_eval.json",
 }
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "samples"
+BUNDLED = Path(__file__).resolve().parents[2] / "data" / "samples"
 
 
 class DataNotFoundError(FileNotFoundError):

@@ -8,8 +8,6 @@ never test model names.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.core.files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def family_for(model_type: str) -> Family:
         supported = ", ".join(sorted(MODEL_TYPES))
         raise UnsupportedModelError(
             f"model_type '{model_type}' is not supported; supported model types: {supported}. "
-            "Add its module paths to pipeline.models.FAMILIES to support it."
+            "Add its module paths to pipeline.core.models.FAMILIES to support it."
         ) from None
 
 
@@ -161,6 +161,10 @@ class LoadedModel:
         weight = self.module("mlp_out", layer).weight
         return weight.T if self.family.mlp_out_transposed else weight
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's outputs: the final norm, then the unembedding."""
+        return self.module("unembed")(self.module("final_norm")(hidden))
+
 
 def wrap(model: nn.Module, tokenizer: Any, name: str = "model", source: str = "") -> LoadedModel:
     """Attach the family registry entry to an already-loaded transformers model."""
@@ -187,18 +191,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{dtype}'") from None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock so concurrent jobs build a shared cache entry once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_model(
@@ -351,7 +343,7 @@ def build_random(
 # --------------------------------------------------------------------------------------------
 # A GPT-2-style byte-level BPE tokenizer trained on the bundled text, for the random models.
 
-BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "samples"
+BUNDLED_TEXT = Path(__file__).resolve().parents[2] / "data" / "samples"
 SPECIAL = "<|endoftext|>"
 
 

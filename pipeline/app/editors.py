@@ -1,7 +1,7 @@
 """Editors from configuration: hyperparameters, key statistics and context templates.
 
 The stage-layer side of editing. It reads `cfg.editor`, `cfg.corpus` and `cfg.paths` and keeps
-files in `paths.cache`; `pipeline.rome` and `pipeline.second_moment` stay plain functions.
+files in `paths.cache`; `pipeline.core.editing.rome` and `pipeline.core.second_moment` stay plain functions.
 """
 
 from __future__ import annotations
@@ -10,16 +10,23 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import corpus, io
-from pipeline.models import LoadedModel, file_lock
-from pipeline.rome import RomeHparams, generate_context_templates
-from pipeline.second_moment import SecondMoment, StatsKey, cached_second_moment
+from pipeline.core import files
+from pipeline.core.editing import rome
+from pipeline.core.editing.requests import EditRequest, EditResult
+from pipeline.core.editing.rome import RomeHparams, compute_updates
+from pipeline.core.editing.templates import generate_context_templates
+from pipeline.core.editing.updates import preserved_weights
+from pipeline.core.files import file_lock
+from pipeline.core.models import LoadedModel
+from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moment
+from pipeline.data import corpus
+from pipeline.data.records import CounterfactCase
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
     path = Path(cache_dir) / "templates" / lm.name / f"{digest}.json"
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
-            return io.read_json(path)["templates"]
+            return files.read_json(path)["templates"]
         templates = generate_context_templates(
             lm,
             hparams.context_templates,
@@ -131,6 +138,55 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
             top_k=hparams.context_top_k,
             seed=hparams.context_seed,
         )
-        io.write_json(path, {"settings": settings, "templates": templates})
+        files.write_json(path, {"settings": settings, "templates": templates})
     log.info("context templates for %s cached at %s", lm.name, path)
     return templates
+
+
+class Editor:
+    """Updates for cases under the configured editor (`none` gives no updates)."""
+
+    def __init__(self, cfg: DictConfig, lm: LoadedModel):
+        self.name = cfg.editor.name
+        self.lm = lm
+        if self.name == "none":
+            return
+        self.hparams = rome_hparams(cfg.editor, lm.name)
+        self.second_moment = key_statistics(cfg, lm, self.hparams.layer)
+        self.templates = context_templates(cfg.paths.cache, lm, self.hparams)
+
+    def requests(self, cases: Sequence[CounterfactCase]) -> list[EditRequest]:
+        return [
+            EditRequest(c.template, c.subject, c.target_new, target_true=c.target_true, id=c.id)
+            for c in cases
+        ]
+
+    def updates(self, cases: Sequence[CounterfactCase]) -> list[EditResult | None]:
+        if self.name == "none":
+            return [None] * len(cases)
+        return compute_updates(
+            self.lm,
+            self.requests(cases),
+            self.hparams,
+            second_moment=self.second_moment,
+            context_templates=self.templates,
+            batch_size=len(cases),
+        )
+
+    def edit_sequentially(
+        self,
+        cases: Sequence[CounterfactCase],
+        on_checkpoint: Callable[[int, list[EditResult]], None],
+    ) -> list[EditResult]:
+        """Edit the cases one after another into the model, calling `on_checkpoint(done, results)`
+        after each; the model's weights are restored exactly afterwards."""
+        with preserved_weights(self.lm, [self.hparams.layer]):
+            return rome.edit_sequentially(
+                self.lm,
+                self.requests(cases),
+                self.hparams,
+                second_moment=self.second_moment,
+                context_templates=self.templates,
+                checkpoint_every=1,
+                on_checkpoint=on_checkpoint,
+            )

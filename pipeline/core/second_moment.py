@@ -19,7 +19,6 @@ same; merging the shards' sums reproduces the single job up to the order of floa
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,8 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.models import LoadedModel, file_lock
-from pipeline.tokens import right_pad
+from pipeline.core.files import file_lock
+from pipeline.core.hooks import StopForward, run_until_stopped
+from pipeline.core.models import LoadedModel
+from pipeline.core.tokens import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,6 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 # --------------------------------------------------------------------------------------------
 # Streaming accumulation
-
-
-class StopForward(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of the network."""
-
-
-def run_until_stopped(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> None:
-    """A forward pass that a hook may end early by raising StopForward (`inputs`: more model
-    arguments, e.g. position_ids and past_key_values)."""
-    with contextlib.suppress(StopForward):
-        lm.model(input_ids=ids, attention_mask=mask, **inputs)
 
 
 @torch.no_grad()

@@ -37,21 +37,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from pipeline.models import LoadedModel
-from pipeline.tracing.common import (
+from pipeline.core.hooks import StopForward, forward_hooks, main_output
+from pipeline.core.models import LoadedModel
+from pipeline.core.patching.common import (
     KINDS,
     SEVERED,
     Readout,
     answer_prob,
     corrupt_embeddings,
-    forward_hooks,
-    main_output,
     window_layers,
 )
-
-
-class _StopForward(Exception):
-    """Ends a forward pass once block 0's arguments are known."""
 
 
 class _KVCache:
@@ -98,12 +93,12 @@ def _capture_block_call(
 
     def grab(module, args, kwargs):
         seen["args"], seen["kwargs"] = args, dict(kwargs)
-        raise _StopForward
+        raise StopForward
 
     handle = lm.module("block", 0).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         lm.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -222,7 +217,7 @@ class FastTracer:
         }
 
     def _probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.module("unembed")(self.lm.module("final_norm")(hidden))
+        logits = self.lm.logits(hidden)
         return answer_prob(logits, self.readout.targets).cpu()
 
     def _call_for(self, token: int, length: int) -> _BlockCall:

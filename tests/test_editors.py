@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from pipeline import editor
-from pipeline.rome import RomeHparams
+from pipeline.app import editors
+from pipeline.core.editing.rome import RomeHparams
 from tests.conftest import ROOT, tiny_model
 
 
@@ -21,13 +21,13 @@ def config(*overrides: str):
 )
 def test_layer_presets(model, layer):
     cfg = config(f"model={model}")
-    assert editor.rome_hparams(cfg.editor, cfg.model.name).layer == layer
+    assert editors.rome_hparams(cfg.editor, cfg.model.name).layer == layer
 
 
 def test_rome_and_r_rome_differ_only_in_the_keys():
     rome_cfg, r_rome_cfg = config("editor=rome"), config("editor=r-rome")
-    rome_hp = editor.rome_hparams(rome_cfg.editor, "gpt2-xl")
-    r_rome_hp = editor.rome_hparams(r_rome_cfg.editor, "gpt2-xl")
+    rome_hp = editors.rome_hparams(rome_cfg.editor, "gpt2-xl")
+    r_rome_hp = editors.rome_hparams(r_rome_cfg.editor, "gpt2-xl")
     assert not rome_hp.consistent_keys and r_rome_hp.consistent_keys
     assert RomeHparams(**{**vars(r_rome_hp), "consistent_keys": False}) == rome_hp
     # The YAML holds the paper's values, which are also the dataclass defaults.
@@ -37,22 +37,22 @@ def test_rome_and_r_rome_differ_only_in_the_keys():
 def test_bad_editor_settings_are_named():
     cfg = config("model=gpt2")
     with pytest.raises(ValueError, match="no layer preset for model 'gpt2'"):
-        editor.rome_hparams(cfg.editor, cfg.model.name)
-    assert editor.rome_hparams(config("model=gpt2", "editor.layer=3").editor, "gpt2").layer == 3
+        editors.rome_hparams(cfg.editor, cfg.model.name)
+    assert editors.rome_hparams(config("model=gpt2", "editor.layer=3").editor, "gpt2").layer == 3
     with open_dict(cfg.editor):
         cfg.editor.v_learning_rate = 1.0
     with pytest.raises(ValueError, match="v_learning_rate"):
-        editor.rome_hparams(cfg.editor, "gpt2-xl")
+        editors.rome_hparams(cfg.editor, "gpt2-xl")
 
 
 def test_corpus_source(tmp_path):
     empty = config(f"corpus.local_dir={tmp_path}", "corpus.source=local")
     with pytest.raises(FileNotFoundError, match="no corpus files"):
-        editor.open_corpus(empty.corpus)
-    name, _ = editor.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
+        editors.open_corpus(empty.corpus)
+    name, _ = editors.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
     assert name == "wikitext-103-raw-v1"  # auto without local files: datasets
     (tmp_path / "a.txt").write_text("First paragraph of text.\n\nSecond paragraph.\n")
-    name, texts = editor.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
+    name, texts = editors.open_corpus(config(f"corpus.local_dir={tmp_path}").corpus)
     assert name == "wikipedia-local"
     assert list(texts()) == ["First paragraph of text.", "Second paragraph."]
 
@@ -60,13 +60,13 @@ def test_corpus_source(tmp_path):
 def test_context_templates_are_generated_once_per_model(tmp_path, monkeypatch):
     lm = tiny_model("tiny-gpt2")
     hp = RomeHparams(layer=1, context_templates=((3, 2),))
-    first = editor.context_templates(tmp_path, lm, hp)
+    first = editors.context_templates(tmp_path, lm, hp)
     assert len(first) == 3 and first[0] == "{}"
 
     def fail(*args, **kwargs):
         raise AssertionError("templates generated again")
 
-    monkeypatch.setattr(editor, "generate_context_templates", fail)
-    assert editor.context_templates(tmp_path, lm, hp) == first
+    monkeypatch.setattr(editors, "generate_context_templates", fail)
+    assert editors.context_templates(tmp_path, lm, hp) == first
     with pytest.raises(AssertionError):
-        editor.context_templates(tmp_path, lm, RomeHparams(layer=1, context_seed=1))
+        editors.context_templates(tmp_path, lm, RomeHparams(layer=1, context_seed=1))

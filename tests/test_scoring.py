@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from metrics.counterfact import case_metrics
-from pipeline import rome
-from pipeline.data import load_counterfact
-from pipeline.evaluation import generate, score_cases, target_nlls
-from pipeline.rome import RomeHparams
-from pipeline.second_moment import second_moment
-from pipeline.tokens import encode, target_ids
+from pipeline.core import editing
+from pipeline.core.editing import rome
+from pipeline.core.editing.rome import RomeHparams
+from pipeline.core.scoring import generate, score_cases, target_nlls
+from pipeline.core.second_moment import second_moment
+from pipeline.core.tokens import encode, target_ids
+from pipeline.data.records import load_counterfact
 from tests.conftest import ROOT, tiny_model
 
 CASES = load_counterfact(ROOT / "data/samples/counterfact-edit_sample.json", limit=4).records
@@ -25,7 +26,7 @@ def edited_cases(request):
     lm = tiny_model(request.param)
     stat = second_moment(lm, 1, [c.prompt for c in CASES] * 5, progress=False)
     hp = RomeHparams(layer=1, v_num_grad_steps=4, context_templates=((3, 2),))
-    requests = [rome.EditRequest(c.template, c.subject, c.target_new) for c in CASES]
+    requests = [editing.EditRequest(c.template, c.subject, c.target_new) for c in CASES]
     results = rome.compute_updates(lm, requests, hp, second_moment=stat)
     assert all(r.ok for r in results)
     return lm, [r.update for r in results]
@@ -52,7 +53,7 @@ def test_batched_cases_equal_one_at_a_time_with_edited_weights(edited_cases):
         if update is None:
             (alone,) = score_cases(lm, [case])
         else:
-            with rome.edited(lm, [update]):
+            with editing.edited(lm, [update]):
                 (alone,) = score_cases(lm, [case])
         for kind, pairs in alone.items():
             for got in (batched[index][kind], small[index][kind]):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data import KnownFact
-from pipeline.models import LoadedModel
-from pipeline.tokens import encode, right_pad, target_ids
+from pipeline.core.models import LoadedModel
+from pipeline.core.tokens import encode, right_pad, target_ids
+from pipeline.data.records import KnownFact
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import io, tracking
-from pipeline.models import LoadedModel, load_model
+from pipeline.app import tracking
+from pipeline.core import files
+from pipeline.core.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 PACKAGES = (
     "torch",
     "transformers",
@@ -58,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 
 def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
         try:
@@ -147,8 +148,8 @@ class Run:
         self.started = time.time()
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        io.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        io.write_json(
+        files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        files.write_json(
             self.out_dir / "run.json",
             {
                 "stage": stage,
@@ -191,7 +192,7 @@ class Run:
         return self.out_dir / name
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return io.write_json(self.out_dir / name, obj)
+        return files.write_json(self.out_dir / name, obj)
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """`summary.json` holds the headline numbers; the tracker gets the same."""

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.models import LoadedModel
-from pipeline.tracing.common import (
+from pipeline.core.hooks import forward_hooks, main_output
+from pipeline.core.models import LoadedModel
+from pipeline.core.patching.common import (
     SEVERED,
     Readout,
     answer_prob,
     corrupt_embeddings,
-    forward_hooks,
-    main_output,
     window_layers,
 )
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.models import LoadedModel
-from pipeline.tokens import encode, subject_span
+from pipeline.core.hooks import forward_hooks
+from pipeline.core.models import LoadedModel
+from pipeline.core.tokens import encode, subject_span
 
 KINDS = ("hidden", "mlp", "attn")
 DISTRIBUTIONS = ("gaussian", "uniform")
@@ -115,22 +116,6 @@ def answer_prob(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
     index = torch.as_tensor(targets, device=logits.device)
     picked = log_probs[:, torch.arange(len(targets), device=logits.device), index]
     return picked.mean(-1).exp()
-
-
-def main_output(output):
-    """Blocks and attention modules return tuples; the hidden state comes first."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextlib.contextmanager
-def forward_hooks(pairs: Iterable[tuple[torch.nn.Module, object]]):
-    """Register (module, hook) forward hooks for the duration of the block."""
-    handles = [module.register_forward_hook(hook) for module, hook in pairs]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def corrupt_embeddings(

@@ -1,0 +1,94 @@
+"""Fluency (GE) and consistency (RS) of the cases' generations, under each case's edit.
+
+The formulas are in `metrics.generation`; this module samples the texts and finds the reference
+text about each new target that RS compares them with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from metrics import generation as gen
+from pipeline.core.editing.requests import EditResult, update_of
+from pipeline.core.models import LoadedModel
+from pipeline.core.scoring import generate
+from pipeline.data.records import CounterfactCase
+
+
+def generation_metrics(
+    lm: LoadedModel,
+    cases: Sequence[CounterfactCase],
+    results: Sequence[EditResult | None],
+    cfg: DictConfig,
+    references: Reference,
+) -> list[dict[str, Any]]:
+    """GE and RS per case from top-k samples of its generation prompts, under its update."""
+    prompts, owners = [], []
+    for index, case in enumerate(cases):
+        prompts += case.generation_prompts
+        owners += [index] * len(case.generation_prompts)
+    updates = [update_of(results[i]) for i in owners]
+    texts = generate(
+        lm,
+        prompts,
+        updates=updates,
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        top_k=int(cfg.eval.top_k),
+        seed=int(cfg.seed) + int(cases[0].id),
+    )
+    out = []
+    for index, case in enumerate(cases):
+        mine = [t for t, owner in zip(texts, owners, strict=True) if owner == index]
+        out.append(
+            {
+                "texts": mine,
+                "GE": gen.fluency(mine),
+                "RS": gen.consistency(references.tfidf, mine, references.texts_about(case)),
+            }
+        )
+    return out
+
+
+class Reference:
+    """Reference text about each new target, and the tf-idf it is compared with (RS).
+
+    ROME's files (`attribute_snippets.json`, `idf.npy`, `tfidf_vocab.json` in the data root) when
+    present; otherwise the idf is fitted on the cases' prompts and the references are the other
+    cases' prompts with the same new target (a weaker stand-in, reported as such).
+    """
+
+    def __init__(self, data_root: Path, cases: Sequence[CounterfactCase]):
+        snippets, idf, vocab = (
+            data_root / name for name in ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json")
+        )
+        if snippets.exists() and idf.exists() and vocab.exists():
+            self.source = "ROME attribute snippets and tf-idf"
+            self.tfidf = gen.TfIdf(json.loads(vocab.read_text()), np.load(idf))
+            self.snippets: dict[tuple[str, str], list[str]] = {}
+            for entry in json.loads(snippets.read_text()):
+                key = (entry["relation_id"], entry["target_id"])
+                self.snippets.setdefault(key, []).extend(s["text"] for s in entry["samples"])
+            return
+        self.source = (
+            "stand-in: idf fitted on the cases' prompts; other cases' prompts as references"
+        )
+        self.snippets = None
+        documents = [p for c in cases for p in (c.prompt, *c.generation_prompts)]
+        self.tfidf = gen.TfIdf.fit(documents)
+        self.by_target: dict[str, list[tuple[int, str]]] = {}
+        for case in cases:
+            for prompt in (case.prompt, *case.paraphrase_prompts):
+                self.by_target.setdefault(case.target_new, []).append(
+                    (case.id, f"{prompt} {case.target_new}")
+                )
+
+    def texts_about(self, case: CounterfactCase) -> list[str]:
+        if self.snippets is not None:
+            return self.snippets.get((case.relation_id, case.target_new_id), [])
+        return [text for owner, text in self.by_target.get(case.target_new, []) if owner != case.id]

@@ -1,0 +1,139 @@
+"""Evaluation results on disk: one JSONL line per finished case, and their summaries.
+
+Lines are appended and fsynced, so a killed run loses at most the line it was writing, and a torn
+last line is ignored on reading. `PreCache` keeps the unedited model's scores per case, shared by
+every editor's run of a model and data set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metrics import counterfact as cf
+from metrics.intervals import mean_ci
+from pipeline.core.editing.requests import EditResult
+from pipeline.core.files import file_lock
+from pipeline.core.models import LoadedModel
+from pipeline.core.scoring import score_cases
+from pipeline.data.records import CounterfactCase
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every complete line of the files; a torn last line (a killed run) is ignored."""
+    rows = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("ignoring an incomplete line in %s", path)
+    return rows
+
+
+def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(row) + "\n" for row in rows)
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:  # a torn last line from a killed run: start a fresh line
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write(data.encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def case_record(
+    case: CounterfactCase,
+    pre: dict[str, Any],
+    post: dict[str, Any],
+    result: EditResult | None,
+    seconds: float,
+) -> dict[str, Any]:
+    record = {
+        "id": case.id,
+        "subject": case.subject,
+        "target_new": case.target_new,
+        "target_true": case.target_true,
+        "pre": pre,
+        "post": post,
+        "seconds": round(seconds, 3),
+    }
+    if result is not None:
+        record["edit"] = {
+            "ok": result.ok,
+            "error": None if result.ok else result.error.reason,
+            "steps": result.steps,
+            "target_nll": result.target_nll,
+            "update_norm": result.info.get("update_norm"),
+        }
+    return record
+
+
+def scored(probs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
+    return {"probs": probs, "metrics": cf.case_metrics(probs)}
+
+
+class PreCache:
+    """Unedited scores per case id, shared by every editor's run of this model and data."""
+
+    def __init__(self, directory: Path, tag: str):
+        self.path = directory / f"pre-{tag}.jsonl"
+        self.rows = {r["id"]: r for r in read_jsonl(sorted(directory.glob("pre-*.jsonl")))}
+
+    def get(self, lm: LoadedModel, cases: Sequence[CounterfactCase], rows_per_pass: int) -> list:
+        missing = [c for c in cases if c.id not in self.rows]
+        if missing:
+            fresh = score_cases(lm, missing, batch_size=rows_per_pass)
+            new_rows = [{"id": c.id, **scored(p)} for c, p in zip(missing, fresh, strict=True)]
+            with file_lock(self.path.with_suffix(".lock")):  # jobs of a sweep share the file
+                append_jsonl(self.path, new_rows)
+            self.rows.update({r["id"]: r for r in new_rows})
+        return [{k: v for k, v in self.rows[c.id].items() if k != "id"} for c in cases]
+
+
+def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {"n_cases": len(records)}
+    for phase in ("pre", "post"):
+        out[phase] = cf.summarize([r[phase]["metrics"] for r in records], seed=seed)
+        for name in ("GE", "RS"):
+            values = [
+                r[phase][name] for r in records if not math.isnan(r[phase].get(name, math.nan))
+            ]
+            if values:
+                out[phase][name] = mean_ci(values)
+                if name == "RS":
+                    out[phase][name] = {
+                        k: v * 100 if k != "n" else v for k, v in out[phase][name].items()
+                    }
+    edits = [r["edit"] for r in records if "edit" in r]
+    if edits:
+        out["edits"] = {
+            "ok": sum(e["ok"] for e in edits),
+            "failed": sum(not e["ok"] for e in edits),
+            "errors": sorted({e["error"] for e in edits if e["error"]})[:20],
+            "mean_steps": float(np.mean([e["steps"] for e in edits])),
+        }
+    out["seconds_per_case"] = float(np.mean([r["seconds"] for r in records])) if records else None
+    return out
+
+
+def headline(summary: dict[str, Any]) -> str:
+    def row(phase):
+        s = summary[phase]
+        return " ".join(
+            f"{k}={s[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS", "EM", "PM", "NM")
+        )
+
+    return f"pre:  {row('pre')}\npost: {row('post')}  (n={summary['n_cases']})"

@@ -1,0 +1,36 @@
+"""Knowledge editing, split by concept so every editor reuses the same parts:
+
+requests    EditRequest / EditResult, validation shared by every editor
+templates   context templates the model writes itself
+keys        keys at the rewritten projection, the second-moment solve (C⁻¹ k)
+prefixes    what the value optimisation computes once (δ cannot change it)
+values      the target-value optimisation (ROME's v*, MEMIT's z)
+updates     update algebra: apply, restore bit-for-bit, per-example hooks
+sequential  edits accumulating in one model, with checkpoints
+rome        ROME and r-ROME on top of them
+"""
+
+from pipeline.core.editing.requests import EditRequest, EditRequestError, EditResult
+from pipeline.core.editing.templates import generate_context_templates, templates_for
+from pipeline.core.editing.updates import (
+    PerExampleEdits,
+    RankOneUpdate,
+    Update,
+    apply_update,
+    edited,
+    preserved_weights,
+)
+
+__all__ = [
+    "EditRequest",
+    "EditRequestError",
+    "EditResult",
+    "PerExampleEdits",
+    "RankOneUpdate",
+    "Update",
+    "apply_update",
+    "edited",
+    "generate_context_templates",
+    "preserved_weights",
+    "templates_for",
+]

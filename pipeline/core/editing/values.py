@@ -1,0 +1,255 @@
+"""The target-value optimisation (ROME's v*, MEMIT's z): one residual δ per request.
+
+δ is added to one module's output (`ValueOptions.site` at `layer`: the MLP output projection for
+ROME, the block output for MEMIT) at the subject's last token of every (context + prompt) row, and
+optimised with Adam so the rows predict the new target, while a KL term on the "{} is a" prompts
+keeps what the subject is:
+
+    loss(δ) = mean NLL(target) + kl_factor · KL(P_δ ‖ P_0) + weight_decay · ‖δ‖ / ‖v₀‖²
+    ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖   (v₀: the module's original output for the reference key)
+
+Requests in a batch are independent (own δ, own Adam state, own early stop); only what δ changes
+is computed at each step (`pipeline.core.editing.prefixes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.editing.prefixes import Frozen, replaying, suffix_inputs
+from pipeline.core.editing.requests import PreparedRequest
+from pipeline.core.hooks import main_output, output_of
+from pipeline.core.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class ValueOptions:
+    """Where δ enters and how it is optimised (ROME's v_* hyperparameters, MEMIT's alike)."""
+
+    layer: int  # δ is added to the output of `site` at this layer
+    site: str = "mlp_out"  # a module kind of the family registry: mlp_out (ROME) or block (MEMIT)
+    loss_layer: int = -1  # the logits are read after this block (-1: the model's output)
+    steps: int = 20  # forward passes; the last one only measures (at most steps - 1 updates)
+    lr: float = 5e-1
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖original output‖
+    kl_factor: float = 0.0625
+    early_stop_nll: float = 5e-2  # a request stops once its target NLL is below this
+    whole_rows: bool = False  # True: every row whole at every step (the reference protocol)
+
+
+def _adder(rows: torch.Tensor, cols: torch.Tensor, deltas: torch.Tensor):
+    """A forward hook adding deltas[i] to the output at (rows[i], cols[i])."""
+
+    def add_delta(module, args, output):
+        hidden = main_output(output)
+        changed = hidden.index_put((rows, cols), deltas.to(hidden.dtype), accumulate=True)
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
+
+    return add_delta
+
+
+@dataclass
+class Rows:
+    """The v* optimisation's rows, fixed for the whole optimisation.
+
+    Row i is tokens[i] (context + prompt + target[:-1], or a KL prompt) of request owner[i]; δ is
+    added at column subject[i]. Everything before that column is untouched by δ (causal
+    attention), so the first `split[i]` tokens can run once (`Prefixes`) and only the rest at
+    every step. Rows with one `label` (one context template, or one KL prompt) start alike. The
+    loss reads `reads` = (row, column, request), first the NLL reads (predicting `nll_tokens`),
+    then the KL reads (the KL prompts' last tokens). `context_rows[r]` are request r's context
+    rows, in template order.
+    """
+
+    tokens: list[list[int]] = field(default_factory=list)
+    subject: list[int] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)
+    split: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    context_rows: list[list[int]] = field(default_factory=list)
+    nll_reads: list[tuple[int, int, int]] = field(default_factory=list)
+    nll_tokens: list[int] = field(default_factory=list)
+    kl_reads: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, prepared: Sequence[PreparedRequest], whole_rows: bool) -> Rows:
+        rows = cls()
+
+        def add(tokens: list[int], subject: int, owner: int, label: int) -> int:
+            rows.tokens.append(tokens)
+            rows.subject.append(subject)
+            rows.owner.append(owner)
+            rows.split.append(0 if whole_rows else subject)
+            rows.label.append(label)
+            return len(rows.tokens) - 1
+
+        for r, p in enumerate(prepared):
+            rows.context_rows.append([])
+            for t, (tokens, pos) in enumerate(zip(p.contexts, p.context_subject, strict=True)):
+                row = add(tokens + p.target[:-1], pos, r, t)
+                rows.context_rows[r].append(row)
+                first = len(tokens) - 1  # the logits there predict the first target token
+                rows.nll_reads += [(row, first + i, r) for i in range(len(p.target))]
+                rows.nll_tokens += p.target
+            for k, (tokens, pos) in enumerate(zip(p.kl, p.kl_subject, strict=True)):
+                row = add(tokens, pos, r, len(p.contexts) + k)
+                rows.kl_reads.append((row, len(tokens) - 1, r))
+        return rows
+
+    def suffix_length(self, row: int) -> int:
+        return len(self.tokens[row]) - self.split[row]
+
+    def groups(self, rows: Sequence[int], whole_rows: bool) -> list[list[int]]:
+        """The rows to run together at a step: rows of one length, so that nothing is padded
+        (suffixes are short, 3 tokens on average for CounterFact and up to ~8: padding all to the
+        longest would double the work). A group under `GROUP_TOKENS` tokens takes the next
+        length in too, since many small passes cost more than a little padding."""
+        if whole_rows:
+            return [list(rows)]
+        groups: list[list[int]] = []
+        current: list[int] = []
+        tokens = 0  # in current
+        for row in sorted(rows, key=self.suffix_length):
+            length = self.suffix_length(row)
+            if current and length > self.suffix_length(current[-1]) and tokens >= GROUP_TOKENS:
+                groups.append(current)
+                current, tokens = [], 0
+            current.append(row)
+            tokens += length
+        return [*groups, current] if current else groups
+
+
+GROUP_TOKENS = 64
+
+
+def _run_rows(
+    lm: LoadedModel,
+    opts: ValueOptions,
+    rows: Rows,
+    frozen: Frozen | None,
+    members: list[int],
+    deltas: torch.Tensor,
+) -> torch.Tensor:
+    """Block outputs at `opts.loss_layer` for the given rows' tokens after their split, with
+    deltas[i] added to the projection's output at row members[i]'s subject: (rows, width, d)."""
+    device = lm.device
+    ids, mask, inputs = suffix_inputs(lm, rows, frozen and frozen.prefixes, members)
+    columns = torch.as_tensor([rows.subject[r] - rows.split[r] for r in members], device=device)
+    replay = contextlib.nullcontext()
+    if frozen is not None and frozen.block_inputs is not None:
+        state = frozen.block_inputs[torch.as_tensor(members, device=device), : ids.shape[1]]
+        below = [lm.module("block", i) for i in range(frozen.layer)]
+        replay = replaying(below, frozen.block_output(state))
+    handle = lm.module(opts.site, opts.layer).register_forward_hook(
+        _adder(torch.arange(len(members), device=device), columns, deltas)
+    )
+    try:
+        with torch.enable_grad(), replay:
+            return output_of(lm, lm.module("block", opts.loss_layer), ids, mask, **inputs)
+    finally:
+        handle.remove()
+
+
+def optimise_values(
+    lm: LoadedModel,
+    rows: Rows,
+    frozen: Frozen | None,
+    reference_outputs: torch.Tensor,
+    opts: ValueOptions,
+) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Optimise one residual δ per request (rows of a (B, out) tensor), all in one batch.
+
+    Each request contributes its (context + prompt + target[:-1]) rows, teacher-forced on the
+    target, and its KL rows; every row adds its own request's δ to the projection's output at
+    the subject's last token. Requests are independent: their losses are summed, each has its own
+    Adam state, and a request leaves the batch as soon as its target NLL is low enough. With
+    `frozen` (see `Frozen`), only what δ changes runs at each step; without, whole rows.
+    """
+    n_req = len(rows.context_rows)
+    device = lm.device
+    dim = reference_outputs.shape[1]
+    deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in range(n_req)]
+    optimisers = [torch.optim.Adam([d], lr=opts.lr) for d in deltas]
+    max_norms = opts.clamp_norm_factor * reference_outputs.norm(dim=-1)
+    ref_sq = reference_outputs.norm(dim=-1) ** 2
+    split = torch.as_tensor(rows.split, device=device)
+    nll_reads = torch.as_tensor(rows.nll_reads, device=device).view(-1, 3)
+    nll_tokens = torch.as_tensor(rows.nll_tokens, device=device)
+    kl_reads = torch.as_tensor(rows.kl_reads, device=device).view(-1, 3)
+    kl_init = None  # the KL prompts' original distributions (δ = 0), one per KL read
+    nlls = [float("nan")] * n_req
+    steps = [0] * n_req
+    active = list(range(n_req))
+
+    for iteration in range(opts.steps):
+        is_active = torch.zeros(n_req, dtype=torch.bool, device=device)
+        is_active[active] = True
+        slot = torch.full((n_req,), -1, device=device)  # request -> its slot among the active
+        slot[active] = torch.arange(len(active), device=device)
+        active_deltas = torch.stack([deltas[r] for r in active])
+        # The NLL reads, then the KL reads, of the requests still optimising.
+        nll_mask, kl_mask = is_active[nll_reads[:, 2]], is_active[kl_reads[:, 2]]
+        reads = torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]])
+        group_of = torch.full((len(rows.tokens),), -1, device=device)
+        place = torch.zeros(len(rows.tokens), dtype=torch.long, device=device)
+        states, order = [], []
+        still = set(active)
+        active_rows = [row for row, owner in enumerate(rows.owner) if owner in still]
+        for g, members in enumerate(rows.groups(active_rows, opts.whole_rows)):
+            index = torch.as_tensor(members, device=device)
+            group_of[index] = g
+            place[index] = torch.arange(len(members), device=device)
+            owners = slot[torch.as_tensor([rows.owner[r] for r in members], device=device)]
+            hidden = _run_rows(lm, opts, rows, frozen, members, active_deltas[owners])
+            in_group = (group_of[reads[:, 0]] == g).nonzero().squeeze(-1)
+            r, c = reads[in_group, 0], reads[in_group, 1]
+            states.append(hidden[place[r], c - split[r]])
+            order.append(in_group)
+        states = torch.cat(states)[torch.argsort(torch.cat(order))]
+        logits = lm.logits(states).float()
+
+        owner = slot[reads[:, 2]]
+        n_active, n_nll = len(active), int(nll_mask.sum())
+        # Fused log-softmax + NLL: no (reads, vocab) log-probabilities to keep for backward.
+        token_nll = F.cross_entropy(logits[:n_nll], nll_tokens[nll_mask], reduction="none")
+        per_request = torch.zeros(n_active, device=device).index_add(0, owner[:n_nll], token_nll)
+        nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
+        kl_log_probs, kl_owner = logits[n_nll:].log_softmax(-1), owner[n_nll:]
+        if kl_init is None:  # iteration 0: δ is still zero, the original distributions
+            kl_init = kl_log_probs.detach()
+        # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
+        kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_mask])).sum(-1)
+        kl = torch.zeros(n_active, device=device).index_add(0, kl_owner, kl_terms)
+        kl = kl / torch.bincount(kl_owner, minlength=n_active)
+        norms = torch.stack([deltas[r].norm() for r in active])
+        decay = opts.weight_decay * norms / ref_sq[active]
+        loss = (nll + opts.kl_factor * kl + decay).sum()  # requests are independent
+
+        finished = set()
+        for s, r in enumerate(active):
+            nlls[r] = float(nll[s].detach())
+            if nlls[r] < opts.early_stop_nll or iteration == opts.steps - 1:
+                finished.add(r)
+        if iteration == opts.steps - 1:
+            break
+        loss.backward()
+        for r in active:
+            if r in finished:
+                continue
+            optimisers[r].step()
+            optimisers[r].zero_grad(set_to_none=True)
+            steps[r] += 1
+            with torch.no_grad():
+                norm = deltas[r].norm()
+                if norm > max_norms[r]:
+                    deltas[r].mul_(max_norms[r] / norm)
+        active = [r for r in active if r not in finished]
+        if not active:
+            break
+    return torch.stack([d.detach() for d in deltas]), nlls, steps
