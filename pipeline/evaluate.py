@@ -15,6 +15,7 @@ model and cached under `pre_dir`, for every editor. Each finished case is one li
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import counterfact as cf
-from pipeline.app.editors import Editor
+from pipeline.app.editors import CaseEditor
 from pipeline.app.generation_scores import Reference, generation_metrics
 from pipeline.app.results import (
     PreCache,
@@ -37,7 +38,9 @@ from pipeline.app.results import (
     summarize_records,
 )
 from pipeline.app.stage import Run, require_complete, stage
+from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
+from pipeline.core.editing.updates import edited
 from pipeline.core.models import LoadedModel
 from pipeline.core.scoring import score_cases
 from pipeline.data.records import CounterfactCase, load_counterfact, missing_by_shard, take_shard
@@ -69,8 +72,13 @@ def main(cfg: DictConfig, run: Run) -> None:
         elif cfg.eval.mode == "sequential":
             run_sequential(cfg, run, lm, cases)
             return
+        elif cfg.eval.mode == "mass":
+            run_mass(cfg, run, lm, cases)
+            return
         else:
-            raise ValueError(f"eval.mode must be independent or sequential, got {cfg.eval.mode!r}")
+            raise ValueError(
+                f"eval.mode must be independent, mass or sequential, got {cfg.eval.mode!r}"
+            )
         if count > 1:
             print(
                 f"shard {index} of {count} done; when all are, combine them with\n"
@@ -142,7 +150,7 @@ def run_independent(
     log.info("%d cases in this shard, %d already evaluated", len(cases), len(cases) - len(todo))
     if not todo:
         return
-    editor = Editor(cfg, lm)
+    editor = CaseEditor(cfg, lm)
     pre_cache = PreCache(Path(cfg.pre_dir), tag)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     with_generation = cfg.eval.generation is True or (
@@ -178,9 +186,9 @@ def run_sequential(
     cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[CounterfactCase]
 ) -> None:
     """Edits accumulate; after each checkpoint every case edited so far is scored again."""
-    editor = Editor(cfg, lm)
-    if editor.name == "none":
-        raise ValueError("sequential mode needs an editor (editor=rome or r-rome)")
+    editor = CaseEditor(cfg, lm)
+    if editor.editor is None:
+        raise ValueError("sequential mode needs an editor (editor=rome, memit, ...)")
     checkpoints = sorted(
         {int(n) for n in cfg.eval.checkpoints if int(n) <= len(cases)} | {len(cases)}
     )
@@ -202,9 +210,57 @@ def run_sequential(
             + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
         )
 
-    editor.edit_sequentially(cases, on_checkpoint)
+    editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch))
     run.write_summary(
         {"mode": "sequential", "model": cfg.model.name, "editor": editor.name, "checkpoints": curve}
+    )
+
+
+def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[CounterfactCase]) -> None:
+    """For each N of `eval.mass_sizes`: the first N cases written in one joint edit, then all N
+    scored on the edited model (`mass-<N>.jsonl`, and the curve in `mass.json`). A rerun skips
+    the sizes already done."""
+    editor = CaseEditor(cfg, lm)
+    if editor.editor is None:
+        raise ValueError("mass mode needs an editor (editor=memit, rome, ...)")
+    sizes = sorted({int(n) for n in cfg.eval.mass_sizes if int(n) <= len(cases)})
+    if not sizes:
+        raise ValueError(
+            f"eval.mass_sizes {list(cfg.eval.mass_sizes)}: none fits {len(cases)} cases"
+        )
+    pre_cache = PreCache(Path(cfg.pre_dir), "mass")
+    rows_per_pass = int(cfg.eval.rows_per_pass)
+    saved = run.path("mass.json")
+    curve = files.read_json(saved)["curve"] if saved.exists() else []
+    done = {point["size"] for point in curve}
+    for n in sizes:
+        if n in done:
+            continue
+        batch = cases[:n]
+        started = time.perf_counter()
+        edit = editor.mass(batch)
+        edit_seconds = time.perf_counter() - started
+        pre = pre_cache.get(lm, batch, rows_per_pass)
+        with edited(lm, [edit.updates]):
+            post = [scored(p) for p in score_cases(lm, batch, batch_size=rows_per_pass)]
+        seconds = time.perf_counter() - started
+        records = [
+            case_record(c, p, q, r, seconds / n)
+            for c, p, q, r in zip(batch, pre, post, edit.results, strict=True)
+        ]
+        files.atomic_write(
+            run.path(f"mass-{n}.jsonl"), "".join(json.dumps(r) + "\n" for r in records)
+        )
+        summary = summarize_records(records, seed=int(cfg.seed))
+        point = {"size": n, "edit_seconds": round(edit_seconds, 2), **summary}
+        curve = sorted([*curve, point], key=lambda point: point["size"])
+        files.write_json(saved, {"curve": curve})
+        run.tracker.log(
+            {f"mass/{k}": summary["post"][k]["mean"] for k in ("S", "ES", "PS", "NS")}, step=n
+        )
+        print(f"{n} edits at once ({edit_seconds:.0f} s): " + headline(summary).split("\n")[1])
+    run.write_summary(
+        {"mode": "mass", "model": cfg.model.name, "editor": editor.name, "curve": curve}
     )
 
 

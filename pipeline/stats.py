@@ -17,7 +17,7 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline.app.editors import edit_layer, key_statistics, stats_key
+from pipeline.app.editors import edit_layers, key_statistics, stats_key
 from pipeline.app.stage import Run, stage
 from pipeline.core.second_moment import merge_shards
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @stage("stats")
 def main(cfg: DictConfig, run: Run) -> None:
     lm = run.load_model()
-    layers = list(cfg.layers) if cfg.layers is not None else [edit_layer(cfg.editor, lm.name)]
+    layers = list(cfg.layers) if cfg.layers is not None else edit_layers(cfg.editor, lm.name)
     index, count = int(cfg.shard.index), int(cfg.shard.count)
     rows = []
     for layer in layers:

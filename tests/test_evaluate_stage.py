@@ -117,7 +117,7 @@ def test_rome_schema_with_generation_and_the_unedited_row(tmp_path):
 
 def test_sequential_edits_report_each_checkpoint(tmp_path):
     evaluate(tmp_path, "eval.mode=sequential", "data.limit=3", "eval.checkpoints=[1,2]")
-    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome"
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/sequential"
     curve = json.loads((out / "sequential.json").read_text())["checkpoints"]
     assert [row["edits"] for row in curve] == [1, 2, 3]
     assert curve[-1]["ES"]["n"] == 3

@@ -134,7 +134,9 @@ def test_fast_runs_in_bfloat16():
     for kind in KINDS:
         assert fast[kind].restored.dtype == torch.float32
         torch.testing.assert_close(fast[kind].restored, ref[kind].restored, atol=2e-2, rtol=0)
-        assert ref[kind].effect.abs().max() > 0.04
+        # Effects larger than the tolerance, so the comparison cannot pass by accident (the MLP
+        # kind's peak is 0.0385 with torch 2.13's CPU bf16 kernels).
+        assert ref[kind].effect.abs().max() > 3e-2
 
 
 def test_severed_fast_matches_reference(tiny):

@@ -1,7 +1,9 @@
-"""Editors from configuration: hyperparameters, key statistics and context templates.
+"""Editors from configuration: the registry of editors, their hyperparameters, key statistics
+and context templates, and the protocols applied to CounterFact cases.
 
 The stage-layer side of editing. It reads `cfg.editor`, `cfg.corpus` and `cfg.paths` and keeps
-files in `paths.cache`; `pipeline.core.editing.rome` and `pipeline.core.second_moment` stay plain functions.
+files in `paths.cache`; the editors themselves (`pipeline.core.editing`) stay plain algorithms.
+A new editor is one entry in `EDITORS` and a `conf/editor/<name>.yaml`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.core import files
-from pipeline.core.editing import rome
+from pipeline.core.editing import sequential
+from pipeline.core.editing.alphaedit import AlphaEdit, AlphaEditHparams
+from pipeline.core.editing.editor import Editor, JointEdit
+from pipeline.core.editing.emmet import Emmet, EmmetHparams
+from pipeline.core.editing.memit import Memit, MemitHparams
 from pipeline.core.editing.requests import EditRequest, EditResult
-from pipeline.core.editing.rome import RomeHparams, compute_updates
+from pipeline.core.editing.rome import Rome, RomeHparams
 from pipeline.core.editing.templates import generate_context_templates
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
@@ -30,36 +37,99 @@ from pipeline.data.records import CounterfactCase
 
 log = logging.getLogger(__name__)
 
-ROME_EDITORS = ("rome", "r-rome")
 TextSource = Callable[[], Iterable[str]]
 
 
+@dataclass(frozen=True)
+class EditorSpec:
+    """How a `conf/editor/<name>.yaml` becomes an editor: its hyperparameter class, the field
+    that takes the edited layer(s), and how to build it from its statistics and templates."""
+
+    hparams: type
+    layer_field: str  # "layer" (one int) or "layers" (a list)
+    build: Callable[..., Editor]  # (lm, hparams, statistics: layer -> C, templates) -> Editor
+
+
+def _rome(lm, hp, statistics, templates, batch_size):
+    return Rome(
+        lm,
+        hp,
+        second_moment=statistics(hp.layer),
+        context_templates=templates,
+        batch_size=batch_size,
+    )
+
+
+def _memit_family(kind: type[Memit]):
+    def build(lm, hp, statistics, templates, batch_size):
+        moments = {layer: statistics(layer) for layer in hp.layers}
+        return kind(lm, hp, second_moments=moments, context_templates=templates)
+
+    return build
+
+
+EDITORS: dict[str, EditorSpec] = {
+    "rome": EditorSpec(RomeHparams, "layer", _rome),
+    "r-rome": EditorSpec(RomeHparams, "layer", _rome),
+    "memit": EditorSpec(MemitHparams, "layers", _memit_family(Memit)),
+    "emmet": EditorSpec(EmmetHparams, "layers", _memit_family(Emmet)),
+    "alphaedit": EditorSpec(AlphaEditHparams, "layers", _memit_family(AlphaEdit)),
+}
+STAGE_KEYS = {"name", "layer", "layers", "per_model", "batch_size", "mom2"}  # read here, not by the algorithm
+
+
+def spec(editor: DictConfig) -> EditorSpec:
+    if editor.name not in EDITORS:
+        raise ValueError(f"unknown editor '{editor.name}'; known: none, {', '.join(EDITORS)}")
+    return EDITORS[editor.name]
+
+
+def edit_layers(editor: DictConfig, model_name: str) -> list[int]:
+    """`editor.layer` (an int, or a list for multi-layer editors) if set, else the editor's
+    preset for this model in `editor.layers`."""
+    chosen = editor.get("layer")
+    if chosen is None:
+        presets = editor.get("layers") or {}
+        if model_name not in presets:
+            raise ValueError(
+                f"editor '{editor.name}' has no layer preset for model '{model_name}' "
+                f"(presets: {sorted(presets)}); choose with editor.layer=N (or a list)"
+            )
+        chosen = presets[model_name]
+    return (
+        [int(x) for x in chosen] if isinstance(chosen, (list, tuple, ListConfig)) else [int(chosen)]
+    )
+
+
 def edit_layer(editor: DictConfig, model_name: str) -> int:
-    """`editor.layer` if set, else the editor's preset for this model."""
-    if editor.get("layer") is not None:
-        return int(editor.layer)
-    presets = editor.get("layers") or {}
-    if model_name not in presets:
-        raise ValueError(
-            f"editor '{editor.name}' has no layer preset for model '{model_name}' "
-            f"(presets: {sorted(presets)}); choose one with editor.layer=N"
-        )
-    return int(presets[model_name])
+    """The single layer a one-layer editor (ROME, r-ROME) edits."""
+    layers = edit_layers(editor, model_name)
+    if len(layers) != 1:
+        raise ValueError(f"editor '{editor.name}' edits one layer, got {layers}")
+    return layers[0]
+
+
+def editor_hparams(editor: DictConfig, model_name: str):
+    """The editor's hyperparameters from its config; unknown keys there are an error."""
+    kind = spec(editor)
+    fields = {f.name for f in dataclasses.fields(kind.hparams)}
+    settings = OmegaConf.to_container(editor, resolve=True)
+    unknown = set(settings) - fields - STAGE_KEYS
+    if unknown:
+        raise ValueError(f"unknown editor settings {sorted(unknown)} in editor '{editor.name}'")
+    values = {key: value for key, value in settings.items() if key in fields - {"layer", "layers"}}
+    layers = edit_layers(editor, model_name)
+    values[kind.layer_field] = (
+        layers if kind.layer_field == "layers" else edit_layer(editor, model_name)
+    )
+    return kind.hparams(**values)
 
 
 def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
-    """RomeHparams from `conf/editor/{rome,r-rome}.yaml`; unknown keys there are an error."""
-    if editor.name not in ROME_EDITORS:
-        raise ValueError(f"editor '{editor.name}' is not a ROME editor ({ROME_EDITORS})")
-    fields = {f.name for f in dataclasses.fields(RomeHparams)}
-    settings = OmegaConf.to_container(editor, resolve=True)
-    stage_keys = {"name", "layers", "batch_size", "mom2"}
-    unknown = set(settings) - fields - stage_keys
-    if unknown:
-        raise ValueError(f"unknown editor settings {sorted(unknown)} in editor '{editor.name}'")
-    values = {key: value for key, value in settings.items() if key in fields}
-    values["layer"] = edit_layer(editor, model_name)
-    return RomeHparams(**values)
+    """RomeHparams from `conf/editor/{rome,r-rome}.yaml`."""
+    if spec(editor).hparams is not RomeHparams:
+        raise ValueError(f"editor '{editor.name}' is not a ROME editor")
+    return editor_hparams(editor, model_name)
 
 
 def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
@@ -143,50 +213,64 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
     return templates
 
 
-class Editor:
-    """Updates for cases under the configured editor (`none` gives no updates)."""
+class CaseEditor:
+    """The configured editor applied to CounterFact cases (`none`: no edits), with the three
+    protocols: independent, mass and sequential."""
 
     def __init__(self, cfg: DictConfig, lm: LoadedModel):
         self.name = cfg.editor.name
         self.lm = lm
+        self.editor: Editor | None = None
         if self.name == "none":
             return
-        self.hparams = rome_hparams(cfg.editor, lm.name)
-        self.second_moment = key_statistics(cfg, lm, self.hparams.layer)
-        self.templates = context_templates(cfg.paths.cache, lm, self.hparams)
+        kind = spec(cfg.editor)
+        self.hparams = editor_hparams(cfg.editor, lm.name)
+        templates = context_templates(cfg.paths.cache, lm, self.hparams)
 
-    def requests(self, cases: Sequence[CounterfactCase]) -> list[EditRequest]:
+        def statistics(layer: int) -> SecondMoment:
+            return key_statistics(cfg, lm, layer)
+
+        batch_size = int(cfg.editor.get("batch_size") or 8)
+        self.editor = kind.build(lm, self.hparams, statistics, templates, batch_size)
+
+    @staticmethod
+    def requests(cases: Sequence[CounterfactCase]) -> list[EditRequest]:
         return [
             EditRequest(c.template, c.subject, c.target_new, target_true=c.target_true, id=c.id)
             for c in cases
         ]
 
+    def _indexed(self, cases):
+        return list(enumerate(self.requests(cases)))
+
     def updates(self, cases: Sequence[CounterfactCase]) -> list[EditResult | None]:
-        if self.name == "none":
+        """Each case's own update, computed on the model as it is (independent mode)."""
+        if self.editor is None:
             return [None] * len(cases)
-        return compute_updates(
-            self.lm,
-            self.requests(cases),
-            self.hparams,
-            second_moment=self.second_moment,
-            context_templates=self.templates,
-            batch_size=len(cases),
-        )
+        return self.editor.independent(self.lm, self._indexed(cases))
+
+    def mass(self, cases: Sequence[CounterfactCase]) -> JointEdit:
+        """Updates writing every case at once (mass mode), not applied."""
+        if self.editor is None:
+            raise ValueError("mass mode needs an editor")
+        return self.editor.joint(self.lm, self._indexed(cases))
 
     def edit_sequentially(
         self,
         cases: Sequence[CounterfactCase],
         on_checkpoint: Callable[[int, list[EditResult]], None],
+        batch_size: int = 1,
     ) -> list[EditResult]:
-        """Edit the cases one after another into the model, calling `on_checkpoint(done, results)`
-        after each; the model's weights are restored exactly afterwards."""
-        with preserved_weights(self.lm, [self.hparams.layer]):
-            return rome.edit_sequentially(
+        """Write the cases into the model `batch_size` at a time, calling
+        `on_checkpoint(done, results)` after each; the weights are restored exactly after."""
+        if self.editor is None:
+            raise ValueError("sequential mode needs an editor")
+        with preserved_weights(self.lm, self.editor.layers):
+            return sequential.edit_sequentially(
                 self.lm,
                 self.requests(cases),
-                self.hparams,
-                second_moment=self.second_moment,
-                context_templates=self.templates,
+                self.editor,
+                batch_size=batch_size,
                 checkpoint_every=1,
                 on_checkpoint=on_checkpoint,
             )

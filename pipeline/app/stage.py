@@ -37,6 +37,12 @@ from pipeline.core.models import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# `${mode_dir:${eval.mode}}` in conf/evaluate.yaml: a protocol other than the paper's
+# (independent) writes to a directory of its own, <editor>/mass or <editor>/sequential.
+if not OmegaConf.has_resolver("mode_dir"):
+    OmegaConf.register_new_resolver(
+        "mode_dir", lambda mode: "" if mode == "independent" else f"/{mode}"
+    )
 PACKAGES = (
     "torch",
     "transformers",

@@ -13,10 +13,14 @@ rome        ROME and r-ROME on top of them
 from pipeline.core.editing.requests import EditRequest, EditRequestError, EditResult
 from pipeline.core.editing.templates import generate_context_templates, templates_for
 from pipeline.core.editing.updates import (
+    DenseUpdate,
+    LowRankUpdate,
     PerExampleEdits,
     RankOneUpdate,
     Update,
+    Updates,
     apply_update,
+    as_list,
     edited,
     preserved_weights,
 )
@@ -24,10 +28,14 @@ from pipeline.core.editing.updates import (
 __all__ = [
     "EditRequest",
     "EditRequestError",
+    "DenseUpdate",
     "EditResult",
+    "LowRankUpdate",
     "PerExampleEdits",
     "RankOneUpdate",
     "Update",
+    "Updates",
+    "as_list",
     "apply_update",
     "edited",
     "generate_context_templates",

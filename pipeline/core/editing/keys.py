@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.core.hooks import StopForward, run_until_stopped
+from pipeline.core.hooks import StopForward, main_output, run_until_stopped
 from pipeline.core.models import LoadedModel
 from pipeline.core.second_moment import SecondMoment
 from pipeline.core.tokens import right_pad
@@ -127,3 +127,47 @@ def request_keys(
         bare = next(bare_keys) if r in elsewhere else contexts[p.contexts.index(p.bare)]
         keys.append(torch.cat([contexts, bare[None]]))
     return torch.stack(keys)
+
+
+@torch.no_grad()
+def read_states(
+    lm: LoadedModel,
+    token_lists: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    reads: Sequence[tuple[str, int, str]],
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """Per read (module kind, layer, "input" or "output"): that module's input or output at token
+    positions[i] of sequence i, (n, dim). One pass per batch, stopped once every read is had."""
+    pad_id = lm.tokenizer.pad_token_id or 0
+    seen: dict[int, torch.Tensor] = {}
+    out: list[list[torch.Tensor]] = [[] for _ in reads]
+
+    def grab(index: int, input_side: bool):
+        def hook(module, args, output=None):
+            seen[index] = main_output(args[0] if input_side else output)
+            if len(seen) == len(reads):
+                raise StopForward
+
+        return hook
+
+    handles = []
+    for index, (kind, layer, side) in enumerate(reads):
+        module = lm.module(kind, layer)
+        if side == "input":
+            handles.append(module.register_forward_pre_hook(grab(index, True)))
+        else:
+            handles.append(module.register_forward_hook(grab(index, False)))
+    try:
+        for start in range(0, len(token_lists), batch_size):
+            ids, mask = right_pad(token_lists[start : start + batch_size], pad_id, lm.device)
+            seen.clear()
+            run_until_stopped(lm, ids, mask)
+            rows = torch.arange(ids.shape[0], device=lm.device)
+            cols = torch.as_tensor(positions[start : start + batch_size], device=lm.device)
+            for index in range(len(reads)):
+                out[index].append(seen[index][rows, cols])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(parts) for parts in out]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.core.editing.updates import Update
+from pipeline.core.editing.updates import Updates
 from pipeline.core.hooks import output_of
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import (
@@ -65,7 +65,7 @@ class EditResult:
 
     index: int
     request: EditRequest
-    update: Update | None = None
+    update: Updates = None  # one update, or a list (an edit of several layers)
     error: EditRequestError | None = None
     key: torch.Tensor | None = None  # k_ref: the key the update maps exactly onto `value`
     value: torch.Tensor | None = None  # v* = W k_ref + δ (the projection's linear part)
@@ -78,7 +78,7 @@ class EditResult:
         return self.error is None
 
 
-def update_of(result: EditResult | None) -> Update | None:
+def update_of(result: EditResult | None) -> Updates:
     """The update to apply for a result: None for no edit (no editor, or a refused request)."""
     return result.update if result is not None and result.ok else None
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.core.editing import sequential
+from pipeline.core.editing.editor import Editor, Indexed
 from pipeline.core.editing.keys import KeySolver, request_keys
 from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.requests import EditRequest, EditResult, PreparedRequest, prepare_all
@@ -195,6 +196,31 @@ def _setup(lm, hparams, second_moment, context_templates) -> tuple[list[str], Ke
     return templates, solver
 
 
+class Rome(Editor):
+    """ROME (or r-ROME, `consistent_keys`) bound to its statistics and context templates."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        hparams: RomeHparams,
+        *,
+        second_moment: torch.Tensor | SecondMoment | None,
+        context_templates: Sequence[str] | None = None,
+        batch_size: int = 8,
+    ):
+        self.name = "r-rome" if hparams.consistent_keys else "rome"
+        self.hparams, self.batch_size = hparams, batch_size
+        self.layers = (hparams.layer % lm.n_layers,)
+        self.templates, self.solver = _setup(lm, hparams, second_moment, context_templates)
+
+    def independent(self, lm: LoadedModel, requests: Indexed) -> list[EditResult]:
+        results = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            results += _compute_batch(lm, batch, self.hparams, self.solver, self.templates)
+        return results
+
+
 def compute_updates(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
@@ -212,14 +238,14 @@ def compute_updates(
     `error` says why; the others go on. `second_moment` is C = E[k kᵀ] at `hparams.layer`
     (None: identity, i.e. no covariance adjustment). Request i is numbered first_index + i.
     """
-    templates, solver = _setup(lm, hparams, second_moment, context_templates)
-    indexed = [(first_index + i, r) for i, r in enumerate(requests)]
-    results = []
-    for start in range(0, len(indexed), batch_size):
-        results += _compute_batch(
-            lm, indexed[start : start + batch_size], hparams, solver, templates
-        )
-    return results
+    editor = Rome(
+        lm,
+        hparams,
+        second_moment=second_moment,
+        context_templates=context_templates,
+        batch_size=batch_size,
+    )
+    return editor.independent(lm, [(first_index + i, r) for i, r in enumerate(requests)])
 
 
 def compute_update(
@@ -251,11 +277,7 @@ def edit_sequentially(
 ) -> list[EditResult]:
     """ROME's edits one after another, each computed on the already-edited model (in place);
     see `sequential.edit_sequentially`."""
-    templates, solver = _setup(lm, hparams, second_moment, context_templates)
+    editor = Rome(lm, hparams, second_moment=second_moment, context_templates=context_templates)
     return sequential.edit_sequentially(
-        lm,
-        requests,
-        lambda batch: _compute_batch(lm, batch, hparams, solver, templates),
-        checkpoint_every=checkpoint_every,
-        on_checkpoint=on_checkpoint,
+        lm, requests, editor, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint
     )

@@ -1,8 +1,9 @@
 """Weight updates: how an edit is held, applied, undone, or applied to one batch row only.
 
-An update changes the (out, in) weight W of the MLP output projection at one layer. A rank-one
-update (ROME) is held as two vectors with ΔW = left ⊗ right: `left` lives in the output space,
-`right` in the key space. It is applied to the weights in place (`apply_update`, restored
+An update changes the (out, in) weight W of the MLP output projection at one layer, held in the
+cheapest exact form: rank one (ROME: ΔW = left ⊗ right, `left` in the output space, `right` in
+the key space), low rank (MEMIT and its successors: ΔW = left @ right, rank = the number of
+requests written together) or dense (fine-tuning). An edit may change several layers: a list. It is applied to the weights in place (`apply_update`, restored
 bit-for-bit by `preserved_weights` / `edited`), or added per batch row by a forward hook
 (`PerExampleEdits`): x ↦ W x + (x · right) left for that row only, so a batch of cases can each
 be scored under its own edit without copying weights.
@@ -30,12 +31,60 @@ class RankOneUpdate:
     def matrix(self) -> torch.Tensor:
         return torch.outer(self.left, self.right)
 
+    def change(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x for inputs x (..., in): (..., out)."""
+        return (x @ self.right.to(x.dtype))[..., None] * self.left.to(x.dtype)
+
+
+@dataclass
+class LowRankUpdate:
+    """ΔW = left @ right, left (out, r), right (r, in): r requests written in one solve."""
+
+    layer: int
+    left: torch.Tensor  # (out, r)
+    right: torch.Tensor  # (r, in)
+
+    def matrix(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def change(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.right.to(x.dtype).T) @ self.left.to(x.dtype).T
+
+
+@dataclass
+class DenseUpdate:
+    """ΔW given whole (out, in), as fine-tuning produces it."""
+
+    layer: int
+    delta: torch.Tensor  # (out, in)
+
+    def matrix(self) -> torch.Tensor:
+        return self.delta
+
+    def change(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.delta.to(x.dtype).T
+
+
+Update = RankOneUpdate | LowRankUpdate | DenseUpdate
+Updates = Update | Sequence[Update] | None  # what one edit changes: nothing, one layer, several
+
+
+def as_list(updates: Updates) -> list[Update]:
+    if updates is None:
+        return []
+    return (
+        [updates]
+        if isinstance(updates, (RankOneUpdate, LowRankUpdate, DenseUpdate))
+        else list(updates)
+    )
+
 
 @torch.no_grad()
-def apply_update(lm: LoadedModel, update: RankOneUpdate) -> None:
-    """W += left ⊗ right in place; the (out, in) view makes GPT-2's transposed Conv1D right."""
-    weight = lm.mlp_out_weight(update.layer)
-    weight.add_(torch.outer(update.left, update.right).to(weight.device, weight.dtype))
+def apply_update(lm: LoadedModel, update: Updates) -> None:
+    """W += ΔW in place for each update; the (out, in) view makes GPT-2's transposed Conv1D right."""
+    for one in as_list(update):
+        weight = lm.mlp_out_weight(one.layer)
+        weight.add_(one.matrix().to(weight.device, weight.dtype))
 
 
 @contextlib.contextmanager
@@ -53,10 +102,11 @@ def preserved_weights(lm: LoadedModel, layers: Sequence[int]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def edited(lm: LoadedModel, updates: Sequence[RankOneUpdate]) -> Iterator[LoadedModel]:
+def edited(lm: LoadedModel, updates: Sequence[Updates]) -> Iterator[LoadedModel]:
     """The model with `updates` applied to its weights; restored exactly afterwards."""
-    with preserved_weights(lm, [u.layer for u in updates]):
-        for update in updates:
+    flat = [one for update in updates for one in as_list(update)]
+    with preserved_weights(lm, [u.layer for u in flat]):
+        for update in flat:
             apply_update(lm, update)
         yield lm
 
@@ -65,15 +115,15 @@ class PerExampleEdits:
     """Forward hooks so row b of a batch sees its own updates, without touching the weights.
 
     `updates_per_row[b]` is None, one update, or a list of updates for row b; the hook adds
-    (x · right) left to the projection's output for those rows only, and leaves the other rows
-    bitwise unchanged. Use as a context manager around forward passes (or generate) whose batch
+    ΔW x to the projection's output for those rows only (rank-one updates of all rows in one
+    einsum), and leaves the other rows bitwise unchanged. Use as a context manager around forward passes (or generate) whose batch
     has exactly len(updates_per_row) rows; `set_rows` swaps in the next batch's updates.
     """
 
     def __init__(
         self,
         lm: LoadedModel,
-        updates_per_row: Sequence[RankOneUpdate | Sequence[RankOneUpdate] | None],
+        updates_per_row: Sequence[Updates],
     ):
         self.lm = lm
         self.handles: list = []
@@ -82,13 +132,14 @@ class PerExampleEdits:
     def set_rows(self, updates_per_row) -> None:
         self.n_rows = len(updates_per_row)
         by_layer: dict[int, tuple[list, list, list]] = {}
+        self.others: dict[int, list[tuple[int, Update]]] = {}  # layer -> (row, update) not rank one
         for row, updates in enumerate(updates_per_row):
-            if updates is None:
-                continue
-            if isinstance(updates, RankOneUpdate):
-                updates = [updates]
-            for update in updates:
-                entry = by_layer.setdefault(update.layer % self.lm.n_layers, ([], [], []))
+            for update in as_list(updates):
+                layer = update.layer % self.lm.n_layers
+                if not isinstance(update, RankOneUpdate):
+                    self.others.setdefault(layer, []).append((row, update))
+                    continue
+                entry = by_layer.setdefault(layer, ([], [], []))
                 entry[0].append(row)
                 entry[1].append(update.left)
                 entry[2].append(update.right)
@@ -110,15 +161,23 @@ class PerExampleEdits:
             x = args[0]
             if x.shape[0] != self.n_rows:
                 raise ValueError(f"batch has {x.shape[0]} rows but {self.n_rows} were edited")
-            rows, lefts, rights = self.by_layer[layer]
-            coefficients = torch.einsum("rti,ri->rt", x[rows], rights.to(x.dtype))
-            change = coefficients[..., None] * lefts.to(x.dtype)[:, None, :]
-            return output.index_add(0, rows, change.to(output.dtype))
+            if layer in self.by_layer:
+                rows, lefts, rights = self.by_layer[layer]
+                coefficients = torch.einsum("rti,ri->rt", x[rows], rights.to(x.dtype))
+                change = coefficients[..., None] * lefts.to(x.dtype)[:, None, :]
+                output = output.index_add(0, rows, change.to(output.dtype))
+            for row, update in self.others.get(layer, ()):
+                output = output.index_add(
+                    0,
+                    torch.tensor([row], device=output.device),
+                    update.change(x[row : row + 1]).to(output.dtype),
+                )
+            return output
 
         return add_updates
 
     def _register(self) -> None:
-        for layer in self.by_layer:
+        for layer in {*self.by_layer, *self.others}:
             module = self.lm.module("mlp_out", layer)
             self.handles.append(module.register_forward_hook(self._hook(layer)))
 
@@ -133,6 +192,3 @@ class PerExampleEdits:
 
     def __exit__(self, *exc) -> None:
         self._remove()
-
-
-Update = RankOneUpdate  # the kinds of update editors return
