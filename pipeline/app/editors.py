@@ -75,7 +75,8 @@ EDITORS: dict[str, EditorSpec] = {
     "emmet": EditorSpec(EmmetHparams, "layers", _memit_family(Emmet)),
     "alphaedit": EditorSpec(AlphaEditHparams, "layers", _memit_family(AlphaEdit)),
 }
-STAGE_KEYS = {"name", "layer", "layers", "per_model", "batch_size", "mom2"}  # read here, not by the algorithm
+# Keys of an editor config read here, not by the algorithm.
+STAGE_KEYS = {"name", "layer", "layers", "per_model", "batch_size", "mom2"}
 
 
 def spec(editor: DictConfig) -> EditorSpec:
