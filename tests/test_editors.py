@@ -66,7 +66,35 @@ def test_context_templates_are_generated_once_per_model(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("templates generated again")
 
-    monkeypatch.setattr(editors, "generate_context_templates", fail)
+    monkeypatch.setattr(editors, "templates_for", fail)
     assert editors.context_templates(tmp_path, lm, hp) == first
     with pytest.raises(AssertionError):
         editors.context_templates(tmp_path, lm, RomeHparams(layer=1, context_seed=1))
+
+
+@pytest.mark.parametrize(
+    "name", ["rome", "r-rome", "rome-reference", "memit", "emmet", "alphaedit"]
+)
+def test_every_editor_config_builds_its_hyperparameters(name):
+    cfg = config(f"editor={name}", "model=gpt2-xl")
+    hp = editors.editor_hparams(cfg.editor, "gpt2-xl")
+    assert type(hp) is editors.EDITORS[name].hparams
+    if name == "rome-reference":  # the authors' code's choices where it departs from the paper
+        assert hp.kl_at_subject and hp.early_stop_on_total and hp.context_length_includes_seed
+
+
+def test_multi_layer_presets_and_per_model_values_yield_to_the_command_line():
+    memit = config("editor=memit", "model=gpt-j-6b").editor
+    hp = editors.editor_hparams(memit, "gpt-j-6b")
+    assert hp.layers == (3, 4, 5, 6, 7, 8)
+    assert hp.mom2_update_weight == 15000.0 and hp.v_num_grad_steps == 25  # GPT-J's reference
+    assert (
+        editors.editor_hparams(config("editor=memit").editor, "gpt2-xl").mom2_update_weight == 2e4
+    )
+    chosen = config(
+        "editor=memit", "model=gpt-j-6b", "editor.mom2_update_weight=5", "editor.layer=[1,2]"
+    )
+    hp = editors.editor_hparams(chosen.editor, "gpt-j-6b")
+    assert hp.mom2_update_weight == 5 and hp.layers == (1, 2)
+    with pytest.raises(ValueError, match="edits one layer"):
+        editors.edit_layer(config("editor=rome", "editor.layer=[1,2]").editor, "gpt2")

@@ -14,8 +14,9 @@ import torch
 from pipeline.core import editing
 from pipeline.core.editing import rome
 from pipeline.core.editing.keys import projection_inputs
-from pipeline.core.editing.requests import EditRequest
+from pipeline.core.editing.requests import EditRequest, prepare_all
 from pipeline.core.editing.rome import RomeHparams
+from pipeline.core.editing.values import Rows
 from pipeline.core.second_moment import second_moment
 from pipeline.core.tokens import encode, fill, right_pad, subject_span, target_ids
 from tests.conftest import ROOT, TINY, tiny_model
@@ -99,7 +100,10 @@ def test_update_maps_key_to_value_with_rank_one_and_restores_exactly(tiny, varia
     assert torch.equal(lm.module("mlp_out", LAYER).weight, stored)
 
 
-def test_rome_and_r_rome_differ_only_in_the_reference_key(tiny):
+def test_r_rome_maps_the_averaged_key_onto_a_value_built_on_the_bare_prompt(tiny):
+    """ROME maps the bare prompt's key, r-ROME the template-averaged key k̄; both put the same
+    δ on top of the bare prompt's value, as the authors' codes do (`value_from="bare"`), or
+    r-ROME on top of W k̄ (`value_from="mean"`)."""
     lm, stat = tiny
     request = REQUESTS[0]
     rows = [fill(t.replace("{}", request.prompt), request.subject) for t in TEMPLATES]
@@ -108,11 +112,39 @@ def test_rome_and_r_rome_differ_only_in_the_reference_key(tiny):
     common = dict(second_moment=stat, context_templates=TEMPLATES)
     (original,) = rome.compute_updates(lm, [request], hparams("rome"), **common)
     (consistent,) = rome.compute_updates(lm, [request], hparams("r-rome"), **common)
-    # ROME maps the bare prompt's key (template "{}"), r-ROME the template-averaged key.
+    (on_mean,) = rome.compute_updates(lm, [request], hparams("r-rome", value_from="mean"), **common)
     torch.testing.assert_close(original.key, keys[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(consistent.key, keys.mean(0), rtol=1e-5, atol=1e-6)
-    # Both spread the edit along the same direction u = C⁻¹k̄.
+    torch.testing.assert_close(on_mean.key, keys.mean(0), rtol=1e-5, atol=1e-6)
+    # All spread the edit along the same direction u = C⁻¹k̄.
     torch.testing.assert_close(original.update.right, consistent.update.right)
+    weight = lm.mlp_out_weight(LAYER).detach()
+    for result, base in [(original, keys[0]), (consistent, keys[0]), (on_mean, keys.mean(0))]:
+        delta = result.value - weight @ base  # v* − W k₀ is the optimised δ
+        assert abs(delta.norm().item() - result.info["delta_norm"]) < 1e-4 * delta.norm().item()
+
+
+def test_the_reference_codes_early_stop_watches_the_total_loss(tiny):
+    """A negative weight decay can take the total loss under the threshold while the NLL stays
+    above it: the code's criterion stops after one step, the paper's runs on."""
+    lm, stat = tiny
+    common = dict(second_moment=stat, context_templates=TEMPLATES)
+    options = dict(v_weight_decay=-1e4, early_stop_nll=0.05)
+    (paper,) = rome.compute_updates(lm, REQUESTS[:1], hparams(**options), **common)
+    (code,) = rome.compute_updates(
+        lm, REQUESTS[:1], hparams(early_stop_on_total=True, **options), **common
+    )
+    assert code.steps == 1 and paper.steps == 5
+
+
+def test_the_kl_prompt_is_read_where_asked():
+    lm = tiny_model("tiny-gpt2")
+    prepared, _ = prepare_all(lm, list(enumerate(REQUESTS[:2])), TEMPLATES, ("{} is a",))
+    at_end = Rows.build(prepared, whole_rows=False)
+    at_subject = Rows.build(prepared, whole_rows=False, kl_at_subject=True)
+    for r, p in enumerate(prepared):
+        assert at_end.kl_reads[r][1] == len(p.kl[0]) - 1
+        assert at_subject.kl_reads[r][1] == p.kl_subject[0] < len(p.kl[0]) - 1
 
 
 def test_per_example_hook_equals_edited_weights_and_leaves_other_rows_alone(tiny):
@@ -291,6 +323,16 @@ def test_sequential_edits_accumulate_and_checkpoint(tiny):
     )
     assert_updates_close(results[0].update, independent[0].update)
     assert not torch.allclose(results[1].update.matrix(), independent[1].update.matrix())
+
+
+def test_a_context_templates_length_may_count_its_seed():
+    """The same draws, one fewer of them when the one-token seed word counts in the length."""
+    lm = tiny_model("tiny-llama")
+    assert len(encode(lm.tokenizer, "The")) == 1
+    (_, longer) = editing.generate_context_templates(lm, ((4, 1),))
+    (_, counted) = editing.generate_context_templates(lm, ((4, 1),), length_includes_seed=True)
+    longer, counted = longer[: -len(". {}")], counted[: -len(". {}")]
+    assert longer.startswith(counted) and len(counted) < len(longer)
 
 
 def test_context_templates_are_reproducible():

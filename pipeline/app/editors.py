@@ -27,7 +27,7 @@ from pipeline.core.editing.emmet import Emmet, EmmetHparams
 from pipeline.core.editing.memit import Memit, MemitHparams
 from pipeline.core.editing.requests import EditRequest, EditResult
 from pipeline.core.editing.rome import Rome, RomeHparams
-from pipeline.core.editing.templates import generate_context_templates
+from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
 from pipeline.core.models import LoadedModel
@@ -71,6 +71,7 @@ def _memit_family(kind: type[Memit]):
 EDITORS: dict[str, EditorSpec] = {
     "rome": EditorSpec(RomeHparams, "layer", _rome),
     "r-rome": EditorSpec(RomeHparams, "layer", _rome),
+    "rome-reference": EditorSpec(RomeHparams, "layer", _rome),
     "memit": EditorSpec(MemitHparams, "layers", _memit_family(Memit)),
     "emmet": EditorSpec(EmmetHparams, "layers", _memit_family(Emmet)),
     "alphaedit": EditorSpec(AlphaEditHparams, "layers", _memit_family(AlphaEdit)),
@@ -197,18 +198,14 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
         "seed": hparams.context_seed,
         "dtype": str(lm.dtype),
     }
+    if getattr(hparams, "context_length_includes_seed", False):  # older entries keep their key
+        settings["length_includes_seed"] = True
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "templates" / lm.name / f"{digest}.json"
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
             return files.read_json(path)["templates"]
-        templates = generate_context_templates(
-            lm,
-            hparams.context_templates,
-            seeds=hparams.context_seeds,
-            top_k=hparams.context_top_k,
-            seed=hparams.context_seed,
-        )
+        templates = templates_for(lm, hparams)
         files.write_json(path, {"settings": settings, "templates": templates})
     log.info("context templates for %s cached at %s", lm.name, path)
     return templates

@@ -16,10 +16,10 @@ an edit is the list over the range. `solve` is the only step EMMET and AlphaEdit
 Choices where the reference code (kmeng01/memit) is more specific than the paper, kept here:
 keys averaged in two groups, ½ the bare prompt's and ½ the mean over the prefixes
 (`key_average="groups"`; "templates" for a plain mean); λ = `mom2_update_weight` times the
-token-normalised second moment. Departures, as for ROME: the KL term is read after the whole
-"{} is a" prompt (the code: at the subject's last token), the early stop tests the target NLL
-(the code: the total loss), and a context template of length 10 has 10 generated tokens (the
-code counts the seed word).
+token-normalised second moment. Departures, as for ROME, each switchable to the code's: the KL
+term is read after the whole "{} is a" prompt (`kl_at_subject`: at the subject's last token),
+the early stop tests the target NLL (`early_stop_on_total`: the total loss), and a context
+template of length 10 has 10 generated tokens (`context_length_includes_seed`: 9).
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class MemitHparams:
     mom2_update_weight: float = 20000.0  # λ; the reference uses 15000 for GPT-J
     reject_already_predicted: bool = True
     v_whole_rows: bool = False  # True: whole rows at every z step (the reference protocol)
+    early_stop_on_total: bool = False  # True: stop on the total loss (the reference code)
+    kl_at_subject: bool = False  # True: KL at the subject's last token (the reference code)
+    context_length_includes_seed: bool = False  # True: the seed counts in the length (code)
 
     def __post_init__(self):
         self.layers = tuple(int(x) for x in self.layers)
@@ -88,6 +91,8 @@ class MemitHparams:
             kl_factor=self.kl_factor,
             early_stop_nll=self.early_stop_nll,
             whole_rows=self.v_whole_rows,
+            early_stop_on_total=self.early_stop_on_total,
+            kl_at_subject=self.kl_at_subject,
         )
 
 
@@ -163,7 +168,7 @@ class Memit(Editor):
             [p.bare_subject for p in prepared],
             [("block", self.z_layer, "output")],
         )
-        rows = Rows.build(prepared, hp.v_whole_rows)
+        rows = Rows.build(prepared, hp.v_whole_rows, hp.kl_at_subject)
         frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, self.z_layer)
         options = hp.value_options(self.z_layer)
         deltas, nlls, steps = optimise_values(lm, rows, frozen, h.float(), options)

@@ -13,10 +13,15 @@ Where ROME and r-ROME differ (`RomeHparams.consistent_keys`):
   - ROME (False, the reference implementation's behaviour) uses k̄ for u, but the key of the bare
     prompt (no context prefix) as k_ref, and v* = W k_bare + δ. When k_bare is atypical of the
     averaged key, uᵀ k_bare is small, ΔW blows up and the edit "disables" the model.
-  - r-ROME (True) uses k̄ everywhere: k_ref = k̄ and v* = W k̄ + δ, so the update maps exactly the
-    key it was fitted for.
+  - r-ROME (True) uses k̄ for u and as k_ref, so uᵀ k_ref cannot be small. As its authors' code
+    (scalable-model-editing/rebuilding-rome), v* is still built on the bare prompt,
+    v* = W k_bare + b + δ, so the update adds δ + W(k_bare − k̄) to W k̄ (`value_from="bare"`);
+    `value_from="mean"` builds it on the averaged key, v* = W k̄ + b + δ, and adds exactly δ
+    (r-ROME's equation; what this project's r-ROME did before). On SmolLM2 the two numerators
+    differ by 5-16% of ‖δ‖.
 In both, δ is the same optimised residual: it is added to the projection's output at the
-subject's last token of every (context + prompt) during the v* optimisation.
+subject's last token of every (context + prompt) during the v* optimisation, and the weight
+decay and clamp are relative to ‖v₀‖, the output δ is added to.
 
 An update is held as `RankOneUpdate(layer, left, right)` with ΔW = left ⊗ right (out, in):
 `left` = (v* − W k_ref) / (uᵀ k_ref) lives in the output space, `right` = u in the key space.
@@ -50,14 +55,19 @@ class RomeHparams:
     """ROME's hyperparameters; defaults are the paper's for GPT-2 XL (GPT-J uses layer 5).
 
     `context_templates` lists (length, count) pairs: the model writes `count` prefixes of
-    `length` new tokens from the seed words, and "{}" (no prefix) comes first. The ROME code used
-    5 prefixes of 10 tokens; the MEMIT code 10 of 5 and 10 of 10 tokens from these seed words,
-    which we take as default: 21 templates average more of the prefix noise out of k̄ and v*.
+    `length` new tokens from the seed words, and "{}" (no prefix) comes first. As the ROME code,
+    10 prefixes of 5 tokens and 10 of 10 (21 templates); the ROME code seeds them with the
+    end-of-text token and counts it in the length (4 and 9 generated tokens), we seed with the
+    MEMIT code's words and generate `length` tokens (`context_length_includes_seed` counts the
+    seed as the code does).
 
-    Choices where paper and reference code differ, or the code is unspecific: the KL term reads
-    the next-token distribution after the whole "{} is a" prompt (the paper's equation; the code
-    reads it at the subject's last token); the early stop looks at the target's NLL (the code at
-    the total loss); weight decay is v_weight_decay · ‖δ‖ / ‖W k_ref + b‖² as in the code.
+    Choices where paper and reference code differ, each switchable (`conf/editor/
+    rome-reference.yaml` sets the code's): the KL term reads the next-token distribution after
+    the whole "{} is a" prompt (the paper's equation; the code, `kl_at_subject`: at the subject's
+    last token); the early stop looks at the target's NLL (the code, `early_stop_on_total`: at
+    the total loss); weight decay is v_weight_decay · ‖δ‖ / ‖v₀‖² as in the code. With those two
+    switched, ours gave the reference code's keys and success flags and updates within ~5e-6 on
+    SmolLM2 (same C and templates); as they are, ΔW differs from the code's by 6-34%.
     """
 
     layer: int = 17  # per-model presets (and why SmolLM2 uses 6) are in conf/editor/rome.yaml
@@ -74,6 +84,11 @@ class RomeHparams:
     kl_factor: float = 0.0625
     kl_prompts: tuple[str, ...] = ("{} is a",)
     early_stop_nll: float = 5e-2  # stop optimising a request once its target NLL is below this
+    early_stop_on_total: bool = False  # True: the total loss instead (the reference code)
+    kl_at_subject: bool = False  # True: KL at the subject's last token (the reference code)
+    context_length_includes_seed: bool = False  # True: the seed counts in a prefix's length
+    value_from: str = "bare"  # v₀ that δ is added to: the bare prompt's output (both authors'
+    # codes) or "mean", W k̄ + b (r-ROME's paper; with consistent keys the update adds exactly δ)
     mom2_update_weight: float = 15000.0  # λ in (λC)⁻¹; cancels in ROME, kept for parity
     mom2_ridge: float = 1e-6  # ridge relative to mean(diag(λC)), keeps the solve defined
     reject_already_predicted: bool = True  # a target the model already gives is no edit
@@ -90,6 +105,8 @@ class RomeHparams:
         )
         self.context_seeds = tuple(self.context_seeds)
         self.kl_prompts = tuple(self.kl_prompts)
+        if self.value_from not in ("bare", "mean"):
+            raise ValueError(f"value_from must be bare or mean, got {self.value_from!r}")
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(
@@ -103,6 +120,8 @@ class RomeHparams:
             kl_factor=self.kl_factor,
             early_stop_nll=self.early_stop_nll,
             whole_rows=self.v_whole_rows,
+            early_stop_on_total=self.early_stop_on_total,
+            kl_at_subject=self.kl_at_subject,
         )
 
     @classmethod
@@ -141,20 +160,23 @@ def _rank_one_updates(
     n_templates: int,
 ) -> dict[int, EditResult]:
     options = hp.value_options()
-    rows = Rows.build(prepared, hp.v_whole_rows)
+    rows = Rows.build(prepared, hp.v_whole_rows, hp.kl_at_subject)
     frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, hp.layer % lm.n_layers)
     keys = request_keys(lm, hp.layer, prepared, rows, frozen).double()  # (B, templates + 1, in)
     mean_keys = keys[:, :n_templates].mean(dim=1)  # k̄
-    ref_keys = mean_keys if hp.consistent_keys else keys[:, n_templates]
+    bare_keys = keys[:, n_templates]
+    ref_keys = mean_keys if hp.consistent_keys else bare_keys
+    value_keys = bare_keys if hp.value_from == "bare" else mean_keys
 
     projection = lm.module("mlp_out", hp.layer)
     weight = lm.mlp_out_weight(hp.layer).detach().double()
     linear = ref_keys @ weight.T  # W k_ref
+    base = value_keys @ weight.T  # W k₀: v* = W k₀ + δ (+ b)
     bias = getattr(projection, "bias", None)
-    reference_outputs = linear if bias is None else linear + bias.detach().double()
+    reference_outputs = base if bias is None else base + bias.detach().double()
 
     deltas, nlls, steps = optimise_values(lm, rows, frozen, reference_outputs.float(), options)
-    values = linear + deltas.double()  # v* = W k_ref + δ
+    values = base + deltas.double()  # v* (its linear part)
     u = solver(mean_keys)
     alignment = (u * ref_keys).sum(-1, keepdim=True)  # uᵀk_ref: small means a huge ΔW
     lefts = (values - linear) / alignment

@@ -23,11 +23,14 @@ def generate_context_templates(
     seeds: Sequence[str] = ("The", "Therefore", "Because", "I", "You"),
     top_k: int = 5,
     seed: int = 0,
+    length_includes_seed: bool = False,
 ) -> list[str]:
     """["{}", "<generated text>. {}", ...]: prefixes the model writes itself from seed words.
 
     Top-k sampling from a seeded generator makes the list reproducible for a model; callers
-    cache it per model. Prefix i starts from seed word i modulo the number of seeds.
+    cache it per model. Prefix i starts from seed word i modulo the number of seeds. A prefix of
+    `length` has `length` generated tokens after its seed word; the reference code counts the
+    seed in the length (`length_includes_seed=True`: one token fewer for a one-token seed).
     """
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     templates = ["{}"]
@@ -37,7 +40,7 @@ def generate_context_templates(
             if n == 0:
                 continue
             ids = torch.tensor([encode(lm.tokenizer, word)] * n, device=lm.device)
-            for _ in range(length):
+            for _ in range(length - ids.shape[1] if length_includes_seed else length):
                 logits = lm.model(input_ids=ids).logits[:, -1].float()
                 top = logits.topk(top_k, dim=-1)
                 pick = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
@@ -57,4 +60,5 @@ def templates_for(lm: LoadedModel, hparams: Any) -> list[str]:
         seeds=hparams.context_seeds,
         top_k=hparams.context_top_k,
         seed=hparams.context_seed,
+        length_includes_seed=getattr(hparams, "context_length_includes_seed", False),
     )

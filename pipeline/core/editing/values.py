@@ -41,6 +41,9 @@ class ValueOptions:
     kl_factor: float = 0.0625
     early_stop_nll: float = 5e-2  # a request stops once its target NLL is below this
     whole_rows: bool = False  # True: every row whole at every step (the reference protocol)
+    # The reference code's choices where the paper differs (both False: the paper's):
+    early_stop_on_total: bool = False  # stop on the total loss < early_stop_nll, not the NLL
+    kl_at_subject: bool = False  # read the KL prompts at the subject's last token, not the end
 
 
 def _adder(rows: torch.Tensor, cols: torch.Tensor, deltas: torch.Tensor):
@@ -78,7 +81,9 @@ class Rows:
     kl_reads: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, prepared: Sequence[PreparedRequest], whole_rows: bool) -> Rows:
+    def build(
+        cls, prepared: Sequence[PreparedRequest], whole_rows: bool, kl_at_subject: bool = False
+    ) -> Rows:
         rows = cls()
 
         def add(tokens: list[int], subject: int, owner: int, label: int) -> int:
@@ -99,7 +104,7 @@ class Rows:
                 rows.nll_tokens += p.target
             for k, (tokens, pos) in enumerate(zip(p.kl, p.kl_subject, strict=True)):
                 row = add(tokens, pos, r, len(p.contexts) + k)
-                rows.kl_reads.append((row, len(tokens) - 1, r))
+                rows.kl_reads.append((row, pos if kl_at_subject else len(tokens) - 1, r))
         return rows
 
     def suffix_length(self, row: int) -> int:
@@ -229,12 +234,14 @@ def optimise_values(
         kl = kl / torch.bincount(kl_owner, minlength=n_active)
         norms = torch.stack([deltas[r].norm() for r in active])
         decay = opts.weight_decay * norms / ref_sq[active]
-        loss = (nll + opts.kl_factor * kl + decay).sum()  # requests are independent
+        totals = nll + opts.kl_factor * kl + decay
+        loss = totals.sum()  # requests are independent
 
         finished = set()
         for s, r in enumerate(active):
             nlls[r] = float(nll[s].detach())
-            if nlls[r] < opts.early_stop_nll or iteration == opts.steps - 1:
+            watched = float(totals[s].detach()) if opts.early_stop_on_total else nlls[r]
+            if watched < opts.early_stop_nll or iteration == opts.steps - 1:
                 finished.add(r)
         if iteration == opts.steps - 1:
             break
