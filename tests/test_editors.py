@@ -88,9 +88,8 @@ def test_multi_layer_presets_and_per_model_values_yield_to_the_command_line():
     hp = editors.editor_hparams(memit, "gpt-j-6b")
     assert hp.layers == (3, 4, 5, 6, 7, 8)
     assert hp.mom2_update_weight == 15000.0 and hp.v_num_grad_steps == 25  # GPT-J's reference
-    assert (
-        editors.editor_hparams(config("editor=memit").editor, "gpt2-xl").mom2_update_weight == 2e4
-    )
+    gpt2 = config("editor=memit", "model=gpt2-xl").editor
+    assert editors.editor_hparams(gpt2, "gpt2-xl").mom2_update_weight == 2e4
     chosen = config(
         "editor=memit", "model=gpt-j-6b", "editor.mom2_update_weight=5", "editor.layer=[1,2]"
     )
