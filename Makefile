@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-eval bench-stats clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -129,12 +129,17 @@ bench-memory: setup
 ## the CPU), shards and cases; scaling.png and scaling.json under results/bench/scaling.
 bench-scaling: setup
 	$(PY) scripts/bench_scaling.py $(BENCH_ARGS)
+	$(PY) scripts/bench_memit.py --requests 0 --sizes 1 10 100 1000   # a mass edit as N grows
 
 bench-trace: setup
 	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
 
 bench-edit: setup
 	$(PY) scripts/bench_edit.py $(BENCH_ARGS)
+
+## MEMIT: the reference protocol (one request at a time, whole rows) against ours, batched.
+bench-memit: setup
+	$(PY) scripts/bench_memit.py $(BENCH_ARGS)
 
 bench-stats: setup
 	$(PY) scripts/bench_stats.py $(BENCH_ARGS)
