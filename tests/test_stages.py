@@ -150,3 +150,13 @@ def test_config_differences_ignore_how_work_is_split_even_for_old_saved_configs(
     current = {"seed": 0, "shard": {"index": 1}, "out_dir": "/abs/a", "editor": {"v_lr": 0.1}}
     assert config_differences(saved, current) == ["editor.v_lr: 0.5 -> 0.1"]
     assert config_differences(saved, {**current, "editor": {"v_lr": 0.5}}) == []
+
+
+def test_an_unfinished_merge_names_the_merge_commands_own_flag():
+    from pipeline.app.stage import require_complete
+
+    with pytest.raises(SystemExit) as refused:
+        require_complete({0: [0, 4], 1: []}, 4, 2, "cases", allow_partial=False)
+    message = str(refused.value)
+    assert "shard 0 of 2: 2 cases missing (ids 0, 4)" in message
+    assert "pipeline.merge DIR --allow-partial" in message  # the flag merge's parser takes

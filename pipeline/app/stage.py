@@ -263,8 +263,9 @@ def require_complete(
     report = f"{absent} of {total} {what} are not finished:\n  " + "\n  ".join(lines)
     if not allow_partial:
         raise SystemExit(
-            f"{report}\nRerun those shards (they resume where they stopped), or pass "
-            "allow_partial=true to summarize the finished part."
+            f"{report}\nRerun those shards (they resume where they stopped), or summarize the "
+            "finished part: `python -m pipeline.merge DIR --allow-partial` (on a stage's own "
+            "command line: allow_partial=true)."
         )
     log.warning("%s\nsummarizing the %d finished (allow_partial=true)", report, total - absent)
     return {
