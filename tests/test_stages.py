@@ -160,3 +160,42 @@ def test_an_unfinished_merge_names_the_merge_commands_own_flag():
     message = str(refused.value)
     assert "shard 0 of 2: 2 cases missing (ids 0, 4)" in message
     assert "pipeline.merge DIR --allow-partial" in message  # the flag merge's parser takes
+
+
+def test_a_wrong_setting_stops_before_any_file_or_run_and_names_key_value_and_choices(tmp_path):
+    bad = run_stage(
+        "known",
+        "model=tiny-gpt2",
+        f"paths.results={tmp_path}",
+        "dtype=float61",
+        "data.limit=abc",
+        "tracking.mode=offline",
+        env={"ROME_WANDB_MODE": "offline"},
+    )
+    assert bad.returncode != 0
+    assert "dtype='float61' is not allowed (allowed: one of float32, bfloat16, float16)" in (
+        bad.stderr
+    )
+    assert "data.limit='abc' is not allowed (allowed: an integer, at least 0, or null)" in (
+        bad.stderr
+    )
+    # no results directory (so no config.yaml to block the fix) and no W&B run; only Hydra's log
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"]
+    fixed = run_stage("known", "model=tiny-gpt2", f"paths.results={tmp_path}", "data.limit=3")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
+def test_every_shipped_config_passes_the_schema_and_editor_numbers_are_typed():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.app.stage import SETTINGS, ConfigError, validate_config
+
+    assert SETTINGS["editor.v_lr"].accepts(1) and not SETTINGS["editor.v_lr"].accepts("fast")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in ("known", "trace", "stats", "evaluate", "summarize", "report"):
+            validate_config(compose(name))
+        for model in sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml")):
+            validate_config(compose("evaluate", overrides=[f"model={model}", "editor=r-rome"]))
+        for wrong in ("shard.index=2", "trace.kinds=[hidden,mlps]", "trace.engine=quick"):
+            with pytest.raises(ConfigError, match=wrong.split("=")[0]):
+                validate_config(compose("trace", overrides=[wrong, "shard.count=2"]))
