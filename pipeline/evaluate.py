@@ -143,7 +143,7 @@ def run_independent(
     if not todo:
         return
     editor = Editor(cfg, lm)
-    pre_cache = PreCache(Path(cfg.pre_dir), tag)
+    pre_cache = PreCache(Path(cfg.pre_dir), tag, lm)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     with_generation = cfg.eval.generation is True or (
         cfg.eval.generation == "auto" and any(c.generation_prompts for c in cases)
@@ -153,7 +153,7 @@ def run_independent(
     for batch in batches(todo, int(cfg.eval.cases_per_batch)):
         started = time.perf_counter()
         results = editor.updates(batch)
-        pre = pre_cache.get(lm, batch, rows_per_pass)
+        pre = pre_cache.get(batch, rows_per_pass)
         updates = [update_of(r) for r in results]
         post_probs = score_cases(lm, batch, updates, batch_size=rows_per_pass)
         post = [scored(p) for p in post_probs]

@@ -70,3 +70,15 @@ def test_context_templates_are_generated_once_per_model(tmp_path, monkeypatch):
     assert editors.context_templates(tmp_path, lm, hp) == first
     with pytest.raises(AssertionError):
         editors.context_templates(tmp_path, lm, RomeHparams(layer=1, context_seed=1))
+
+
+def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_path, monkeypatch):
+    hp = RomeHparams(layer=1, context_templates=((3, 2),))
+    editors.context_templates(tmp_path, tiny_model("tiny-gpt2"), hp)
+    calls = []
+    real = editors.generate_context_templates
+    monkeypatch.setattr(
+        editors, "generate_context_templates", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    editors.context_templates(tmp_path, tiny_model("tiny-gpt2", seed=1), hp)
+    assert calls == [1]  # not the seed-0 model's text

@@ -136,3 +136,15 @@ def test_summarize_builds_table_4(tmp_path):
     rows = (out / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("tiny-gpt2,counterfact-easyedit,none,2,")
     assert r"\begin{tabular}" in (out / "table.tex").read_text()
+
+
+def test_unedited_scores_of_another_seed_are_not_reused(tmp_path):
+    """The issue's repro: seed 1 after seed 0 under one cache gave seed 0's pre scores."""
+    evaluate(tmp_path, "data.limit=3", "seed=0", editor="none", results="seed0")
+    evaluate(tmp_path, "data.limit=3", "seed=1", editor="none", results="seed1")
+    fresh = tmp_path / "fresh"
+    evaluate(fresh, "data.limit=3", "seed=1", editor="none", results="seed1")
+    _, shared = cases(tmp_path, "seed1", editor="none")
+    _, alone = cases(fresh, "seed1", editor="none")
+    _, seed0 = cases(tmp_path, "seed0", editor="none")
+    assert shared["pre"] == alone["pre"] and shared["pre"] != seed0["pre"]

@@ -23,7 +23,7 @@ from pipeline.core.editing.rome import RomeHparams, compute_updates
 from pipeline.core.editing.templates import generate_context_templates
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moment
 from pipeline.data import corpus
 from pipeline.data.records import CounterfactCase
@@ -125,6 +125,7 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
         "top_k": hparams.context_top_k,
         "seed": hparams.context_seed,
         "dtype": str(lm.dtype),
+        "model": identity_of(lm),  # the weights, not the name: a model's own text
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "templates" / lm.name / f"{digest}.json"
