@@ -244,3 +244,15 @@ def test_bundled_samples_are_valid():
     )
     assert len(load_known(known).records) == 300
     assert len(load_counterfact(cases).records) == 300
+
+
+def test_reject_moves_records_a_later_check_refuses_to_skipped_with_their_place(tmp_path):
+    records = [{**KNOWN, "known_id": i} for i in range(4)]
+    records[1]["subject"] = "Nobody"  # bad in the file itself
+    loaded = load_known(write(tmp_path, "k.json", records), on_error="skip")
+    rejected = loaded.reject(lambda f: ("prompt", "too long") if f.id == 2 else None, "skip")
+    assert [r.id for r in loaded.records] == [0, 3] and loaded.indices == [0, 3]
+    assert [(e.index, e.field) for e in rejected] == [(2, "prompt")]
+    assert [e.index for e in loaded.skipped] == [1, 2] and loaded.report()["skipped"] == 2
+    with pytest.raises(RecordError, match="record 0 .*'prompt': too long"):
+        loaded.reject(lambda f: ("prompt", "too long"), "fail")

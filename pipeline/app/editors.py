@@ -25,6 +25,7 @@ from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
 from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moment
+from pipeline.core.tokens import encode
 from pipeline.data import corpus
 from pipeline.data.records import CounterfactCase
 
@@ -155,6 +156,12 @@ class Editor:
         self.hparams = rome_hparams(cfg.editor, lm.name)
         self.second_moment = key_statistics(cfg, lm, self.hparams.layer)
         self.templates = context_templates(cfg.paths.cache, lm, self.hparams)
+
+    def prefix_tokens(self) -> int:
+        """Tokens the editor puts before a prompt: its longest context template's text."""
+        if self.name == "none":
+            return 0
+        return max(len(encode(self.lm.tokenizer, t.replace("{}", ""))) for t in self.templates)
 
     def requests(self, cases: Sequence[CounterfactCase]) -> list[EditRequest]:
         return [

@@ -42,6 +42,9 @@ class Family:
     # GPT-2's Conv1D stores its weight as (in, out); nn.Linear stores (out, in).
     mlp_out_transposed: bool = False
     layers_attr: str = "num_hidden_layers"
+    # The longest input, in tokens: learned position tables (GPT-2) fail beyond it, rotary
+    # models (the others) leave what they were trained on.
+    context_attr: str = "max_position_embeddings"
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,6 +59,7 @@ FAMILIES: dict[str, Family] = {
         unembed="lm_head",
         mlp_out_transposed=True,
         layers_attr="n_layer",
+        context_attr="n_positions",
     ),
     "gptj": Family(
         name="gptj",
@@ -67,6 +71,7 @@ FAMILIES: dict[str, Family] = {
         final_norm="transformer.ln_f",
         unembed="lm_head",
         layers_attr="n_layer",
+        context_attr="n_positions",
     ),
     "gpt_neox": Family(
         name="gpt_neox",
@@ -136,6 +141,11 @@ class LoadedModel:
     @property
     def n_layers(self) -> int:
         return int(getattr(self.model.config, self.family.layers_attr))
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens one input may have."""
+        return int(getattr(self.model.config, self.family.context_attr))
 
     @property
     def device(self) -> torch.device:

@@ -116,6 +116,27 @@ class Loaded:
     def total(self) -> int:
         return len(self.records) + len(self.skipped)
 
+    def reject(
+        self, check: Callable[[Any], tuple[str, str] | None], on_error: OnError
+    ) -> list[RecordError]:
+        """Move the records `check` finds unusable, as (field, reason), to `skipped` (or raise
+        the first with on_error="fail"): checks that need more than the file, such as whether a
+        prompt fits a model's context. Returns the newly rejected."""
+        kept, indices, rejected = [], [], []
+        for record, index in zip(self.records, self.indices, strict=True):
+            found = check(record)
+            if found is None:
+                kept.append(record)
+                indices.append(index)
+                continue
+            error = RecordError(self.path, index, record.id, *found)
+            if on_error == "fail":
+                raise error
+            rejected.append(error)
+        self.records, self.indices = kept, indices
+        self.skipped = sorted([*self.skipped, *rejected], key=lambda e: e.index)
+        return rejected
+
     def report(self) -> dict[str, Any]:
         return {
             "path": self.path,
