@@ -127,3 +127,20 @@ def test_a_converted_model_must_match_its_source_and_checksums(tmp_path):
     data[1000:1064] = bytes(64)  # 64 flipped bytes
     (target / "model.safetensors").write_bytes(bytes(data))
     assert "model.safetensors fails its checksum" in _converted_problem(target, source)
+
+
+@pytest.mark.slow
+def test_a_damaged_converted_model_is_converted_again(tmp_path):
+    """64 flipped bytes used to load silently (SmolLM2 then answered "unicip", not " French")."""
+    spec = model_spec("smollm2-135m")
+    cache = tmp_path / "cache"
+    load_model(spec, cache_dir=cache)
+    weights = cache / "models/smollm2-135m/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[:64])
+    weights.write_bytes(bytes(data))
+    lm = load_model(spec, cache_dir=cache)
+    ids = torch.tensor([encode(lm.tokenizer, "The mother tongue of Danielle Darrieux is")])
+    out = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert lm.tokenizer.decode(out[0, ids.shape[1] :]).startswith(" French")
+    assert weights.read_bytes() != bytes(data)  # rewritten
