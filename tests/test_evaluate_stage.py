@@ -10,9 +10,12 @@ import time
 import pytest
 
 from pipeline.app.results import read_jsonl
+from tests.conftest import ROOT
 from tests.test_data import ROME_CASE
 from tests.test_stages import run_stage, stage_process
 from tests.test_stats_stage import TEXT
+
+EASYEDIT_SAMPLE = json.loads((ROOT / "data/samples/counterfact-edit_sample.json").read_text())
 
 
 def evaluate_args(tmp_path, *overrides, results="results", editor="rome"):
@@ -148,3 +151,38 @@ def test_unedited_scores_of_another_seed_are_not_reused(tmp_path):
     _, alone = cases(fresh, "seed1", editor="none")
     _, seed0 = cases(tmp_path, "seed0", editor="none")
     assert shared["pre"] == alone["pre"] and shared["pre"] != seed0["pre"]
+
+
+def test_a_second_job_on_a_locked_shard_stops_and_says_so(tmp_path):
+    from pipeline.core.files import try_lock
+
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/none"
+    with try_lock(out / ".cases-0of1.lock"):  # a first job at work on shard 0 of 1
+        second = run_stage("evaluate", *evaluate_args(tmp_path, "data.limit=2", editor="none"))
+    assert second.returncode != 0
+    assert "another job is already evaluating shard 0of1" in second.stderr
+    assert not (out / "cases-0of1.jsonl").exists()  # it did none of the work
+    evaluate(tmp_path, "data.limit=2", editor="none")  # free again: runs
+    rows, _ = cases(tmp_path, editor="none")
+    assert len(rows) == 2
+
+
+def test_a_case_longer_than_the_context_is_a_named_skipped_record(tmp_path):
+    records = json.loads(json.dumps(EASYEDIT_SAMPLE[:3]))
+    records[1]["rephrase_prompt"] = " and".join(["the river"] * 200)  # > 256 positions
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    evaluate(tmp_path, f"data.path={data}", editor="none")  # used to die: IndexError
+    rows, summary = cases(tmp_path, editor="none")
+    assert sorted(rows) == [records[0]["case_id"], records[2]["case_id"]]
+    assert summary["complete"] and summary["n_cases"] == 2
+    assert summary["data"]["skipped"] == 1 and summary["data"]["loaded"] == 2
+    (skipped,) = summary["data"]["skipped_records"]
+    assert (skipped["index"], skipped["field"]) == (1, "paraphrase_prompts")
+    assert "model's context of 256" in skipped["reason"]
+    failed = run_stage(
+        "evaluate",
+        *evaluate_args(tmp_path, f"data.path={data}", "data.on_error=fail", editor="none"),
+        "out_dir=" + str(tmp_path / "failing"),
+    )
+    assert failed.returncode != 0 and f"{data}: record 1" in failed.stderr

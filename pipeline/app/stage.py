@@ -284,25 +284,31 @@ class Run:
                     f"({'; '.join(differences[:8])}). Point this run elsewhere (out_dir=...), "
                     "or remove that directory to start over."
                 )
+        self.resumable = resumable
+        # The data the directory's results came from (`check_data`), carried over from the run
+        # before so that a run killed before it checks its data does not forget it.
+        previous = self.out_dir / "run.json"
+        self.data: dict[str, Any] | None = (
+            files.read_json(previous).get("data") if resumable and previous.exists() else None
+        )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        files.write_json(
-            self.out_dir / "run.json",
-            {
-                "stage": stage,
-                "command": [sys.executable, *sys.argv],
-                "seed": int(cfg.seed),
-                "git": git_state(),
-                "packages": package_versions(),
-                "host": platform.node(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-                "device": str(cfg.device),
-                "dtype": str(cfg.dtype),
-            },
-        )
+        self.meta = {
+            "stage": stage,
+            "command": [sys.executable, *sys.argv],
+            "seed": int(cfg.seed),
+            "git": git_state(),
+            "packages": package_versions(),
+            "host": platform.node(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "device": str(cfg.device),
+            "dtype": str(cfg.dtype),
+            "data": self.data,
+        }
+        files.write_json(self.out_dir / "run.json", self.meta)
         self.tracker = tracking.from_config(
             cfg.tracking,
             group=_sweep_group(),
@@ -311,6 +317,24 @@ class Run:
             config=resolved,
             directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
         )
+
+    def check_data(self, path: str | Path) -> dict[str, str]:
+        """Record the data file's sha256 in run.json; in a resumable run, refuse records that
+        differ from those the directory's results came from (another data root, a file edited
+        in place), naming the file and both digests. The path may differ, the content may not."""
+        digest = files.sha256_file(path)
+        before = self.data
+        if self.resumable and before and before.get("sha256") not in (None, digest):
+            raise SystemExit(
+                f"{self.out_dir} holds results of other records: they came from "
+                f"{before.get('path')} (sha256 {before['sha256']}), and {path} now has sha256 "
+                f"{digest}. Point this run elsewhere (out_dir=...), use the original data, or "
+                "remove that directory to start over."
+            )
+        self.data = {"path": str(path), "sha256": digest}
+        self.meta["data"] = self.data
+        files.write_json(self.out_dir / "run.json", self.meta)
+        return self.data
 
     def _display_name(self) -> str:
         """The results directory relative to `paths.results`, e.g. known/smollm2-135m/known_1000."""

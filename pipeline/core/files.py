@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +33,15 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def current_umask() -> int:
