@@ -42,8 +42,15 @@ from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
 from pipeline.core.editing.updates import edited
 from pipeline.core.models import LoadedModel
-from pipeline.core.scoring import score_cases
-from pipeline.data.records import CounterfactCase, load_counterfact, missing_by_shard, take_shard
+from pipeline.core.scoring import score_cases, too_long
+from pipeline.data.records import (
+    CounterfactCase,
+    Loaded,
+    RecordError,
+    load_counterfact,
+    missing_by_shard,
+    take_shard,
+)
 from pipeline.data.sources import resolve_data_file
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 @stage("evaluate", resumable=True)
 def main(cfg: DictConfig, run: Run) -> None:
     data_file, origin = resolve_data_file(cfg.data, cfg.paths.data)
+    digest = run.check_data(data_file)["sha256"]  # a resume must see the same records
     loaded = load_counterfact(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     cases: list[CounterfactCase] = loaded.records
     index, count = int(cfg.shard.index), int(cfg.shard.count)
@@ -68,12 +76,12 @@ def main(cfg: DictConfig, run: Run) -> None:
         lm = run.load_model()
         if cfg.eval.mode == "independent":
             mine = take_shard(cases, index, count)
-            run_independent(cfg, run, lm, mine, f"{index}of{count}", data_file)
+            run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
         elif cfg.eval.mode == "sequential":
-            run_sequential(cfg, run, lm, cases)
+            run_sequential(cfg, run, lm, loaded)
             return
         elif cfg.eval.mode == "mass":
-            run_mass(cfg, run, lm, cases)
+            run_mass(cfg, run, lm, loaded)
             return
         else:
             raise ValueError(
@@ -85,7 +93,30 @@ def main(cfg: DictConfig, run: Run) -> None:
                 f"  python -m pipeline.merge {run.out_dir}"
             )
             return
-    summarize_run(cfg, run, cases, {**loaded.report(), "origin": origin}, loaded.schema)
+    report = {**loaded.report(), "origin": origin, "sha256": digest}
+    summarize_run(cfg, run, cases, report, loaded.schema)
+
+
+def shard_of(loaded: Loaded, cases: Sequence[CounterfactCase]) -> Loaded:
+    """The records `cases` of `loaded`, with their positions in the file (for error messages)."""
+    index_of = dict(zip((c.id for c in loaded.records), loaded.indices, strict=True))
+    return Loaded(loaded.path, loaded.schema, list(cases), [], [index_of[c.id] for c in cases])
+
+
+def reject_too_long(
+    cfg: DictConfig, lm: LoadedModel, editor: CaseEditor, loaded: Loaded, with_generation: bool
+) -> list[RecordError]:
+    """Drop from `loaded` the cases whose inputs do not fit the model (bad records: named,
+    counted, `data.on_error` applies), logging each."""
+    new_tokens = int(cfg.eval.max_new_tokens) if with_generation else 0
+    prefix = editor.prefix_tokens()
+    rejected = loaded.reject(
+        lambda case: too_long(lm, case, edit_prefix=prefix, new_tokens=new_tokens),
+        cfg.data.on_error,
+    )
+    for error in rejected:
+        log.warning("skipped a bad record: %s", error)
+    return rejected
 
 
 def summarize_run(
@@ -97,10 +128,24 @@ def summarize_run(
 ) -> None:
     """`summary.json` and the W&B summary over every case's line in the run's JSONL files."""
     records = {r["id"]: r for r in read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))}
+    # Cases the shards found too long for the model: bad records, counted with the others.
+    too_long = {r["id"]: r for r in read_jsonl(sorted(run.out_dir.glob("skipped-*.jsonl")))}
+    if too_long:
+        listed = [*data_report["skipped_records"], *too_long.values()]
+        data_report = {
+            **data_report,
+            "loaded": data_report["loaded"] - len(too_long),
+            "skipped": data_report["skipped"] + len(too_long),
+            "skipped_records": sorted(listed, key=lambda r: r["index"])[:100],
+        }
     wanted = [c.id for c in cases]
     count = int(cfg.shard.count)
     completeness = require_complete(
-        missing_by_shard(wanted, records, count), len(wanted), count, "cases", cfg.allow_partial
+        missing_by_shard(wanted, records.keys() | too_long.keys(), count),
+        len(wanted),
+        count,
+        "cases",
+        cfg.allow_partial,
     )
     done = [records[i] for i in wanted if i in records]
     if not done:
@@ -138,30 +183,54 @@ def summarize_run(
 
 
 def run_independent(
-    cfg: DictConfig,
-    run: Run,
-    lm: LoadedModel,
-    cases: list[CounterfactCase],
-    tag: str,
-    data_file: Path,
+    cfg: DictConfig, run: Run, lm: LoadedModel, cases: Loaded, tag: str, data_file: Path
 ) -> None:
+    """Evaluate the shard's unfinished cases, holding the lock of its cases file.
+
+    A second job on the same shard and directory stops at once (non-zero, naming the lock)
+    rather than waiting: waiting would hold a node only to find the work done, and two jobs
+    appending to one file would both do every case. The kernel frees the lock when its holder
+    dies, so a killed or requeued job's rerun is never blocked."""
+    lock = run.path(f".cases-{tag}.lock")
+    try:
+        with files.try_lock(lock):
+            _run_independent(cfg, run, lm, cases, tag, data_file)
+    except files.LockHeld:
+        raise SystemExit(
+            f"another job is already evaluating shard {tag} in {run.out_dir} (it holds {lock}); "
+            "not starting a second one. Rerun when it has finished or died: it resumes."
+        ) from None
+
+
+def _run_independent(
+    cfg: DictConfig, run: Run, lm: LoadedModel, shard: Loaded, tag: str, data_file: Path
+) -> None:
+    cases = shard.records
     finished = {r["id"] for r in read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))}
-    todo = [c for c in cases if c.id not in finished]
-    log.info("%d cases in this shard, %d already evaluated", len(cases), len(cases) - len(todo))
-    if not todo:
+    todo = shard_of(shard, [c for c in cases if c.id not in finished])
+    log.info(
+        "%d cases in this shard, %d already evaluated", len(cases), len(cases) - len(todo.records)
+    )
+    if not todo.records:
         return
     editor = CaseEditor(cfg, lm)
-    pre_cache = PreCache(Path(cfg.pre_dir), tag)
-    rows_per_pass = int(cfg.eval.rows_per_pass)
     with_generation = cfg.eval.generation is True or (
         cfg.eval.generation == "auto" and any(c.generation_prompts for c in cases)
     )
+    rejected = reject_too_long(cfg, lm, editor, todo, with_generation)
+    if rejected:
+        append_jsonl(run.path(f"skipped-{tag}.jsonl"), [e.as_dict() for e in rejected])
+    todo = todo.records
+    if not todo:
+        return
+    pre_cache = PreCache(Path(cfg.pre_dir), tag, lm)
+    rows_per_pass = int(cfg.eval.rows_per_pass)
     references = Reference(Path(data_file).parent, cases) if with_generation else None
     bar = tqdm(total=len(todo), desc=f"evaluate {editor.name}", unit="case")
     for batch in batches(todo, int(cfg.eval.cases_per_batch)):
         started = time.perf_counter()
         results = editor.updates(batch)
-        pre = pre_cache.get(lm, batch, rows_per_pass)
+        pre = pre_cache.get(batch, rows_per_pass)
         updates = [update_of(r) for r in results]
         post_probs = score_cases(lm, batch, updates, batch_size=rows_per_pass)
         post = [scored(p) for p in post_probs]
@@ -182,13 +251,13 @@ def run_independent(
     bar.close()
 
 
-def run_sequential(
-    cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[CounterfactCase]
-) -> None:
+def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
     """Edits accumulate; after each checkpoint every case edited so far is scored again."""
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("sequential mode needs an editor (editor=rome, memit, ...)")
+    reject_too_long(cfg, lm, editor, loaded, with_generation=False)
+    cases = loaded.records
     checkpoints = sorted(
         {int(n) for n in cfg.eval.checkpoints if int(n) <= len(cases)} | {len(cases)}
     )
@@ -212,23 +281,31 @@ def run_sequential(
 
     editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch))
     run.write_summary(
-        {"mode": "sequential", "model": cfg.model.name, "editor": editor.name, "checkpoints": curve}
+        {
+            "mode": "sequential",
+            "model": cfg.model.name,
+            "editor": editor.name,
+            "data": loaded.report(),
+            "checkpoints": curve,
+        }
     )
 
 
-def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[CounterfactCase]) -> None:
+def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
     """For each N of `eval.mass_sizes`: the first N cases written in one joint edit, then all N
     scored on the edited model (`mass-<N>.jsonl`, and the curve in `mass.json`). A rerun skips
     the sizes already done."""
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("mass mode needs an editor (editor=memit, rome, ...)")
+    reject_too_long(cfg, lm, editor, loaded, with_generation=False)
+    cases = loaded.records
     sizes = sorted({int(n) for n in cfg.eval.mass_sizes if int(n) <= len(cases)})
     if not sizes:
         raise ValueError(
             f"eval.mass_sizes {list(cfg.eval.mass_sizes)}: none fits {len(cases)} cases"
         )
-    pre_cache = PreCache(Path(cfg.pre_dir), "mass")
+    pre_cache = PreCache(Path(cfg.pre_dir), "mass", lm)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     saved = run.path("mass.json")
     curve = files.read_json(saved)["curve"] if saved.exists() else []
@@ -240,7 +317,7 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[Counterfact
         started = time.perf_counter()
         edit = editor.mass(batch)
         edit_seconds = time.perf_counter() - started
-        pre = pre_cache.get(lm, batch, rows_per_pass)
+        pre = pre_cache.get(batch, rows_per_pass)
         with edited(lm, [edit.updates]):
             post = [scored(p) for p in score_cases(lm, batch, batch_size=rows_per_pass)]
         seconds = time.perf_counter() - started
@@ -260,7 +337,13 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, cases: list[Counterfact
         )
         print(f"{n} edits at once ({edit_seconds:.0f} s): " + headline(summary).split("\n")[1])
     run.write_summary(
-        {"mode": "mass", "model": cfg.model.name, "editor": editor.name, "curve": curve}
+        {
+            "mode": "mass",
+            "model": cfg.model.name,
+            "editor": editor.name,
+            "data": loaded.report(),
+            "curve": curve,
+        }
     )
 
 

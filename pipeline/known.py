@@ -10,21 +10,27 @@ Writes `known.json` (the facts the model knows, with its answer probabilities), 
 from __future__ import annotations
 
 import json
+import logging
 
 from omegaconf import DictConfig
 
 from pipeline.app.stage import Run, stage
 from pipeline.core import files
-from pipeline.core.recall import check_known
+from pipeline.core.recall import check_known, too_long
 from pipeline.data.records import load_known
 from pipeline.data.sources import resolve_data_file
+
+log = logging.getLogger(__name__)
 
 
 @stage("known")
 def main(cfg: DictConfig, run: Run) -> None:
     path, origin = resolve_data_file(cfg.data, cfg.paths.data)
+    digest = run.check_data(path)["sha256"]
     loaded = load_known(path, on_error=cfg.data.on_error, limit=cfg.data.limit)
     lm = run.load_model()
+    for error in loaded.reject(lambda fact: too_long(lm, fact), cfg.data.on_error):
+        log.warning("skipped a bad record: %s", error)
     recalls = check_known(lm, loaded.records, batch_size=int(cfg.batch_size))
     rows = [
         {
@@ -44,7 +50,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     files.atomic_write(run.path("recall.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     summary = {
         "model": cfg.model.name,
-        "data": {**loaded.report(), "origin": origin},
+        "data": {**loaded.report(), "origin": origin, "sha256": digest},
         "total": loaded.total,
         "checked": len(rows),
         "known": len(known),

@@ -37,7 +37,7 @@ from pipeline.core.patching import (
     trace_all_kinds,
     trace_severed,
 )
-from pipeline.core.recall import check_known
+from pipeline.core.recall import check_known, too_long
 from pipeline.core.tokens import encode, subject_span
 from pipeline.data.records import load_known, missing_by_shard, take_shard
 from pipeline.data.sources import resolve_data_file
@@ -45,8 +45,11 @@ from pipeline.data.sources import resolve_data_file
 log = logging.getLogger(__name__)
 
 
-def known_facts(cfg: DictConfig, lm: LoadedModel) -> tuple[list[dict[str, Any]], str]:
-    """The facts to trace: those the model knows (the `known` stage's output, or computed here).
+def known_facts(
+    cfg: DictConfig, lm: LoadedModel
+) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """The facts to trace: those the model knows (the `known` stage's output, or computed here),
+    where they came from, and the data report (records loaded, skipped and why).
 
     With `trace.facts=all`, every fact is traced with the model's own first predicted token as
     the answer — meaningless for science, useful to exercise random-weight models.
@@ -54,10 +57,17 @@ def known_facts(cfg: DictConfig, lm: LoadedModel) -> tuple[list[dict[str, Any]],
     path = Path(cfg.known_dir) / "known.json"
     if cfg.trace.facts == "known" and path.exists():
         if _same_inputs(Path(cfg.known_dir) / "config.yaml", cfg):
-            return files.read_json(path), str(path)
+            summary = Path(cfg.known_dir) / "summary.json"
+            report = files.read_json(summary).get("data", {}) if summary.exists() else {}
+            return files.read_json(path), str(path), report
         log.warning("ignoring %s: it was computed with other data or model settings", path)
     data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
     loaded = load_known(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
+    loaded.reject(lambda fact: too_long(lm, fact), cfg.data.on_error)
+    for error in loaded.skipped[:20]:
+        log.warning("skipped a bad record: %s", error)
+    if loaded.skipped:
+        log.warning("%d bad records of %s skipped", len(loaded.skipped), data_file)
     log.info("checking which of %d facts the model knows", len(loaded.records))
     recalls = check_known(lm, loaded.records, batch_size=int(cfg.known_batch_size))
     if cfg.trace.facts == "all":
@@ -71,7 +81,7 @@ def known_facts(cfg: DictConfig, lm: LoadedModel) -> tuple[list[dict[str, Any]],
         for r, answer in zip(recalls, answers, strict=True)
         if answer is not None
     ]
-    return facts, f"{cfg.trace.facts} facts of {data_file}"
+    return facts, f"{cfg.trace.facts} facts of {data_file}", loaded.report()
 
 
 def _same_inputs(known_config: Path, cfg: DictConfig) -> bool:
@@ -118,6 +128,40 @@ def trace_fact(
         record["severed"] = {name: values.tolist() for name, values in severed.restored.items()}
         record["severed_token"] = severed.token
     return record
+
+
+def read_prompt(path: Path, fact_id: int, kinds: list[str]) -> dict[str, Any]:
+    """A traced prompt's file, or ValueError saying why it cannot be used (a torn or edited
+    file must be traced again, not counted as done or crash the aggregate unnamed)."""
+    try:
+        record = files.read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error})") from None
+    if not isinstance(record, dict) or record.get("id") != fact_id:
+        raise ValueError(f"{path}: not the record of fact {fact_id}")
+    absent = [k for k in ("clean", "corrupted", "subject_span") if k not in record] + [
+        f"kinds.{k}" for k in kinds if k not in (record.get("kinds") or {})
+    ]
+    if absent:
+        raise ValueError(f"{path}: missing {', '.join(absent)}")
+    return record
+
+
+def intact_prompts(
+    prompts_dir: Path, ids: list[int], kinds: list[str]
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """The usable traced prompts among `ids`, and the damaged ones with why (each logged)."""
+    records, damaged = {}, {}
+    for fact_id in ids:
+        path = prompts_dir / f"{fact_id}.json"
+        if not path.exists():
+            continue
+        try:
+            records[fact_id] = read_prompt(path, fact_id, kinds)
+        except ValueError as error:
+            damaged[fact_id] = str(error)
+            log.warning("damaged traced prompt, not counted as done: %s", error)
+    return records, damaged
 
 
 def aggregate(records: list[dict[str, Any]], kinds: list[str]) -> dict[str, Any]:
@@ -177,8 +221,11 @@ def main(cfg: DictConfig, run: Run) -> None:
     prompts_dir = run.path("prompts")
     prompts_dir.mkdir(exist_ok=True)
     options = OmegaConf.to_container(cfg.trace, resolve=True)
+    kinds = list(options["kinds"])
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    run.check_data(data_file)  # a resume must see the same records
     lm = run.load_model()
-    facts, facts_source = known_facts(cfg, lm)
+    facts, facts_source, data_report = known_facts(cfg, lm)
     facts = sorted(facts, key=lambda f: f["id"])
     if not facts:
         raise SystemExit(f"no known facts to trace (from {facts_source})")
@@ -191,8 +238,11 @@ def main(cfg: DictConfig, run: Run) -> None:
         facts = facts[: int(options["limit"])]
     if not cfg.aggregate_only:
         mine = take_shard(facts, int(cfg.shard.index), int(cfg.shard.count))
-        todo = [f for f in mine if not (prompts_dir / f"{f['id']}.json").exists()]
+        done, damaged = intact_prompts(prompts_dir, [f["id"] for f in mine], kinds)
+        todo = [f for f in mine if f["id"] not in done]
         log.info("%d facts in this shard, %d already traced", len(mine), len(mine) - len(todo))
+        if damaged:
+            print(f"tracing {len(damaged)} damaged prompt files again: {sorted(damaged)}")
         started = time.time()
         for fact in tqdm(todo, desc="tracing", unit="prompt"):
             record = trace_fact(lm, fact, options, seed=int(cfg.seed) * 1_000_003 + int(fact["id"]))
@@ -212,12 +262,12 @@ def main(cfg: DictConfig, run: Run) -> None:
             f"  python -m pipeline.merge {run.out_dir}"
         )
         return
-    finished = {int(p.stem): p for p in prompts_dir.glob("*.json")}
     ids = [f["id"] for f in facts]
+    finished, damaged = intact_prompts(prompts_dir, ids, kinds)
     completeness = require_complete(
         missing_by_shard(ids, finished, count), len(ids), count, "prompts", cfg.allow_partial
     )
-    records = [files.read_json(finished[i]) for i in ids if i in finished]
+    records = [finished[i] for i in ids if i in finished]
     if not records:
         raise SystemExit("no traced prompts to aggregate")
     averages = aggregate(records, list(options["kinds"]))
@@ -231,6 +281,9 @@ def main(cfg: DictConfig, run: Run) -> None:
         "facts_source": facts_source,
         "traced": len(records),
         **completeness,
+        "damaged": {str(i): reason for i, reason in sorted(damaged.items())[:100]},
+        "data": data_report,
+        "skipped": data_report.get("skipped", 0),
         "noise_scale": options["scale"],
         "samples": options["samples"],
         "window": options["window"],

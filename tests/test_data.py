@@ -117,6 +117,11 @@ def _mutate(record, path, value):
     return bad
 
 
+def _renumbered(record, offset=100):
+    key = "known_id" if "known_id" in record else "case_id"
+    return {**record, key: record[key] + offset}
+
+
 BAD_KNOWN = [
     ("subject", KeyError, "missing"),
     ("subject", "", "empty"),
@@ -157,7 +162,7 @@ def test_bad_records_fail_with_file_record_and_field(
     tmp_path, loader, record, field, value, reason, blamed
 ):
     good = copy.deepcopy(record)
-    path = write(tmp_path, "data.json", [good, _mutate(record, field, value), good])
+    path = write(tmp_path, "data.json", [good, _mutate(record, field, value), _renumbered(good)])
     with pytest.raises(RecordError) as error:
         loader(path)
     message = str(error.value)
@@ -181,6 +186,33 @@ def test_wrong_container_types(tmp_path):
         load_known(write(tmp_path, "k.json", [KNOWN]), on_error="ignore")
     with pytest.raises(ValueError, match="data kind"):
         load_records("zsre", tmp_path)
+
+
+@pytest.mark.parametrize("loader,record", [(load_known, KNOWN), (load_counterfact, EASYEDIT_CASE)])
+def test_a_duplicate_id_is_a_bad_record_not_a_replacement(tmp_path, loader, record):
+    """ids [0, 1, 4, 1]: the second 1 would replace the first's results and count twice."""
+    key = "known_id" if loader is load_known else "case_id"
+    ids = [0, 1, 4, 1]
+    path = write(tmp_path, "d.json", [{**record, key: i} for i in ids])
+    loaded = loader(path, on_error="skip")
+    assert [r.id for r in loaded.records] == [0, 1, 4] and loaded.indices == [0, 1, 2]
+    (error,) = loaded.skipped
+    assert (error.index, error.record_id, error.field) == (3, 1, key)
+    assert "duplicate id 1 (already used by record 1)" in error.reason
+    assert loaded.report()["skipped"] == 1 and loaded.total == 4
+    with pytest.raises(RecordError, match="record 3 .*duplicate id 1"):
+        loader(path, on_error="fail")
+
+
+def test_the_schema_comes_from_the_file_not_its_first_record(tmp_path):
+    broken = {k: v for k, v in EASYEDIT_CASE.items() if k != "ground_truth"}
+    records = [broken] + [{**EASYEDIT_CASE, "case_id": i} for i in (1, 2)]
+    loaded = load_counterfact(write(tmp_path, "c.json", records), on_error="skip")
+    assert loaded.schema == "easyedit" and [r.id for r in loaded.records] == [1, 2]
+    (error,) = loaded.skipped
+    assert (error.index, error.field, error.reason) == (0, "ground_truth", "missing")
+    rome_first = [5, ROME_CASE, {**ROME_CASE, "case_id": 1}]
+    assert load_counterfact(write(tmp_path, "r.json", rome_first), on_error="skip").schema == "rome"
 
 
 def test_limit_and_shards(tmp_path):
@@ -212,3 +244,15 @@ def test_bundled_samples_are_valid():
     )
     assert len(load_known(known).records) == 300
     assert len(load_counterfact(cases).records) == 300
+
+
+def test_reject_moves_records_a_later_check_refuses_to_skipped_with_their_place(tmp_path):
+    records = [{**KNOWN, "known_id": i} for i in range(4)]
+    records[1]["subject"] = "Nobody"  # bad in the file itself
+    loaded = load_known(write(tmp_path, "k.json", records), on_error="skip")
+    rejected = loaded.reject(lambda f: ("prompt", "too long") if f.id == 2 else None, "skip")
+    assert [r.id for r in loaded.records] == [0, 3] and loaded.indices == [0, 3]
+    assert [(e.index, e.field) for e in rejected] == [(2, "prompt")]
+    assert [e.index for e in loaded.skipped] == [1, 2] and loaded.report()["skipped"] == 2
+    with pytest.raises(RecordError, match="record 0 .*'prompt': too long"):
+        loaded.reject(lambda f: ("prompt", "too long"), "fail")

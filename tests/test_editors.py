@@ -97,3 +97,13 @@ def test_multi_layer_presets_and_per_model_values_yield_to_the_command_line():
     assert hp.mom2_update_weight == 5 and hp.layers == (1, 2)
     with pytest.raises(ValueError, match="edits one layer"):
         editors.edit_layer(config("editor=rome", "editor.layer=[1,2]").editor, "gpt2")
+
+
+def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_path, monkeypatch):
+    hp = RomeHparams(layer=1, context_templates=((3, 2),))
+    editors.context_templates(tmp_path, tiny_model("tiny-gpt2"), hp)
+    calls = []
+    real = editors.templates_for
+    monkeypatch.setattr(editors, "templates_for", lambda *a, **k: calls.append(1) or real(*a, **k))
+    editors.context_templates(tmp_path, tiny_model("tiny-gpt2", seed=1), hp)
+    assert calls == [1]  # not the seed-0 model's text

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -6,6 +8,7 @@ from pipeline.core.models import (
     ModelNotAvailableError,
     UnsupportedModelError,
     family_for,
+    identity_of,
     load_model,
     wrap,
 )
@@ -95,3 +98,49 @@ def test_embedded_model_loads_from_cache_and_knows_french(smollm2):
     out = smollm2.model.generate(ids, max_new_tokens=3, do_sample=False)
     continuation = smollm2.tokenizer.decode(out[0, ids.shape[1] :])
     assert continuation.startswith(" French"), continuation
+
+
+def test_identity_names_the_weights_not_the_name():
+    a, b = tiny_model("tiny-gpt2", 0), tiny_model("tiny-gpt2", 0)
+    c = tiny_model("tiny-gpt2", 1)
+    assert a.identity and a.identity == b.identity  # stable across loads
+    assert c.name == a.name and c.identity != a.identity  # the seed makes other weights
+    handed_in = wrap(a.model, a.tokenizer, "tiny-gpt2")
+    assert identity_of(handed_in) == identity_of(wrap(b.model, b.tokenizer))  # by parameters
+    assert identity_of(handed_in) != identity_of(wrap(c.model, c.tokenizer))
+
+
+def test_a_converted_model_must_match_its_source_and_checksums(tmp_path):
+    from pipeline.core.models import _converted_problem, checksums
+
+    target = tmp_path / "models" / "m"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    source = {"files": [["/pkg/m.gguf", 10, 1]]}
+    assert _converted_problem(target, source) == "not converted yet"
+    (target / "SOURCE.json").write_text(json.dumps({"source": source}))  # an old conversion
+    assert "before checksums" in _converted_problem(target, source)
+    (target / "SOURCE.json").write_text(json.dumps({"source": source, "sha256": checksums(target)}))
+    assert _converted_problem(target, source) is None
+    assert "another file" in _converted_problem(target, {"files": [["/pkg/m.gguf", 10, 2]]})
+    data = bytearray((target / "model.safetensors").read_bytes())
+    data[1000:1064] = bytes(64)  # 64 flipped bytes
+    (target / "model.safetensors").write_bytes(bytes(data))
+    assert "model.safetensors fails its checksum" in _converted_problem(target, source)
+
+
+@pytest.mark.slow
+def test_a_damaged_converted_model_is_converted_again(tmp_path):
+    """64 flipped bytes used to load silently (SmolLM2 then answered "unicip", not " French")."""
+    spec = model_spec("smollm2-135m")
+    cache = tmp_path / "cache"
+    load_model(spec, cache_dir=cache)
+    weights = cache / "models/smollm2-135m/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[:64])
+    weights.write_bytes(bytes(data))
+    lm = load_model(spec, cache_dir=cache)
+    ids = torch.tensor([encode(lm.tokenizer, "The mother tongue of Danielle Darrieux is")])
+    out = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert lm.tokenizer.decode(out[0, ids.shape[1] :]).startswith(" French")
+    assert weights.read_bytes() != bytes(data)  # rewritten

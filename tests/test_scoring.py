@@ -79,3 +79,22 @@ def test_generation_is_seeded_and_edit_aware(edited_cases):
     generate(lm, prompts, max_new_tokens=8, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
     assert len(first) == 2 and all(isinstance(t, str) for t in first)
+
+
+def test_inputs_longer_than_the_context_are_named_by_field():
+    import dataclasses
+
+    from pipeline.core.scoring import too_long
+
+    lm = tiny_model("tiny-gpt2")  # 256 positions
+    case = load_counterfact(ROOT / "data/samples/counterfact-edit_sample.json", limit=1).records[0]
+    assert too_long(lm, case) is None
+    long = " and".join(["the river"] * 200)
+    field, why = too_long(lm, dataclasses.replace(case, paraphrase_prompts=(long,)))
+    assert field == "paraphrase_prompts" and "more than the model's context of 256" in why
+    assert too_long(lm, case, edit_prefix=250)[0] == "prompt"  # the edit's template counts
+    gen = dataclasses.replace(case, generation_prompts=(case.prompt,))
+    assert too_long(lm, gen, new_tokens=250)[0] == "generation_prompts"
+    assert too_long(lm, gen, new_tokens=10) is None
+    with pytest.raises(IndexError):  # what used to happen, with nothing named
+        score_cases(lm, [dataclasses.replace(case, paraphrase_prompts=(long,))])

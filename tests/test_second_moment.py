@@ -177,3 +177,32 @@ def test_cached_shard_parts_merge_into_the_cached_whole(lm, tmp_path):
     assert merged.count == whole.count
     torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-12, atol=1e-12)
     assert load_second_moment(key.path(tmp_path), key.metadata()).count == whole.count
+
+
+def test_the_count_header_is_inside_the_checksum(lm, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    corpus = CountingCorpus()
+    first = cached(lm, tmp_path, corpus)
+    path = StatsKey.of(lm, LAYER, "inline", max_samples=6).path(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        header, tensor = dict(handle.metadata()), handle.get_tensor("sum")
+    header["count"] = str(int(header["count"]) + 1)  # one digit: C silently rescaled
+    save_file({"sum": tensor}, str(path), metadata=header)
+    recomputed = cached(lm, tmp_path, corpus)
+    assert corpus.calls == 2 and recomputed.count == first.count
+
+
+def test_another_model_under_the_same_name_misses_the_cache(lm, tmp_path):
+    other = tiny_model("tiny-gpt2", seed=1)  # same name, dtype and shapes; other weights
+    assert other.name == lm.name and other.identity != lm.identity
+    mine = StatsKey.of(lm, LAYER, "inline", max_samples=6)
+    theirs = StatsKey.of(other, LAYER, "inline", max_samples=6)
+    assert mine.path(tmp_path) != theirs.path(tmp_path)
+    corpus = CountingCorpus()
+    cached(lm, tmp_path, corpus)
+    cached(other, tmp_path, corpus)
+    assert corpus.calls == 2  # computed for each
+    with pytest.raises(ValueError, match="does not describe"):
+        cached_second_moment(other, mine, corpus, cache_dir=tmp_path, progress=False)

@@ -150,3 +150,101 @@ def test_config_differences_ignore_how_work_is_split_even_for_old_saved_configs(
     current = {"seed": 0, "shard": {"index": 1}, "out_dir": "/abs/a", "editor": {"v_lr": 0.1}}
     assert config_differences(saved, current) == ["editor.v_lr: 0.5 -> 0.1"]
     assert config_differences(saved, {**current, "editor": {"v_lr": 0.5}}) == []
+
+
+def test_an_unfinished_merge_names_the_merge_commands_own_flag():
+    from pipeline.app.stage import require_complete
+
+    with pytest.raises(SystemExit) as refused:
+        require_complete({0: [0, 4], 1: []}, 4, 2, "cases", allow_partial=False)
+    message = str(refused.value)
+    assert "shard 0 of 2: 2 cases missing (ids 0, 4)" in message
+    assert "pipeline.merge DIR --allow-partial" in message  # the flag merge's parser takes
+
+
+def test_a_wrong_setting_stops_before_any_file_or_run_and_names_key_value_and_choices(tmp_path):
+    bad = run_stage(
+        "known",
+        "model=tiny-gpt2",
+        f"paths.results={tmp_path}",
+        "dtype=float61",
+        "data.limit=abc",
+        "tracking.mode=offline",
+        env={"ROME_WANDB_MODE": "offline"},
+    )
+    assert bad.returncode != 0
+    assert "dtype='float61' is not allowed (allowed: one of float32, bfloat16, float16)" in (
+        bad.stderr
+    )
+    assert "data.limit='abc' is not allowed (allowed: an integer, at least 0, or null)" in (
+        bad.stderr
+    )
+    # no results directory (so no config.yaml to block the fix) and no W&B run; only Hydra's log
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"]
+    fixed = run_stage("known", "model=tiny-gpt2", f"paths.results={tmp_path}", "data.limit=3")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
+def test_every_shipped_config_passes_the_schema_and_editor_numbers_are_typed():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.app.stage import SETTINGS, ConfigError, validate_config
+
+    assert SETTINGS["editor.v_lr"].accepts(1) and not SETTINGS["editor.v_lr"].accepts("fast")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in ("known", "trace", "stats", "evaluate", "summarize", "report"):
+            validate_config(compose(name))
+        for model in sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml")):
+            validate_config(compose("evaluate", overrides=[f"model={model}", "editor=r-rome"]))
+        for wrong in ("shard.index=2", "trace.kinds=[hidden,mlps]", "trace.engine=quick"):
+            with pytest.raises(ConfigError, match=wrong.split("=")[0]):
+                validate_config(compose("trace", overrides=[wrong, "shard.count=2"]))
+
+
+def test_a_resume_over_other_records_is_refused_naming_the_file_and_both_digests(tmp_path):
+    records = json.loads((ROOT / "data/samples/counterfact-edit_sample.json").read_text())[:3]
+
+    def data_root(name):
+        path = tmp_path / name / "counterfact_easyedit/counterfact-edit.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records))
+        return path
+
+    first, second = data_root("a"), data_root("b")
+    args = (
+        "model=tiny-gpt2",
+        "editor=none",
+        f"paths.results={tmp_path}",
+        f"paths.cache={tmp_path}",
+        f"corpus.local_dir={tmp_path}",  # (else derived from the data root)
+        f"corpus.cache_dir={tmp_path}",
+    )
+    done = run_stage("evaluate", *args, f"paths.data={tmp_path / 'a'}", "data.limit=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out_dir = tmp_path / "evaluate/tiny-gpt2/counterfact-easyedit/none"
+    recorded = json.loads((out_dir / "run.json").read_text())["data"]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert recorded["sha256"] == summary["data"]["sha256"] and len(recorded["sha256"]) == 64
+    # another data root (paths may change between runs) with the same records: continues
+    moved = run_stage("evaluate", *args, f"paths.data={tmp_path / 'b'}", "data.limit=3")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    records[2]["target_new"] = "Klingon"  # edited in place
+    second.write_text(json.dumps(records))
+    refused = run_stage("evaluate", *args, f"paths.data={tmp_path / 'b'}", "data.limit=3")
+    assert refused.returncode != 0
+    message = " ".join(refused.stderr.split())
+    assert f"{second} (sha256 {recorded['sha256']})" in message
+    assert f"{second} now has sha256 " in message and "holds results of other records" in message
+    assert first.exists()
+
+
+def test_a_known_fact_longer_than_the_context_is_a_named_skipped_record(tmp_path):
+    records = json.loads((ROOT / "data/samples/known_1000_sample.json").read_text())[:3]
+    records[1]["prompt"] = "Once upon a time," * 100 + " " + records[1]["prompt"]
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(records))
+    done = run_stage("known", "model=tiny-gpt2", f"data.path={data}", f"paths.results={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]  # used to die: IndexError
+    summary = json.loads((tmp_path / "known/tiny-gpt2/known_1000/summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["checked"] == 2
+    assert summary["data"]["skipped_records"][0]["field"] == "prompt"

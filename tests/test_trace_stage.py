@@ -4,6 +4,7 @@ import json
 
 from PIL import Image
 
+from tests.conftest import ROOT
 from tests.test_stages import last_line, merge, run_stage
 
 TINY = ["model=tiny-gpt2", "trace.facts=all", "data.limit=12", "trace.limit=4", "trace.samples=3"]
@@ -90,3 +91,35 @@ def test_known_facts_from_another_data_setting_are_not_reused(tmp_path):
     cfg.data.limit = 40
     assert not _same_inputs(saved, cfg)
     assert not _same_inputs(tmp_path / "missing.yaml", cfg)
+
+
+def test_a_damaged_prompt_file_is_named_and_traced_again(tmp_path):
+    done = run_stage("trace", *TINY, f"paths.results={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out_dir = tmp_path / "trace/tiny-gpt2/known_1000"
+    first = averages(tmp_path)
+    victim = sorted((out_dir / "prompts").glob("*.json"))[1]
+    victim.write_text(victim.read_text()[:40])  # torn: counted as done before, then a crash
+    refused = merge(out_dir)
+    assert refused.returncode != 0
+    assert f"{victim}: unreadable" in refused.stderr and "1 of 4 prompts are not finished" in (
+        refused.stderr
+    )
+    again = run_stage("trace", *TINY, f"paths.results={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"tracing 1 damaged prompt files again: [{int(victim.stem)}]" in again.stdout
+    assert "traced 1 prompts" in again.stdout and averages(tmp_path) == first
+
+
+def test_bad_records_of_the_data_trace_loads_itself_are_counted_and_listed(tmp_path):
+    records = json.loads((ROOT / "data/samples/known_1000_sample.json").read_text())[:6]
+    records[2]["subject"] = "Nobody At All"
+    records[4]["known_id"] = records[0]["known_id"]  # a duplicate id
+    data = tmp_path / "known.json"
+    data.write_text(json.dumps(records))
+    done = run_stage("trace", *TINY, f"data.path={data}", f"paths.results={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "trace/tiny-gpt2/known_1000/summary.json").read_text())
+    assert summary["skipped"] == 2 and summary["data"]["total"] == 6
+    assert [r["index"] for r in summary["data"]["skipped_records"]] == [2, 4]
+    assert "skipped a bad record" in done.stdout + done.stderr

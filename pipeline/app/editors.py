@@ -30,8 +30,9 @@ from pipeline.core.editing.rome import Rome, RomeHparams
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moment
+from pipeline.core.tokens import encode
 from pipeline.data import corpus
 from pipeline.data.records import CounterfactCase
 
@@ -197,6 +198,7 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
         "top_k": hparams.context_top_k,
         "seed": hparams.context_seed,
         "dtype": str(lm.dtype),
+        "model": identity_of(lm),  # the weights, not the name: a model's own text
     }
     if getattr(hparams, "context_length_includes_seed", False):  # older entries keep their key
         settings["length_includes_seed"] = True
@@ -229,7 +231,14 @@ class CaseEditor:
             return key_statistics(cfg, lm, layer)
 
         batch_size = int(cfg.editor.get("batch_size") or 8)
+        self.templates = templates
         self.editor = kind.build(lm, self.hparams, statistics, templates, batch_size)
+
+    def prefix_tokens(self) -> int:
+        """Tokens the editor puts before a prompt: its longest context template's text."""
+        if self.editor is None or not getattr(self, "templates", None):
+            return 0
+        return max(len(encode(self.lm.tokenizer, t.replace("{}", ""))) for t in self.templates)
 
     @staticmethod
     def requests(cases: Sequence[CounterfactCase]) -> list[EditRequest]:

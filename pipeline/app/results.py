@@ -2,11 +2,12 @@
 
 Lines are appended and fsynced, so a killed run loses at most the line it was writing, and a torn
 last line is ignored on reading. `PreCache` keeps the unedited model's scores per case, shared by
-every editor's run of a model and data set.
+every editor's run of a model and data set, keyed by what determines them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from metrics import counterfact as cf
 from metrics.intervals import mean_ci
 from pipeline.core.editing.requests import EditResult
 from pipeline.core.files import file_lock
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.scoring import score_cases
 from pipeline.data.records import CounterfactCase
 
@@ -85,22 +86,40 @@ def scored(probs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
     return {"probs": probs, "metrics": cf.case_metrics(probs)}
 
 
+def pre_key(lm: LoadedModel, case: CounterfactCase) -> str:
+    """What a case's unedited scores depend on: the weights (`identity`: a random model's seed
+    included), their dtype and the case's own content. The scores are teacher-forced, so no
+    sampling seed enters; generation metrics are not cached."""
+    description = {"model": identity_of(lm), "dtype": str(lm.dtype), "case": case.to_dict()}
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
+
 class PreCache:
-    """Unedited scores per case id, shared by every editor's run of this model and data."""
+    """Unedited scores per case, shared by every editor's run of this model and data.
 
-    def __init__(self, directory: Path, tag: str):
+    Rows are found by `pre_key`, not by case id, so another seed, model file, dtype or a record
+    edited under the same id misses and is scored afresh. Rows written before the key existed
+    have none and are never used (they are recomputed)."""
+
+    def __init__(self, directory: Path, tag: str, lm: LoadedModel):
         self.path = directory / f"pre-{tag}.jsonl"
-        self.rows = {r["id"]: r for r in read_jsonl(sorted(directory.glob("pre-*.jsonl")))}
+        self.lm = lm
+        rows = read_jsonl(sorted(directory.glob("pre-*.jsonl")))
+        self.rows = {r["key"]: r for r in rows if "key" in r}
 
-    def get(self, lm: LoadedModel, cases: Sequence[CounterfactCase], rows_per_pass: int) -> list:
-        missing = [c for c in cases if c.id not in self.rows]
+    def get(self, cases: Sequence[CounterfactCase], rows_per_pass: int) -> list:
+        keys = [pre_key(self.lm, c) for c in cases]
+        missing = [(c, k) for c, k in zip(cases, keys, strict=True) if k not in self.rows]
         if missing:
-            fresh = score_cases(lm, missing, batch_size=rows_per_pass)
-            new_rows = [{"id": c.id, **scored(p)} for c, p in zip(missing, fresh, strict=True)]
+            fresh = score_cases(self.lm, [c for c, _ in missing], batch_size=rows_per_pass)
+            new_rows = [
+                {"id": c.id, "key": k, **scored(p)}
+                for (c, k), p in zip(missing, fresh, strict=True)
+            ]
             with file_lock(self.path.with_suffix(".lock")):  # jobs of a sweep share the file
                 append_jsonl(self.path, new_rows)
-            self.rows.update({r["id"]: r for r in new_rows})
-        return [{k: v for k, v in self.rows[c.id].items() if k != "id"} for c in cases]
+            self.rows.update({r["key"]: r for r in new_rows})
+        return [{k: v for k, v in self.rows[key].items() if k not in ("id", "key")} for key in keys]
 
 
 def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:

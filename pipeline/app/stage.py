@@ -9,6 +9,10 @@ Stages that resume (`resumable=True`) refuse a results directory written under a
 configuration, so a rerun with, say, another learning rate never mixes its cases into the old
 ones; only the settings listed in `rerun_may_change` (how work is split, batched, or stored) may
 differ between the runs that fill one directory.
+
+Before anything is written (results directory, `config.yaml`, W&B run), the whole config is
+checked against `SETTINGS`: a wrong type or value stops the run naming the key, the value and
+what is allowed, so a typo never leaves a saved config that blocks the corrected rerun.
 """
 
 from __future__ import annotations
@@ -21,18 +25,20 @@ import random
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.app import tracking
 from pipeline.core import files
-from pipeline.core.models import LoadedModel, load_model
+from pipeline.core.models import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +137,155 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     ]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What one config key may hold: its type(s), the allowed values, a lower bound, null."""
+
+    kind: type | tuple[type, ...]
+    choices: tuple = ()
+    minimum: float | None = None
+    nullable: bool = False
+    item: type | None = None  # for lists: each item's type
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.item is not None:
+            return isinstance(value, list) and all(
+                _is(v, self.item) and (not self.choices or v in self.choices) for v in value
+            )
+        return (
+            _is(value, self.kind)
+            and (not self.choices or value in self.choices)
+            and (self.minimum is None or value >= self.minimum)
+        )
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = f"one of {', '.join(str(c) for c in self.choices)}"
+            text = f"a list, each {text}" if self.item is not None else text
+        elif self.item is not None:
+            text = f"a list of {_NAMES[self.item]}s"
+        else:
+            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+            text = " or ".join(f"{_ARTICLE[k]} {_NAMES[k]}" for k in kinds)
+        if self.minimum is not None:
+            text += f", at least {self.minimum:g}"
+        return text + (", or null" if self.nullable else "")
+
+
+_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list"}
+_ARTICLE = {int: "an", float: "a", str: "a", bool: "a", list: "a"}
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, float if k is float else k) for k in kinds) or (
+        float in kinds and isinstance(value, int)
+    )
+
+
+INT, COUNT = Setting(int), Setting(int, minimum=1)
+FLAG = Setting(bool)
+# Keys every stage config may have (absent keys are not checked). The editor's numbers come from
+# RomeHparams' own annotations below, so the two cannot drift apart.
+SETTINGS: dict[str, Setting] = {
+    "seed": Setting(int, minimum=0),
+    "device": Setting(str),
+    "dtype": Setting(str, choices=tuple(DTYPES)),
+    "model.name": Setting(str),
+    "model.source": Setting(str, choices=("gguf", "hub", "random")),
+    "model.path": Setting(str, nullable=True),
+    "data.limit": Setting(int, minimum=0, nullable=True),
+    "data.on_error": Setting(str, choices=("skip", "fail")),
+    "data.path": Setting(str, nullable=True),
+    "data.download": FLAG,
+    "shard.index": Setting(int, minimum=0),
+    "shard.count": COUNT,
+    "aggregate_only": FLAG,
+    "allow_partial": FLAG,
+    "tracking.mode": Setting(str, choices=("offline", "online", "disabled")),
+    "batch_size": COUNT,
+    "known_batch_size": COUNT,
+    "layers": Setting(int, item=int, nullable=True),
+    "eval.mode": Setting(str, choices=("independent", "mass", "sequential")),
+    "eval.mass_sizes": Setting(int, item=int),
+    "eval.sequential_batch": COUNT,
+    "eval.cases_per_batch": COUNT,
+    "eval.rows_per_pass": COUNT,
+    "eval.checkpoints": Setting(int, item=int),
+    "eval.generation": Setting((str, bool), choices=("auto", True, False)),
+    "eval.max_new_tokens": COUNT,
+    "eval.top_k": COUNT,
+    "trace.samples": COUNT,
+    "trace.noise_multiplier": Setting(float, minimum=0),
+    "trace.scale": Setting(float, minimum=0, nullable=True),
+    "trace.distribution": Setting(str, choices=("gaussian", "uniform")),
+    "trace.window": COUNT,
+    "trace.kinds": Setting(str, item=str, choices=("hidden", "mlp", "attn")),
+    "trace.severed": FLAG,
+    "trace.whole_answer": FLAG,
+    "trace.engine": Setting(str, choices=("fast", "reference")),
+    "trace.batch_size": COUNT,
+    "trace.limit": Setting(int, minimum=0, nullable=True),
+    "trace.facts": Setting(str, choices=("known", "all")),
+    "editor.layer": Setting((int, list), nullable=True),  # a list for multi-layer editors
+    "editor.batch_size": COUNT,
+    "editor.mom2.max_samples": Setting(int, minimum=1, nullable=True),
+    "editor.mom2.max_tokens": Setting(int, minimum=1, nullable=True),
+    "editor.mom2.max_length": COUNT,
+    "editor.mom2.dtype": Setting(str, choices=("float64", "float32")),
+    "editor.mom2.batch_size": COUNT,
+    "corpus.source": Setting(str, choices=("auto", "local", "datasets")),
+}
+
+
+@functools.cache
+def editor_settings() -> dict[str, Setting]:
+    """The editor's name and numbers, from the registry and the hyperparameter classes' own
+    annotations, so the two cannot drift apart."""
+    from pipeline.app.editors import EDITORS
+
+    out = {"editor.name": Setting(str, choices=("none", *EDITORS))}
+    for spec in EDITORS.values():
+        for field in fields(spec.hparams):
+            kind = typing.get_type_hints(spec.hparams)[field.name]
+            if kind in (int, float, bool) and f"editor.{field.name}" not in SETTINGS:
+                out.setdefault(f"editor.{field.name}", Setting(kind))
+    return out
+
+
+class ConfigError(SystemExit):
+    """Settings of the wrong type or value, each named with what is allowed."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every known key of `cfg` before the run has any side effect; raise ConfigError."""
+    absent = object()
+    problems = []
+    for key, setting in {**SETTINGS, **editor_settings()}.items():
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is absent:
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not setting.accepts(value):
+            problems.append(f"{key}={value!r} is not allowed (allowed: {setting.allowed()})")
+    index = OmegaConf.select(cfg, "shard.index", default=0)
+    count = OmegaConf.select(cfg, "shard.count", default=1)
+    if not problems and not index < count:
+        problems.append(f"shard.index={index!r} is not allowed (allowed: 0 to {count - 1})")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
 class Run:
     """One stage run: its results directory, metadata, tracker and summary."""
 
     def __init__(self, cfg: DictConfig, stage: str, resumable: bool = False):
+        validate_config(cfg)  # before any file or W&B run exists
         self.cfg = cfg
         self.stage = stage
         self.out_dir = Path(cfg.out_dir).resolve()
@@ -150,25 +301,31 @@ class Run:
                     f"({'; '.join(differences[:8])}). Point this run elsewhere (out_dir=...), "
                     "or remove that directory to start over."
                 )
+        self.resumable = resumable
+        # The data the directory's results came from (`check_data`), carried over from the run
+        # before so that a run killed before it checks its data does not forget it.
+        previous = self.out_dir / "run.json"
+        self.data: dict[str, Any] | None = (
+            files.read_json(previous).get("data") if resumable and previous.exists() else None
+        )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        files.write_json(
-            self.out_dir / "run.json",
-            {
-                "stage": stage,
-                "command": [sys.executable, *sys.argv],
-                "seed": int(cfg.seed),
-                "git": git_state(),
-                "packages": package_versions(),
-                "host": platform.node(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-                "device": str(cfg.device),
-                "dtype": str(cfg.dtype),
-            },
-        )
+        self.meta = {
+            "stage": stage,
+            "command": [sys.executable, *sys.argv],
+            "seed": int(cfg.seed),
+            "git": git_state(),
+            "packages": package_versions(),
+            "host": platform.node(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "device": str(cfg.device),
+            "dtype": str(cfg.dtype),
+            "data": self.data,
+        }
+        files.write_json(self.out_dir / "run.json", self.meta)
         self.tracker = tracking.from_config(
             cfg.tracking,
             group=_sweep_group(),
@@ -177,6 +334,24 @@ class Run:
             config=resolved,
             directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
         )
+
+    def check_data(self, path: str | Path) -> dict[str, str]:
+        """Record the data file's sha256 in run.json; in a resumable run, refuse records that
+        differ from those the directory's results came from (another data root, a file edited
+        in place), naming the file and both digests. The path may differ, the content may not."""
+        digest = files.sha256_file(path)
+        before = self.data
+        if self.resumable and before and before.get("sha256") not in (None, digest):
+            raise SystemExit(
+                f"{self.out_dir} holds results of other records: they came from "
+                f"{before.get('path')} (sha256 {before['sha256']}), and {path} now has sha256 "
+                f"{digest}. Point this run elsewhere (out_dir=...), use the original data, or "
+                "remove that directory to start over."
+            )
+        self.data = {"path": str(path), "sha256": digest}
+        self.meta["data"] = self.data
+        files.write_json(self.out_dir / "run.json", self.meta)
+        return self.data
 
     def _display_name(self) -> str:
         """The results directory relative to `paths.results`, e.g. known/smollm2-135m/known_1000."""
@@ -269,8 +444,9 @@ def require_complete(
     report = f"{absent} of {total} {what} are not finished:\n  " + "\n  ".join(lines)
     if not allow_partial:
         raise SystemExit(
-            f"{report}\nRerun those shards (they resume where they stopped), or pass "
-            "allow_partial=true to summarize the finished part."
+            f"{report}\nRerun those shards (they resume where they stopped), or summarize the "
+            "finished part: `python -m pipeline.merge DIR --allow-partial` (on a stage's own "
+            "command line: allow_partial=true)."
         )
     log.warning("%s\nsummarizing the %d finished (allow_partial=true)", report, total - absent)
     return {

@@ -1,10 +1,14 @@
 """Files that many jobs share: atomic writes (a reader never sees a half-written result, even
-after a SIGKILL) and exclusive locks (concurrent jobs build a shared cache entry once)."""
+after a SIGKILL) and exclusive locks (concurrent jobs build a shared cache entry once).
+
+Atomically written files get the permissions an ordinary `open` would give them (0666 less the
+umask), not mkstemp's 0600, so teammates can read results on a shared filesystem."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +22,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp creates 0600
         with os.fdopen(handle, "wb") as out:
             out.write(data.encode() if isinstance(data, str) else data)
             out.flush()
@@ -28,6 +33,22 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -52,6 +73,29 @@ def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class LockHeld(RuntimeError):
+    """Another process holds a lock taken with `try_lock`."""
+
+
+@contextlib.contextmanager
+def try_lock(path: Path):
+    """An exclusive lock held for the block, or `LockHeld` at once if another process has it.
+
+    The kernel releases it when the holder dies (kill -9 included), so a stale lock file never
+    blocks a rerun.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(f"{path} is locked by another process") from None
         try:
             yield
         finally:

@@ -42,6 +42,9 @@ class Family:
     # GPT-2's Conv1D stores its weight as (in, out); nn.Linear stores (out, in).
     mlp_out_transposed: bool = False
     layers_attr: str = "num_hidden_layers"
+    # The longest input, in tokens: learned position tables (GPT-2) fail beyond it, rotary
+    # models (the others) leave what they were trained on.
+    context_attr: str = "max_position_embeddings"
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,6 +59,7 @@ FAMILIES: dict[str, Family] = {
         unembed="lm_head",
         mlp_out_transposed=True,
         layers_attr="n_layer",
+        context_attr="n_positions",
     ),
     "gptj": Family(
         name="gptj",
@@ -67,6 +71,7 @@ FAMILIES: dict[str, Family] = {
         final_norm="transformer.ln_f",
         unembed="lm_head",
         layers_attr="n_layer",
+        context_attr="n_positions",
     ),
     "gpt_neox": Family(
         name="gpt_neox",
@@ -129,10 +134,18 @@ class LoadedModel:
     family: Family
     name: str = "model"
     source: str = ""
+    # What the weights are, as a short digest (see `load_model`): caches of results computed
+    # from the model are keyed by it, so another model under the same name never hits them.
+    identity: str = ""
 
     @property
     def n_layers(self) -> int:
         return int(getattr(self.model.config, self.family.layers_attr))
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens one input may have."""
+        return int(getattr(self.model.config, self.family.context_attr))
 
     @property
     def device(self) -> torch.device:
@@ -166,9 +179,50 @@ class LoadedModel:
         return self.module("unembed")(self.module("final_norm")(hidden))
 
 
-def wrap(model: nn.Module, tokenizer: Any, name: str = "model", source: str = "") -> LoadedModel:
-    """Attach the family registry entry to an already-loaded transformers model."""
-    return LoadedModel(model, tokenizer, family_for(model.config.model_type), name, source)
+def wrap(
+    model: nn.Module, tokenizer: Any, name: str = "model", source: str = "", identity: str = ""
+) -> LoadedModel:
+    """Attach the family registry entry to an already-loaded transformers model (without an
+    `identity`, `identity_of` digests its parameters when a cache first needs one)."""
+    return LoadedModel(
+        model, tokenizer, family_for(model.config.model_type), name, source, identity
+    )
+
+
+def identity_of(lm: LoadedModel) -> str:
+    """`lm.identity`, or, for a model handed in without one, a digest of its parameters."""
+    if not lm.identity:
+        lm.identity = parameters_identity(lm.model)
+    return lm.identity
+
+
+def digest(description: Any) -> str:
+    """A short stable digest of a JSON-able description."""
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def files_identity(*paths: str | Path) -> dict[str, Any]:
+    """Each file's resolved path, size and modification time (for a directory: every file in
+    it). Cheap, and it changes whenever a file is replaced or rewritten in place; a byte flipped
+    without touching the mtime is caught by the converted model's checksum, not by this."""
+    entries = []
+    for path in paths:
+        path = Path(path).resolve()
+        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for member in members:
+            stat = member.stat()
+            entries.append([str(member), stat.st_size, stat.st_mtime_ns])
+    return {"files": entries}
+
+
+def parameters_identity(model: nn.Module) -> str:
+    """A digest of every parameter's bytes (for models handed in without a source)."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,21 +272,36 @@ def load_model(
     if spec.get("path"):
         model, tokenizer = _load_pretrained(str(spec["path"]), torch_dtype, local_only=True)
         origin = str(spec["path"])
+        identity = digest({"path": files_identity(spec["path"])})
     elif source == "gguf":
         directory = convert_gguf(spec, cache_dir)
         model, tokenizer = _load_pretrained(str(directory), torch_dtype, local_only=True)
         origin = f"gguf:{spec['gguf']['package']}/{spec['gguf']['file']} (cached at {directory})"
+        identity = digest({"gguf": gguf_identity(spec)})
     elif source == "hub":
         model, tokenizer = _load_pretrained(spec["hf_id"], torch_dtype, local_only=False, spec=spec)
         origin = f"hub:{spec['hf_id']}"
+        # The snapshot's commit pins the weights; without one (a local copy), the files do.
+        commit = getattr(model.config, "_commit_hash", None)
+        pinned = commit or files_identity(model.config._name_or_path)
+        identity = digest({"hub": spec["hf_id"], "revision": pinned})
     elif source == "random":
         model, tokenizer = build_random(spec, cache_dir, seed=seed, dtype=torch_dtype)
         origin = f"random(seed={seed})"
+        # Deterministic from the spec and the seed (and the tokenizer trained on bundled text).
+        identity = digest(
+            {
+                "random": dict(spec.get("arch", {})),
+                "seed": seed,
+                "tokenizer": tokenizer.name_or_path,
+            }
+        )
     else:
         raise ValueError(f"model.source must be gguf, hub or random, got '{source}'")
     model.to(device).eval().requires_grad_(False)
     _ensure_pad_token(tokenizer)
-    return LoadedModel(model, tokenizer, family_for(model.config.model_type), name, origin)
+    family = family_for(model.config.model_type)
+    return LoadedModel(model, tokenizer, family, name, origin, identity)
 
 
 def _ensure_pad_token(tokenizer: Any) -> None:
@@ -282,23 +351,74 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(found.submodule_search_locations)))
 
 
+def gguf_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The packaged GGUF file a converted model comes from (path, size, mtime)."""
+    package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
+    return files_identity(_package_dir(package) / filename)
+
+
+def _file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (SOURCE.json, which holds them, aside)."""
+    return {
+        str(p.relative_to(directory)): _file_sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "SOURCE.json"
+    }
+
+
+def _converted_problem(target: Path, source: dict[str, Any]) -> str | None:
+    """Why the converted model in `target` cannot be used (None: it can).
+
+    It must come from this very GGUF file and every file must match the sha256 recorded when it
+    was written; reading the ~0.5 GB back costs about a second per load, and is what catches a
+    damaged cache instead of silently answering with other weights."""
+    record = target / "SOURCE.json"
+    if not (target / "model.safetensors").exists() or not record.exists():
+        return "not converted yet"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{record} is unreadable"
+    if saved.get("source") != source or "sha256" not in saved:
+        return f"{target} was converted from another file (or before checksums were kept)"
+    for name, expected in saved["sha256"].items():
+        member = target / name
+        if not member.exists() or _file_sha256(member) != expected:
+            return f"{member} fails its checksum"
+    return None
+
+
 def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
     """Convert a packaged GGUF checkpoint to a safetensors directory, once.
 
     transformers de-quantizes GGUF into float weights but refuses to save such a model, so the
     model is rebuilt from its config without the quantization entry and saved from there.
+    `SOURCE.json` records the GGUF file it came from and a sha256 of every file written; a
+    directory that does not match both is converted again (and the reason logged).
     """
     package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
     source_dir = _package_dir(package)
+    source = gguf_identity(spec)
     target = cache_dir / "models" / spec.get("name", Path(filename).stem)
-    if (target / "model.safetensors").exists():
+    if _converted_problem(target, source) is None:
         return target
     with file_lock(target.with_suffix(".lock")):
-        if (target / "model.safetensors").exists():
+        problem = _converted_problem(target, source)
+        if problem is None:
             return target
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        log.info("converting %s/%s to safetensors under %s (once)", package, filename, target)
+        log.info(
+            "converting %s/%s to safetensors under %s (%s)", package, filename, target, problem
+        )
         tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=filename)
         quantized = AutoModelForCausalLM.from_pretrained(
             source_dir, gguf_file=filename, dtype=torch.float32
@@ -313,8 +433,9 @@ def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        record = {"package": package, "file": filename, "source": source}
         (staging / "SOURCE.json").write_text(
-            json.dumps({"package": package, "file": filename}, indent=2)
+            json.dumps({**record, "sha256": checksums(staging)}, indent=2)
         )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)

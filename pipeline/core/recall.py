@@ -38,6 +38,20 @@ class Recall:
         return self.predicted_ids[0] == self.answer_ids[0]
 
 
+def too_long(lm: LoadedModel, fact: KnownFact) -> tuple[str, str] | None:
+    """(field, why) if the fact's prompt and attribute do not fit the model's context (they
+    would fail deep in the model with nothing named); None if they fit."""
+    size = len(encode(lm.tokenizer, fact.prompt)) + len(
+        target_ids(lm.tokenizer, fact.attribute, fact.prompt)
+    )
+    if size > lm.context_length:
+        return "prompt", (
+            f"{size} tokens with its attribute, more than the model's context of "
+            f"{lm.context_length}"
+        )
+    return None
+
+
 @torch.no_grad()
 def check_known(
     lm: LoadedModel, facts: Sequence[KnownFact], *, batch_size: int = 16, progress: bool = True

@@ -48,6 +48,39 @@ def case_rows(index: int, case: CounterfactCase) -> list[Row]:
     ]
 
 
+def too_long(
+    lm: LoadedModel, case: CounterfactCase, *, edit_prefix: int = 0, new_tokens: int = 0
+) -> tuple[str, str] | None:
+    """The first of `case`'s inputs that would not fit the model's context, as (field, why);
+    None if all fit. A row is a prompt and its target (teacher-forced); the rewrite prompt also
+    gets `edit_prefix` tokens (the editor's longest context template), and with `new_tokens` the
+    generation prompts get that many sampled tokens. Without this check such a case fails deep
+    in the model (an IndexError on GPT-2's position table) with nothing named."""
+    limit, tokenizer = lm.context_length, lm.tokenizer
+    fields = (
+        ("prompt", (case.prompt,), edit_prefix),
+        ("paraphrase_prompts", case.paraphrase_prompts, 0),
+        ("neighborhood_prompts", case.neighborhood_prompts, 0),
+    )
+    for name, prompts, extra in fields:
+        for prompt in prompts:
+            for target in (case.target_new, case.target_true):
+                size = len(encode(tokenizer, prompt)) + len(target_ids(tokenizer, target, prompt))
+                if size - 1 + extra > limit:
+                    what = " and the edit's context template" if extra else ""
+                    return name, (
+                        f"{size - 1 + extra} tokens with its target{what}, more than the "
+                        f"model's context of {limit}"
+                    )
+    for prompt in case.generation_prompts if new_tokens else ():
+        if len(encode(tokenizer, prompt)) + new_tokens > limit:
+            return "generation_prompts", (
+                f"{len(encode(tokenizer, prompt))} tokens and {new_tokens} to generate, more "
+                f"than the model's context of {limit}"
+            )
+    return None
+
+
 @torch.no_grad()
 def target_nlls(
     lm: LoadedModel,

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from pipeline.core.files import file_lock
 from pipeline.core.hooks import StopForward, run_until_stopped
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.tokens import right_pad
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the checksum covers the header (count, key) too; 1's files are recomputed
 
 
 @dataclass
@@ -194,9 +194,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _checksum(tensor: torch.Tensor) -> str:
+def _checksum(tensor: torch.Tensor, header: dict[str, str]) -> str:
+    """sha256 of the sum's bytes and of every header entry (the count divides the sum, so a
+    changed count would rescale C as surely as a changed byte)."""
     raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-    return hashlib.sha256(raw.tobytes()).hexdigest()
+    fields = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(raw.tobytes() + fields.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class StatsKey:
     max_length: int = 256
     accumulate_dtype: torch.dtype = torch.float64
     model_dtype: torch.dtype = torch.float32
+    model_identity: str = ""  # LoadedModel.identity: which weights, not just which name
 
     def path(self, cache_dir: str | Path, part: tuple[int, int] | None = None) -> Path:
         """The cache file; `part=(i, n)` names shard i of n's partial sum beside it."""
@@ -218,6 +222,7 @@ class StatsKey:
             f"mom2-layer{self.layer}-samples{self.max_samples or 'all'}"
             f"-tokens{self.max_tokens or 'all'}-len{self.max_length}"
             f"-{_dtype_name(self.accumulate_dtype)}-model{_dtype_name(self.model_dtype)}"
+            f"-id{self.model_identity or 'none'}"
         )
         if part is not None:
             name += f"-part{part[0]}of{part[1]}"
@@ -240,11 +245,19 @@ class StatsKey:
             "max_length": str(self.max_length),
             "dtype": _dtype_name(self.accumulate_dtype),
             "model_dtype": _dtype_name(self.model_dtype),
+            "model_identity": self.model_identity,
         }
 
     @classmethod
     def of(cls, lm: LoadedModel, layer: int, corpus: str, **budget) -> StatsKey:
-        return cls(lm.name, layer % lm.n_layers, corpus, model_dtype=lm.dtype, **budget)
+        return cls(
+            lm.name,
+            layer % lm.n_layers,
+            corpus,
+            model_dtype=lm.dtype,
+            model_identity=identity_of(lm),
+            **budget,
+        )
 
 
 def save_second_moment(path: Path, stat: SecondMoment, metadata: dict[str, str]) -> None:
@@ -253,7 +266,8 @@ def save_second_moment(path: Path, stat: SecondMoment, metadata: dict[str, str])
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensor = stat.sum.detach().cpu().contiguous()
-    header = dict(metadata, count=str(stat.count), sha256=_checksum(tensor))
+    header = dict(metadata, count=str(stat.count))
+    header["sha256"] = _checksum(tensor, header)
     staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         save_file({"sum": tensor}, str(staging), metadata=header)
@@ -274,7 +288,7 @@ def load_second_moment(path: Path, expected: dict[str, str] | None = None) -> Se
             tensor = handle.get_tensor("sum")
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"unreadable statistics file {path}: {error}") from error
-    if header.get("sha256") != _checksum(tensor):
+    if header.get("sha256") != _checksum(tensor, header):
         raise ValueError(f"checksum mismatch in {path}")
     for key, value in (expected or {}).items():
         if header.get(key) != value:
@@ -310,7 +324,7 @@ def cached_second_moment(
     With `shard=(i, n)`, only shard i's partial sum is computed and cached (`merge_shards`
     combines the n parts into the full statistic).
     """
-    if key.model != lm.name or key.model_dtype != lm.dtype:
+    if (key.model, key.model_dtype, key.model_identity) != (lm.name, lm.dtype, identity_of(lm)):
         raise ValueError(f"statistics key {key} does not describe model {lm.name} ({lm.dtype})")
     index, count = shard or (0, 1)
     path = key.path(cache_dir, shard if count > 1 else None)

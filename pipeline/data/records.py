@@ -110,10 +110,32 @@ class Loaded:
     schema: str
     records: list = field(default_factory=list)
     skipped: list[RecordError] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)  # each record's position in the file
 
     @property
     def total(self) -> int:
         return len(self.records) + len(self.skipped)
+
+    def reject(
+        self, check: Callable[[Any], tuple[str, str] | None], on_error: OnError
+    ) -> list[RecordError]:
+        """Move the records `check` finds unusable, as (field, reason), to `skipped` (or raise
+        the first with on_error="fail"): checks that need more than the file, such as whether a
+        prompt fits a model's context. Returns the newly rejected."""
+        kept, indices, rejected = [], [], []
+        for record, index in zip(self.records, self.indices, strict=True):
+            found = check(record)
+            if found is None:
+                kept.append(record)
+                indices.append(index)
+                continue
+            error = RecordError(self.path, index, record.id, *found)
+            if on_error == "fail":
+                raise error
+            rejected.append(error)
+        self.records, self.indices = kept, indices
+        self.skipped = sorted([*self.skipped, *rejected], key=lambda e: e.index)
+        return rejected
 
     def report(self) -> dict[str, Any]:
         return {
@@ -261,15 +283,26 @@ def _parse_counterfact_easyedit(record: _Fields) -> CounterfactCase:
     )
 
 
-def detect_counterfact_schema(raw: dict[str, Any]) -> str:
-    if "requested_rewrite" in raw:
-        return "rome"
-    if "target_new" in raw and "ground_truth" in raw:
-        return "easyedit"
-    raise ValueError(
-        "unknown CounterFact schema: expected 'requested_rewrite' (ROME) or "
-        f"'target_new' + 'ground_truth' (EasyEdit); keys are {sorted(raw)}"
-    )
+SCHEMA_SIGNS = {"rome": ("requested_rewrite",), "easyedit": ("target_new", "ground_truth")}
+
+
+def detect_counterfact_schema(raws: Sequence[Any]) -> str:
+    """The schema most of the file's records follow, so one malformed record (first or not) is a
+    bad record of that schema rather than a file of an "unknown schema"."""
+    votes = {
+        name: sum(isinstance(r, dict) and all(k in r for k in keys) for r in raws)
+        for name, keys in SCHEMA_SIGNS.items()
+    }
+    best = max(votes, key=votes.get)
+    if votes[best] == 0:
+        first = next((r for r in raws if isinstance(r, dict)), {})
+        raise ValueError(
+            "unknown CounterFact schema: no record has 'requested_rewrite' (ROME) or "
+            f"'target_new' + 'ground_truth' (EasyEdit); the first record's keys are {sorted(first)}"
+        )
+    if list(votes.values()).count(votes[best]) > 1:
+        raise ValueError(f"the records mix CounterFact schemas equally ({votes}); split the file")
+    return best
 
 
 def _load(
@@ -293,16 +326,31 @@ def _load(
         raise ValueError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(raws, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(raws).__name__}")
-    if parse is None:  # CounterFact: pick the schema from the first record that is an object
-        first = next((r for r in raws if isinstance(r, dict)), {})
-        schema = detect_counterfact_schema(first)
+    if parse is None:  # CounterFact: the schema most records follow
+        try:
+            schema = detect_counterfact_schema(raws)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         parse = _parse_counterfact_rome if schema == "rome" else _parse_counterfact_easyedit
     loaded = Loaded(path=str(path), schema=schema or "")
+    first_at: dict[Any, int] = {}  # id -> the record that has it
     for index, raw in enumerate(raws):
         if limit is not None and len(loaded.records) >= limit:
             break
         try:
-            loaded.records.append(parse(_Fields(str(path), index, raw, id_key)))
+            record = parse(_Fields(str(path), index, raw, id_key))
+            if record.id in first_at:
+                # Results are keyed by id: a second record with it would replace the first's.
+                raise RecordError(
+                    str(path),
+                    index,
+                    record.id,
+                    id_key,
+                    f"duplicate id {record.id} (already used by record {first_at[record.id]})",
+                )
+            first_at[record.id] = index
+            loaded.records.append(record)
+            loaded.indices.append(index)
         except RecordError as error:
             if on_error == "fail":
                 raise

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.files import current_umask
+
 log = logging.getLogger(__name__)
 
 ROME_BASE_URL = "https://rome.baulab.info/data/dsets/"
@@ -39,6 +41,7 @@ def download(url: str, target: Path, *, timeout: float = 60.0) -> Path:
     """Fetch `url` into `target` atomically (a partial download never takes the final name)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.fchmod(handle, 0o666 & ~current_umask())  # readable by others as `open` would make it
     os.close(handle)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:

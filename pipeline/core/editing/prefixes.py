@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from pipeline.core import kvcache
 from pipeline.core.hooks import StopForward, output_of, run_until_stopped
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import right_pad
@@ -98,18 +99,18 @@ class Prefixes:
         for length, members in by_length.items():
             ids = torch.as_tensor([token_lists[i] for i in members], device=device)
             before = None if index is None else past.select(index[members])
-            ids, mask, inputs = _inputs_after(before, ids, torch.ones_like(ids))
+            ids, mask, inputs = _inputs_after(lm, before, ids, torch.ones_like(ids))
             output_of(lm, lm.module("block", -1), ids, mask, **inputs)
-            cache = inputs["past_key_values"]
+            layers = kvcache.pairs(inputs[kvcache.cache_argument(lm.model)])
             if not new:
                 new = [
                     tuple(t.new_zeros(len(token_lists), t.shape[1], width, t.shape[3]) for t in kv)
-                    for kv in ((layer.keys, layer.values) for layer in cache.layers)
+                    for kv in layers
                 ]
             rows = torch.as_tensor(members, device=device)
-            for (keys, values), layer in zip(new, cache.layers, strict=True):
-                keys[rows, :, :length] = layer.keys[:, :, -length:]
-                values[rows, :, :length] = layer.values[:, :, -length:]
+            for (keys, values), (layer_keys, layer_values) in zip(new, layers, strict=True):
+                keys[rows, :, :length] = layer_keys[:, :, -length:]
+                values[rows, :, :length] = layer_values[:, :, -length:]
         positions = torch.arange(width, device=device)
         new_mask = (positions < lengths[:, None]).long()
         if past is None:
@@ -133,11 +134,14 @@ class Prefixes:
         width = int(self.ends[rows].max())
         if width == 0:
             return DynamicCache(), self.mask[rows, :0], self.lengths[rows]
-        cache = DynamicCache([(k[rows, :, :width], v[rows, :, :width]) for k, v in self.key_values])
+        cache = kvcache.from_pairs(
+            [(k[rows, :, :width], v[rows, :, :width]) for k, v in self.key_values]
+        )
         return cache, self.mask[rows, :width], self.lengths[rows]
 
 
 def _inputs_after(
+    lm: LoadedModel,
     before: tuple[DynamicCache, torch.Tensor, torch.Tensor] | None,
     ids: torch.Tensor,
     mask: torch.Tensor,
@@ -151,7 +155,7 @@ def _inputs_after(
         )
     cache, past_mask, past_lengths = before
     positions = past_lengths[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    inputs = {"past_key_values": cache, "use_cache": True, "position_ids": positions}
+    inputs = {**kvcache.with_cache(lm.model, cache), "position_ids": positions}
     return ids, torch.cat([past_mask, mask], dim=1), inputs
 
 
@@ -247,4 +251,5 @@ def suffix_inputs(
     ids, mask = right_pad(suffixes, lm.tokenizer.pad_token_id or 0, lm.device)
     if prefixes is None:  # whole rows
         return ids, mask, {"position_ids": torch.arange(ids.shape[1], device=lm.device)[None]}
-    return _inputs_after(prefixes.select(torch.as_tensor(members, device=lm.device)), ids, mask)
+    before = prefixes.select(torch.as_tensor(members, device=lm.device))
+    return _inputs_after(lm, before, ids, mask)

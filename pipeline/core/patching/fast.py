@@ -38,6 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.core.hooks import StopForward, forward_hooks, main_output
+from pipeline.core.kvcache import with_cache
 from pipeline.core.models import LoadedModel
 from pipeline.core.patching.common import (
     KINDS,
@@ -97,7 +98,7 @@ def _capture_block_call(
 
     handle = lm.module("block", 0).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        lm.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+        lm.model(input_ids=input_ids, **with_cache(lm.model, past))
     except StopForward:
         pass
     finally:

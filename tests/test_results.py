@@ -1,0 +1,63 @@
+"""Result files: the unedited-score cache is keyed by what determines the scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from pipeline.app import results
+from pipeline.app.results import PreCache, read_jsonl
+from pipeline.data.records import load_counterfact
+from tests.conftest import ROOT, tiny_model
+
+SAMPLE = ROOT / "data/samples/counterfact-edit_sample.json"
+
+
+def plain(rows):
+    """As read back from the JSONL file (tuples become lists)."""
+    return json.loads(json.dumps(rows))
+
+
+def counting(monkeypatch):
+    scored = []
+    real = results.score_cases
+
+    def score_cases(lm, cases, **kwargs):
+        scored.extend(c.id for c in cases)
+        return real(lm, cases, **kwargs)
+
+    monkeypatch.setattr(results, "score_cases", score_cases)
+    return scored
+
+
+def test_pre_scores_miss_for_another_seed_model_or_record_under_the_same_id(tmp_path, monkeypatch):
+    cases = load_counterfact(SAMPLE, limit=2).records
+    seed0, seed1 = tiny_model("tiny-gpt2", 0), tiny_model("tiny-gpt2", 1)
+    scored = counting(monkeypatch)
+    first = plain(PreCache(tmp_path, "0of1", seed0).get(cases, 32))
+    assert scored == [c.id for c in cases]
+    hit = plain(PreCache(tmp_path, "0of1", seed0).get(cases, 32))
+    assert hit == first and len(scored) == 2
+    other_seed = plain(PreCache(tmp_path, "0of1", seed1).get(cases, 32))
+    assert len(scored) == 4 and other_seed != first  # seed 1's model: its own scores
+    edited = [dataclasses.replace(cases[0], target_new="Swahili"), cases[1]]
+    again = plain(PreCache(tmp_path, "0of1", seed0).get(edited, 32))
+    assert scored[4:] == [cases[0].id]  # only the record whose content changed
+    assert again[1] == first[1] and again[0] != first[0]
+    bf16 = tiny_model("tiny-gpt2", 0)
+    bf16.model.to(dtype=torch.bfloat16)
+    PreCache(tmp_path, "0of1", bf16).get(cases[:1], 32)
+    assert len(scored) == 6  # another dtype
+
+
+def test_rows_written_before_the_key_existed_are_recomputed(tmp_path, monkeypatch):
+    cases = load_counterfact(SAMPLE, limit=1).records
+    lm = tiny_model("tiny-gpt2", 0)
+    stale = {"id": cases[0].id, "probs": {}, "metrics": {"ES": 123.0}}  # keyed by id only
+    results.append_jsonl(tmp_path / "pre-0of1.jsonl", [stale])
+    scored = counting(monkeypatch)
+    (pre,) = PreCache(tmp_path, "0of1", lm).get(cases, 32)
+    assert scored == [cases[0].id] and pre["metrics"]["ES"] != 123.0
+    assert all("key" in row for row in read_jsonl([tmp_path / "pre-0of1.jsonl"])[1:])
