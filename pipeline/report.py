@@ -156,7 +156,8 @@ def main(cfg: DictConfig, run: Run) -> None:
         write_table(run, table)
         rome = next((r["metrics"] for r in table if r["editor"] == "rome"), None)
         doc += [
-            "Percent, mean ± half-width of the 95% interval; n cases. "
+            "Percent, mean [95% interval: Wilson for ES, PS, NS; bootstrap for S; t for the "
+            "rest]; n cases. "
             "[Markdown](table.md) · [LaTeX](table.tex) · [CSV](table.csv)",
             "",
             markdown(table),
