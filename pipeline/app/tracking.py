@@ -109,6 +109,18 @@ class Tracker:
 
         self._call("image", log_image)
 
+    def images(self, paths: Mapping[str, str | Path]) -> None:
+        """Several images in one step (a report's figures side by side on one W&B page)."""
+        if not paths:
+            return
+
+        def log_images():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in paths.items()})
+
+        self._call("images", log_images)
+
     def histogram(self, key: str, values: Sequence[float]) -> None:
         def log_histogram():
             import wandb
