@@ -205,6 +205,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     if (trace_dir / "averages.json").exists():
         # trace.buckets, where the experiment sets it (the paper's settings use the paper's
         # pooling); else the pooling the trace itself chose.
+        run.uses(trace_dir, "trace")  # W&B lineage: trace -> report
         averages = figures.pooled(
             files.read_json(trace_dir / "averages.json"), OmegaConf.select(cfg, "trace.buckets")
         )
@@ -241,6 +242,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     doc += ["## ROME by edited layer", ""]
     if rows:
         run.write_json("layer_sweep.json", rows)
+        for row in rows:
+            run.uses(Path(row["dir"]), "evaluate")
         made["layer_sweep"] = figures.layer_sweep(figure_dir, rows, averages, model)
         doc += [
             f"{len(rows)} layers, {min(r['n'] for r in rows)}-{max(r['n'] for r in rows)} "
@@ -266,6 +269,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     rome = None
     if table:
         write_table(run, table)
+        for directory in sorted({row["dir"] for row in table}):
+            run.uses(Path(directory), "evaluate")
         rome = next((r["metrics"] for r in table if r["editor"] == "rome"), None)
         doc += [
             "Percent, mean [95% interval: Wilson for ES, PS, NS; bootstrap for S; t for the "

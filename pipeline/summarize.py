@@ -24,6 +24,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
     if not table:
         raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
+    for directory in sorted({row["dir"] for row in table}):
+        run.uses(Path(directory), "evaluate")  # W&B lineage: evaluate -> summarize
     write_table(run, table)
     run.write_summary({"rows": len(table), "runs_dir": str(cfg.runs_dir)})
     print(markdown(table))

@@ -196,6 +196,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     options = OmegaConf.to_container(cfg.trace, resolve=True)
     lm = run.load_model()
     facts, facts_source = known_facts(cfg, lm)
+    if facts_source == str(Path(cfg.known_dir) / "known.json"):
+        run.uses(Path(cfg.known_dir), "known")  # W&B lineage: known -> trace
     facts = sorted(facts, key=lambda f: f["id"])
     if not facts:
         raise SystemExit(f"no known facts to trace (from {facts_source})")

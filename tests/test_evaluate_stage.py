@@ -136,3 +136,26 @@ def test_summarize_builds_table_4(tmp_path):
     rows = (out / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("tiny-gpt2,counterfact-easyedit,none,2,")
     assert r"\begin{tabular}" in (out / "table.tex").read_text()
+
+
+def test_wandb_watches_progress_and_traces_lineage_to_the_table(tmp_path):
+    from tests.test_stages import OFFLINE, offline_runs
+
+    done = run_stage(
+        "evaluate",
+        *evaluate_args(tmp_path, "data.limit=3", "eval.cases_per_batch=1", editor="none"),
+        env=OFFLINE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = run_stage("summarize", f"paths.results={tmp_path / 'results'}", env=OFFLINE)
+    assert table.returncode == 0, table.stderr[-3000:]
+    runs = {r["run"]["job_type"]: r for r in offline_runs(tmp_path / "results")}
+    progress = [row for row in runs["evaluate"]["history"] if "progress/cases_done" in row]
+    assert [row["progress/cases_done"] for row in progress] == [1, 2, 3]  # one row per batch
+    records = [r["post"]["metrics"] for r in cases(tmp_path, editor="none")[0].values()]
+    assert progress[-1]["progress/ES"] == pytest.approx(100 * sum(r["ES"] for r in records) / 3)
+    [artifact] = [a for a in runs["evaluate"]["artifacts"] if a["type"] == "evaluate"]
+    assert artifact["name"] == "evaluate-tiny-gpt2-counterfact-easyedit-none"
+    assert {"summary.json", "config.yaml"} <= set(artifact["files"])
+    used = runs["summarize"]["config"]["inputs"]
+    assert used[artifact["name"]]["digest"] == artifact["digest"]  # summarize -> these exact cases

@@ -150,3 +150,48 @@ def test_config_differences_ignore_how_work_is_split_even_for_old_saved_configs(
     current = {"seed": 0, "shard": {"index": 1}, "out_dir": "/abs/a", "editor": {"v_lr": 0.1}}
     assert config_differences(saved, current) == ["editor.v_lr: 0.5 -> 0.1"]
     assert config_differences(saved, {**current, "editor": {"v_lr": 0.5}}) == []
+
+
+OFFLINE = {"ROME_WANDB_MODE": "offline"}
+
+
+def offline_runs(results: Path) -> list[dict]:
+    """Every W&B offline run under a results root, read back once finished."""
+    from tests.test_tracking import stored_run
+
+    return [stored_run(d) for d in sorted((results / "wandb").glob("offline-run-*"))]
+
+
+def test_a_crashed_stage_is_a_failed_wandb_run(tmp_path):
+    done = run_stage(
+        "known", "model=tiny-gpt2", "data.path=/nonexistent/known.json",
+        f"paths.results={tmp_path}", env=OFFLINE,
+    )  # fmt: skip
+    assert done.returncode != 0 and "does not exist" in done.stderr
+    [run] = offline_runs(tmp_path)
+    assert run["exit_code"] == 1 and run["run"]["job_type"] == "known"
+    assert not [a for a in run["artifacts"] if a["type"] == "known"]  # a crash is no result
+
+
+def test_reruns_resume_their_wandb_run_and_a_sweep_keeps_its_group(tmp_path):
+    for _ in range(2):  # the sweep, then the same sweep again (as after a requeue)
+        done = run_stage(
+            "known", "--multirun", "model=tiny-gpt2,tiny-llama", "data.limit=3",
+            f"paths.results={tmp_path}", env=OFFLINE,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 4 and all(r["exit_code"] == 0 for r in runs)
+    assert {r["run"]["group"] for r in runs} == {"known: data.limit=3 model=tiny-gpt2,tiny-llama"}
+    ids = {}
+    for r in runs:  # (W&B stores logged tables as artifacts too: type run_table)
+        ids.setdefault(r["run"]["id"], []).extend(
+            a["name"] for a in r["artifacts"] if a["type"] == "known"
+        )
+    # Two W&B runs, one per job, each resumed once; each logs its results directory.
+    assert sorted(ids.values()) == [
+        ["known-tiny-gpt2-known_1000"] * 2,
+        ["known-tiny-llama-known_1000"] * 2,
+    ]
+    [logged] = [a for a in runs[0]["artifacts"] if a["type"] == "known"]
+    assert {"known.json", "summary.json", "config.yaml"} <= set(logged["files"])

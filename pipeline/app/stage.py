@@ -87,14 +87,21 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _sweep_group() -> str | None:
-    """In a `--multirun`, the sweep's directory name: one W&B group per sweep."""
+    """In a `--multirun`, one W&B group per sweep, named by the sweep's overrides (as Hydra saved
+    them in the sweep's multirun.yaml), so the same sweep started again keeps its group."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         config = HydraConfig.get()
         if config.mode == RunMode.MULTIRUN:
-            return f"{config.job.name}-{Path(config.sweep.dir).name}"
+            saved = Path(config.sweep.dir) / "multirun.yaml"
+            overrides = (
+                list(OmegaConf.load(saved).hydra.overrides.task)
+                if saved.exists()
+                else [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+            )
+            return tracking.sweep_group(config.job.name, overrides)
     except Exception:  # noqa: BLE001 - not under Hydra (e.g. called from a test)
         pass
     return None
@@ -170,7 +177,26 @@ class Run:
             job_type=stage,
             config=resolved,
             directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
+            run_id=tracking.run_id(self.out_dir, self._part()),  # a rerun resumes its W&B run
         )
+
+    def _part(self) -> str:
+        """Which part of its results directory this run fills: a shard, the merge, or all."""
+        if self.cfg.get("aggregate_only"):
+            return "merge"
+        shard = self.cfg.get("shard")
+        return f"shard {shard.index} of {shard.count}" if shard else ""
+
+    def artifact_name(self, directory: Path) -> str:
+        """An artifact name for a results directory: its path under `paths.results`."""
+        results, directory = Path(self.cfg.paths.results).resolve(), Path(directory).resolve()
+        relative = directory.relative_to(results) if directory.is_relative_to(results) else None
+        return tracking.artifact_name(relative or Path(*directory.parts[-3:]))
+
+    def uses(self, directory: Path, kind: str) -> None:
+        """Record that this run read results directory `directory` (W&B lineage)."""
+        if Path(directory).is_dir():
+            self.tracker.use_directory(directory, kind, self.artifact_name(directory))
 
     def _display_name(self) -> str:
         """The results directory relative to `paths.results`, e.g. known/smollm2-135m/known_1000."""
@@ -200,8 +226,12 @@ class Run:
         self.tracker.summary(body)
         return self.write_json("summary.json", body)
 
-    def close(self) -> None:
-        self.tracker.finish()
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the W&B run: a clean one logs its results directory as an artifact first, a
+        crashed one (exit code != 0) is marked failed."""
+        if exit_code == 0:
+            self.tracker.log_directory(self.out_dir, self.stage, self.artifact_name(self.out_dir))
+        self.tracker.finish(exit_code)
 
 
 StageFn = Callable[[DictConfig, Run], None]
@@ -219,8 +249,10 @@ def _execute(name: str, fn: StageFn, resumable: bool, cfg: DictConfig) -> Run:
     run = Run(cfg, name, resumable=resumable)
     try:
         fn(cfg, run)
-    finally:
-        run.close()
+    except BaseException:
+        run.close(exit_code=1)  # shown as failed on W&B, not finished
+        raise
+    run.close()
     return run
 
 
