@@ -195,3 +195,15 @@ def test_reruns_resume_their_wandb_run_and_a_sweep_keeps_its_group(tmp_path):
     ]
     [logged] = [a for a in runs[0]["artifacts"] if a["type"] == "known"]
     assert {"known.json", "summary.json", "config.yaml"} <= set(logged["files"])
+
+
+def test_stages_return_their_headline_number():
+    from pipeline.app.stage import headline
+
+    assert headline("evaluate", {"post": {"S": {"mean": 83.2}}}) == 83.2
+    assert (
+        headline("evaluate", {"checkpoints": [{"S": {"mean": 1.0}}, {"S": {"mean": 2.0}}]}) == 2.0
+    )
+    assert headline("known", {"known": 3, "checked": 12}) == 0.25
+    assert headline("trace", {"peaks": {"mlp": {"last_subject_peak_effect": 0.1}}}) == 0.1
+    assert headline("trace", {"peaks": {}}) is None and headline("report", {}) is None

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import tracking
+from pipeline.app import cli, tracking
 from pipeline.core import files
 from pipeline.core.models import LoadedModel, load_model
 
@@ -153,6 +153,7 @@ class Run:
                 )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self.headline: float | None = None  # the stage's one number (`headline`)
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -223,6 +224,7 @@ class Run:
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """`summary.json` holds the headline numbers; the tracker gets the same."""
         body = {"stage": self.stage, **summary, "seconds": round(time.time() - self.started, 3)}
+        self.headline = headline(self.stage, body)
         self.tracker.summary(body)
         return self.write_json("summary.json", body)
 
@@ -232,6 +234,24 @@ class Run:
         if exit_code == 0:
             self.tracker.log_directory(self.out_dir, self.stage, self.artifact_name(self.out_dir))
         self.tracker.finish(exit_code)
+
+
+def headline(stage: str, summary: Mapping[str, Any]) -> float | None:
+    """The one number a stage returns to Hydra (a sweeper maximises it): the edit score S for
+    evaluate, the MLP effect's peak at the last subject token for trace, the share of facts
+    known for known; None for the others."""
+    try:
+        if stage == "evaluate":
+            if "post" in summary:
+                return float(summary["post"]["S"]["mean"])
+            return float(summary["checkpoints"][-1]["S"]["mean"])  # sequential
+        if stage == "trace":
+            return float(summary["peaks"]["mlp"]["last_subject_peak_effect"])
+        if stage == "known":
+            return summary["known"] / summary["checked"]
+    except (KeyError, IndexError, TypeError, ZeroDivisionError):
+        pass
+    return None
 
 
 StageFn = Callable[[DictConfig, Run], None]
@@ -264,14 +284,20 @@ def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[]
 
         @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
         @functools.wraps(fn)
-        def main(cfg: DictConfig) -> None:
+        def main(cfg: DictConfig) -> float | None:
             # `fn` itself, not a registry lookup: launchers may run this in a process that
             # unpickled it without importing the stage's module.
             run = _execute(name, fn, resumable, cfg)
             sys.stdout.flush()
             print(f"results: {run.out_dir}", flush=True)
+            return run.headline  # what a sweeper (hydra/sweeper=optuna) optimises
 
-        return main
+        @functools.wraps(fn)
+        def entry() -> float | None:
+            return cli.with_suggestions(main, name)  # a misspelt key gets the closest one
+
+        entry.task = main  # the Hydra task itself
+        return entry
 
     return decorate
 
