@@ -90,3 +90,13 @@ def test_layer_sweep_series_stay_apart_with_integer_ticks(tmp_path, captured):
     assert np.allclose(ticks, np.round(ticks))  # no fractional layer ticks
     legend = ax.get_legend()
     assert legend.get_bbox_to_anchor().y1 < ax.get_window_extent().y0 + 1  # under the axes
+
+
+def test_one_prompt_draws_no_interval_and_says_so(tmp_path, captured):
+    rng = np.random.default_rng(0)
+    single = aggregate([trace_record(rng, 0)], list(KINDS))
+    figures.severed_bars(tmp_path, single, "m")
+    figures.last_subject_lines(tmp_path, single, "m")
+    assert "no interval (n=1)" in captured[0].axes[0].get_title()
+    assert not [c for c in captured[0].axes[0].containers if c.errorbar is not None]
+    assert "no interval (n=1)" in captured[1].axes[0].get_title()

@@ -81,6 +81,10 @@ def layer_axis(kind: str, window: int) -> str:
     return f"centre of a {window}-layer window"
 
 
+def interval_note(n: int) -> str:
+    return "95% t intervals" if n >= 2 else f"no interval (n={n})"
+
+
 def diverging(kind: str) -> LinearSegmentedColormap:
     """Blue below zero, white at zero, the kind's colour above."""
     return LinearSegmentedColormap.from_list(
@@ -170,8 +174,10 @@ def last_subject_lines(out_dir: Path, averages: dict[str, Any], model: str) -> P
     ax.set_xlabel(f"layer (MLP, attention: {layer_axis('mlp', window)})")
     ax.set_ylabel("AIE at last subject token")
     pooling = averages.get("pooling", "prompt")
+    n = min(stats["count"][row] for stats in averages["kinds"].values())
     ax.set_title(
-        f"Average indirect effect, 95% t intervals\n{model}; {POOLING_NOTES[pooling]}", fontsize=9
+        f"Average indirect effect, {interval_note(n)}\n{model}; {POOLING_NOTES[pooling]}",
+        fontsize=9,
     )
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "last_subject_aie")
@@ -195,11 +201,12 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
         mean = np.asarray(severed[name]["mean"], dtype=float)
         low = np.asarray(severed[name]["low"], dtype=float)
         high = np.asarray(severed[name]["high"], dtype=float)
+        has_interval = bool(np.isfinite(low).any())
         ax.bar(
             np.arange(n_layers) + offset,
             mean,
             width,
-            yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
+            yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)] if has_interval else None,
             error_kw={"elinewidth": 0.6, "capsize": 1, "ecolor": "#333333"},
             color=colours[name],
             label=names[name],
@@ -209,7 +216,8 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
     ax.set_xlabel("layer at which the single hidden state is restored")
     ax.set_ylabel("AIE at last subject token")
     ax.set_title(
-        f"Severing MLP or attention paths, 95% t intervals\n{model}, n={severed['none']['n']}",
+        f"Severing MLP or attention paths, {interval_note(severed['none']['n'])}\n{model}, "
+        f"n={severed['none']['n']}",
         fontsize=9,
     )
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
@@ -248,7 +256,12 @@ def layer_sweep(
     fig, axes = plt.subplots(panels, 1, figsize=(5.2, 2.4 * panels + 0.9), sharex=True)
     axes = np.atleast_1d(axes)
     layers = np.array([r["layer"] for r in rows], dtype=float)
+    # Series shifted sideways by a fraction of a layer: at most a third of the gap between swept
+    # layers, and wide enough to see on a long axis.
     step = float(np.min(np.diff(np.unique(layers)))) if len(np.unique(layers)) > 1 else 1.0
+    n_trace = len(next(iter(averages["kinds"].values()))["mean"][0]) if averages else 0
+    span = max(float(np.ptp(layers)), n_trace)
+    shift = min(step / 3 / 1.5, max(0.12, span / 120))
     if averages:
         row = BUCKET_LABELS.index("last subject token")
         for kind in ("mlp", "hidden"):
@@ -278,7 +291,7 @@ def layer_sweep(
         low = np.array([r["post"][name]["low"] for r in rows], dtype=float)
         high = np.array([r["post"][name]["high"] for r in rows], dtype=float)
         ax.errorbar(
-            layers + (index - 1.5) * 0.12 * step,
+            layers + (index - 1.5) * shift,
             mean,
             yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
             color=SWEEP_COLOURS[name],
@@ -290,7 +303,7 @@ def layer_sweep(
         )
     if not averages:
         ax.set_title(f"ROME by edited layer\n{model}", fontsize=9)
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(-3, 106)  # room for markers at 0 and 100
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edited layer")
     ax.set_ylabel("score after the edit (%)", fontsize=8)
