@@ -75,12 +75,18 @@ def trace_facts(averages: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     n = averages["n_prompts"]
     origin = summary.get("data_origin")
     source = summary.get("data_file") or summary.get("facts_source") or "unknown (older trace)"
+    setting = [
+        f"noise scale {summary['noise_scale']:.4g}" if summary.get("noise_scale") else "",
+        f"{summary['samples']} corrupted copies" if summary.get("samples") else "",
+        f"window {averages.get('window') or summary.get('window')}"
+        if averages.get("window") or summary.get("window")
+        else "",
+    ]
     lines = [
         f"- **data**: `{source}`" + (f" ({origin})" if origin else ""),
         f"- **n = {n}** traced prompts"
         + (f" of {summary['facts']} facts" if summary.get("facts") else "")
-        + f"; noise scale {summary.get('noise_scale', '?')}, {summary.get('samples', '?')} "
-        f"corrupted copies, window {averages.get('window') or summary.get('window', '?')}",
+        + "".join(f"; {part}" for part in setting if part),
         f"- **bucket pooling**: {POOLING_TEXT[averages.get('pooling', 'prompt')]}",
     ]
     warnings = []
@@ -94,7 +100,9 @@ def trace_facts(averages: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             f"only n = {n} prompts: the averages and their intervals rest on very few facts and "
             "may not show the model's pattern; trace more (`make trace`) before reading them"
         )
-    return lines + [f"> **Warning:** {w}." for w in warnings]
+    for warning in warnings:  # each its own paragraph
+        lines += ["", f"> **Warning:** {warning}."]
+    return lines
 
 
 POOLING_TEXT = {
