@@ -100,3 +100,13 @@ def test_one_prompt_draws_no_interval_and_says_so(tmp_path, captured):
     assert "no interval (n=1)" in captured[0].axes[0].get_title()
     assert not [c for c in captured[0].axes[0].containers if c.errorbar is not None]
     assert "no interval (n=1)" in captured[1].axes[0].get_title()
+
+
+def test_effect_intervals_stop_at_the_possible_range(tmp_path, captured):
+    wide = averages()
+    wide["kinds"]["mlp"]["low"][2] = [-3.0] * LAYERS  # a t interval over two prompts, say
+    wide["kinds"]["mlp"]["high"][2] = [4.0] * LAYERS
+    figures.last_subject_lines(tmp_path, wide, "m")
+    band = captured[0].axes[0].collections[1]  # hidden's band first, then MLP's
+    ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    assert ys.min() >= -1.0 and ys.max() <= 1.0

@@ -81,6 +81,12 @@ def layer_axis(kind: str, window: int) -> str:
     return f"centre of a {window}-layer window"
 
 
+def effect_bound(values: Any) -> np.ndarray:
+    """Interval ends of an effect on a probability, clipped to the possible [-1, 1] (a t
+    interval over a few prompts reaches past it)."""
+    return np.clip(np.asarray(values, dtype=float), -1.0, 1.0)
+
+
 def interval_note(n: int) -> str:
     return "95% t intervals" if n >= 2 else f"no interval (n={n})"
 
@@ -163,8 +169,8 @@ def last_subject_lines(out_dir: Path, averages: dict[str, Any], model: str) -> P
         )
         ax.fill_between(
             layers,
-            np.asarray(stats["low"][row], dtype=float),
-            np.asarray(stats["high"][row], dtype=float),
+            effect_bound(stats["low"][row]),
+            effect_bound(stats["high"][row]),
             color=KIND_LINES[kind],
             alpha=0.2,
         )
@@ -199,8 +205,8 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
         if name not in severed:
             continue
         mean = np.asarray(severed[name]["mean"], dtype=float)
-        low = np.asarray(severed[name]["low"], dtype=float)
-        high = np.asarray(severed[name]["high"], dtype=float)
+        low = effect_bound(severed[name]["low"])
+        high = effect_bound(severed[name]["high"])
         has_interval = bool(np.isfinite(low).any())
         ax.bar(
             np.arange(n_layers) + offset,
@@ -276,8 +282,8 @@ def layer_sweep(
             axes[0].plot(trace_layers, mean, color=KIND_LINES[kind], label=label)
             axes[0].fill_between(
                 trace_layers,
-                np.asarray(stats["low"][row], dtype=float),
-                np.asarray(stats["high"][row], dtype=float),
+                effect_bound(stats["low"][row]),
+                effect_bound(stats["high"][row]),
                 color=KIND_LINES[kind],
                 alpha=0.2,
             )
