@@ -7,18 +7,20 @@ after the prompt (the target with its leading space). Per case:
     PS / PM   paraphrase prompts:  the same, averaged over the case's paraphrases first
     NS / NM   neighbourhood prompts: [P(true) > P(new)]  and  P(true) - P(new), averaged likewise
 
-Over cases each is a mean with a 95% interval, and the score S is the harmonic mean of ES, PS and
-NS (its interval by a bootstrap over cases). Everything is in percent, as the paper's tables.
+Over cases each is a mean with a 95% interval: Wilson for the success rates ES, PS, NS (a case
+averaging several prompts counts as a fractional success), Student-t for the magnitudes EM, PM,
+NM; the score S is the harmonic mean of ES, PS and NS (its interval by a bootstrap over cases). Everything is in percent, as the paper's tables.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from metrics.intervals import mean_ci
+from metrics.intervals import mean_ci, rate_ci
 
 PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
 CASE_METRICS = ("ES", "EM", "PS", "PM", "NS", "NM")
@@ -66,24 +68,27 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 def summarize(
     cases: Sequence[Mapping[str, float]], *, confidence: float = 0.95, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Per metric: mean, interval and n over cases (percent); S with a bootstrap interval.
+) -> dict[str, dict[str, Any]]:
+    """Per metric: mean, interval and n over cases (percent), and which interval it is.
 
     NaN values (a case without paraphrases, say) are left out of that metric's n.
     """
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     for name in CASE_METRICS:
         values = np.array([case.get(name, math.nan) for case in cases], dtype=np.float64)
         values = values[~np.isnan(values)]
-        ci = {k: v * 100 if k != "n" else v for k, v in mean_ci(values, confidence).items()}
-        # Rates lie in [0, 100] and differences of probabilities in [-100, 100]; the t interval
-        # does not know that, so its ends are clipped to the possible range.
-        bounds = (0.0, 100.0) if name.endswith("S") else (-100.0, 100.0)
-        for end in ("low", "high"):
-            if not math.isnan(ci[end]):
-                ci[end] = min(max(ci[end], bounds[0]), bounds[1])
+        rate = name.endswith("S")
+        interval = (rate_ci if rate else mean_ci)(values, confidence)
+        ci: dict[str, Any] = {k: v * 100 if k != "n" else v for k, v in interval.items()}
+        if not rate:
+            # Differences of probabilities lie in [-100, 100]; the t interval does not know
+            # that, so its ends are clipped to the possible range.
+            for end in ("low", "high"):
+                if not math.isnan(ci[end]):
+                    ci[end] = min(max(ci[end], -100.0), 100.0)
+        ci["interval"] = "wilson" if rate else "t"
         summary[name] = ci
-    summary["S"] = score_ci(cases, confidence=confidence, seed=seed)
+    summary["S"] = {**score_ci(cases, confidence=confidence, seed=seed), "interval": "bootstrap"}
     return summary
 
 

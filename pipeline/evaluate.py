@@ -38,6 +38,7 @@ from pipeline.app.results import (
     summarize_records,
 )
 from pipeline.app.stage import Run, require_complete, stage
+from pipeline.app.tracking import RunningRates
 from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
 from pipeline.core.editing.updates import edited
@@ -74,6 +75,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     index, count = int(cfg.shard.index), int(cfg.shard.count)
     if not cfg.aggregate_only:
         lm = run.load_model()
+        if cfg.editor.name != "none":  # the key statistics' metadata, for W&B lineage
+            run.uses(Path(cfg.paths.results) / "stats" / cfg.model.name / cfg.corpus.name, "stats")
         if cfg.eval.mode == "independent":
             mine = take_shard(cases, index, count)
             run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
@@ -206,8 +209,11 @@ def _run_independent(
     cfg: DictConfig, run: Run, lm: LoadedModel, shard: Loaded, tag: str, data_file: Path
 ) -> None:
     cases = shard.records
-    finished = {r["id"] for r in read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))}
+    written = read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))
+    finished = {r["id"] for r in written}
     todo = shard_of(shard, [c for c in cases if c.id not in finished])
+    mine = {c.id for c in cases}  # running ES/PS/NS on W&B while the run goes
+    rates = RunningRates(r["post"]["metrics"] for r in written if r["id"] in mine)
     log.info(
         "%d cases in this shard, %d already evaluated", len(cases), len(cases) - len(todo.records)
     )
@@ -240,13 +246,13 @@ def _run_independent(
                 for target, extra in zip(pre if phase == "pre" else post, generated, strict=True):
                     target.update(extra)
         seconds = (time.perf_counter() - started) / len(batch)
-        append_jsonl(
-            run.path(f"cases-{tag}.jsonl"),
-            [
-                case_record(c, p, q, r, seconds)
-                for c, p, q, r in zip(batch, pre, post, results, strict=True)
-            ],
-        )
+        lines = [
+            case_record(c, p, q, r, seconds)
+            for c, p, q, r in zip(batch, pre, post, results, strict=True)
+        ]
+        append_jsonl(run.path(f"cases-{tag}.jsonl"), lines)
+        running = rates.add(line["post"]["metrics"] for line in lines)
+        run.tracker.log({**running, "progress/seconds_per_case": seconds})
         bar.update(len(batch))
     bar.close()
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.app import figures
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.stage import Run, stage
-from pipeline.app.tables import collect, markdown, write_table
+from pipeline.app.tables import cell, collect, markdown, write_table
 from pipeline.core import files
 from pipeline.core.patching import BUCKETS
 
@@ -65,6 +65,108 @@ def provenance(directory: Path, report_dir: Path) -> str:
         f"from `{directory}`, commit `{commit[:10]}`{dirty}, "
         f"[config]({link}), started {meta.get('started', '?')}"
     )
+
+
+SMALL_N = 30  # fewer traced prompts than this: the report says the averages are not reliable
+
+
+def trace_facts(averages: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """Markdown: where the traced facts came from, how many, and a warning when they are few."""
+    n = averages["n_prompts"]
+    origin = summary.get("data_origin")
+    source = summary.get("data_file") or summary.get("facts_source") or "unknown (older trace)"
+    setting = [
+        f"noise scale {summary['noise_scale']:.4g}" if summary.get("noise_scale") else "",
+        f"{summary['samples']} corrupted copies" if summary.get("samples") else "",
+        f"window {averages.get('window') or summary.get('window')}"
+        if averages.get("window") or summary.get("window")
+        else "",
+    ]
+    lines = [
+        f"- **data**: `{source}`" + (f" ({origin})" if origin else ""),
+        f"- **n = {n}** traced prompts"
+        + (f" of {summary['facts']} facts" if summary.get("facts") else "")
+        + "".join(f"; {part}" for part in setting if part),
+        f"- **bucket pooling**: {POOLING_TEXT[averages.get('pooling', 'prompt')]}",
+    ]
+    warnings = []
+    if origin == "bundled sample":
+        warnings.append(
+            "traced on the bundled sample (`data/samples/`, the first 300 records), not the "
+            "full data set: run `make data` or set ROME_DATA"
+        )
+    if n < SMALL_N:
+        warnings.append(
+            f"only n = {n} prompts: the averages and their intervals rest on very few facts and "
+            "may not show the model's pattern; trace more (`make trace`) before reading them"
+        )
+    for warning in warnings:  # each its own paragraph
+        lines += ["", f"> **Warning:** {warning}."]
+    return lines
+
+
+POOLING_TEXT = {
+    "prompt": "one sample per prompt and bucket (a bucket's n is the prompts that have it)",
+    "paper": "the paper's notebook: middle-subject and further tokens pooled token by token, a "
+    "one-token subject in both the first and the last subject bucket (n counts token rows)",
+}
+
+
+def _interval(stats: dict[str, Any], bucket: int | None, layer: int) -> str:
+    low = stats["low"][bucket][layer] if bucket is not None else stats["low"][layer]
+    high = stats["high"][bucket][layer] if bucket is not None else stats["high"][layer]
+    if low is None or high is None or low != low:
+        return "–"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def peaks_table(averages: dict[str, Any]) -> list[str]:
+    """Markdown: per kind and bucket, the layer of the largest average effect, with its interval."""
+    lines = [
+        "| kind | token | peak layer | AIE | 95% interval | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    window = averages.get("window") or 10
+    for kind, stats in averages["kinds"].items():
+        for bucket in ("last_subject", "last"):
+            row = BUCKETS.index(bucket)
+            mean = np.asarray(stats["mean"][row], dtype=float)
+            if not np.isfinite(mean).any():
+                continue
+            layer = int(np.nanargmax(mean))
+            where = f"{layer}" if kind == "hidden" else f"{layer} (window centre, {window} layers)"
+            lines.append(
+                f"| {figures.KIND_TITLES[kind]} | {figures.BUCKET_LABELS[row]} | {where} | "
+                f"{mean[layer]:.3f} | {_interval(stats, row, layer)} | {stats['count'][row]} |"
+            )
+    if "severed" in averages:
+        for name, title in (
+            ("none", "hidden, nothing severed"),
+            ("mlp", "hidden, MLP severed"),
+            ("attn", "hidden, attention severed"),
+        ):
+            if name not in averages["severed"]:
+                continue
+            stats = averages["severed"][name]
+            mean = np.asarray(stats["mean"], dtype=float)
+            layer = int(np.nanargmax(mean))
+            lines.append(
+                f"| {title} | last subject token | {layer} | {mean[layer]:.3f} | "
+                f"{_interval(stats, None, layer)} | {stats['n']} |"
+            )
+    return lines
+
+
+def probabilities(averages: dict[str, Any]) -> list[str]:
+    """Markdown: the clean and corrupted probability of the answer, with t intervals."""
+    lines = ["| p(answer) | mean | 95% interval | n |", "|---|---|---|---|"]
+    for name in ("clean", "corrupted"):
+        stats = averages.get(name)
+        if stats:
+            lines.append(
+                f"| {name} | {stats['mean'][0]:.3f} | {_interval(stats, None, 0)} | {stats['n']} |"
+            )
+    return lines
 
 
 def peak_layer(averages: dict[str, Any], kind: str) -> tuple[int, float] | None:
@@ -109,7 +211,12 @@ def main(cfg: DictConfig, run: Run) -> None:
     averages = None
     doc += ["## Causal tracing", ""]
     if (trace_dir / "averages.json").exists():
-        averages = files.read_json(trace_dir / "averages.json")
+        # trace.buckets, where the experiment sets it (the paper's settings use the paper's
+        # pooling); else the pooling the trace itself chose.
+        run.uses(trace_dir, "trace")  # W&B lineage: trace -> report
+        averages = figures.pooled(
+            files.read_json(trace_dir / "averages.json"), OmegaConf.select(cfg, "trace.buckets")
+        )
         examples = [files.read_json(p) for p in sorted(trace_dir.glob("example_*.json"))]
         made.update(figures.trace_figures(figure_dir, averages, examples, model))
         summary = (
@@ -122,6 +229,17 @@ def main(cfg: DictConfig, run: Run) -> None:
             + ("" if summary.get("complete", True) else f" ({summary.get('missing')} missing)")
             + f"; {provenance(trace_dir, out)}.",
             "",
+            *trace_facts(averages, summary),
+            "",
+            "Where the effect peaks (the average indirect effect, restored minus corrupted "
+            "p(answer), with its 95% t interval):",
+            "",
+            *peaks_table(averages),
+            "",
+            "The answer's probability before and after corrupting the subject:",
+            "",
+            *probabilities(averages),
+            "",
         ]
         for name, path in made.items():
             doc += [f"![{name}]({os.path.relpath(path, out)})", ""]
@@ -132,6 +250,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     doc += ["## ROME by edited layer", ""]
     if rows:
         run.write_json("layer_sweep.json", rows)
+        for row in rows:
+            run.uses(Path(row["dir"]), "evaluate")
         made["layer_sweep"] = figures.layer_sweep(figure_dir, rows, averages, model)
         doc += [
             f"{len(rows)} layers, {min(r['n'] for r in rows)}-{max(r['n'] for r in rows)} "
@@ -139,11 +259,14 @@ def main(cfg: DictConfig, run: Run) -> None:
             "",
             f"![layer_sweep]({os.path.relpath(made['layer_sweep'], out)})",
             "",
+            "After the edit, percent, mean [95% interval: Wilson for ES, PS, NS; bootstrap for S; "
+            "t for the rest]:",
+            "",
             "| layer | n | " + " | ".join(SWEEP_METRICS) + " |",
             "|---|---|" + "---|" * len(SWEEP_METRICS),
         ]
         for row in rows:
-            cells = [f"{row['post'][k]['mean']:.1f}" for k in SWEEP_METRICS]
+            cells = [cell(row["post"][k]) for k in SWEEP_METRICS]
             doc.append(f"| {row['layer']} | {row['n']} | " + " | ".join(cells) + " |")
         doc.append("")
     else:
@@ -154,9 +277,12 @@ def main(cfg: DictConfig, run: Run) -> None:
     rome = None
     if table:
         write_table(run, table)
+        for directory in sorted({row["dir"] for row in table}):
+            run.uses(Path(directory), "evaluate")
         rome = next((r["metrics"] for r in table if r["editor"] == "rome"), None)
         doc += [
-            "Percent, mean ± half-width of the 95% interval; n cases. "
+            "Percent, mean [95% interval: Wilson for ES, PS, NS; bootstrap for S; t for the "
+            "rest]; n cases. "
             "[Markdown](table.md) · [LaTeX](table.tex) · [CSV](table.csv)",
             "",
             markdown(table),
@@ -174,8 +300,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     if missing:
         doc += ["## Not yet run", "", *[f"- {m}" for m in missing], ""]
     files.atomic_write(out / "index.md", "\n".join(doc))
-    for name, path in made.items():
-        run.tracker.image(f"figures/{name}", path)
+    run.tracker.images({f"figures/{name}": path for name, path in made.items()})  # one step
     run.write_summary(
         {
             "experiment": cfg.experiment_name,

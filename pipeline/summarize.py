@@ -5,7 +5,8 @@
 Each run directory `<model>/<data>/<editor>/` is summarized again from its per-case files, so
 any set of finished shards counts. Per model and data, the unedited model comes first (the
 `editor=none` run, or else the "pre" scores every run records), then one row per editor. Cells
-are mean ± half-width of the 95% interval; n is the number of cases.
+are `mean [low, high]` with the 95% interval (Wilson for ES/PS/NS, bootstrap for S, t for the
+rest); n is the number of cases.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
     if not table:
         raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
+    for directory in sorted({row["dir"] for row in table}):
+        run.uses(Path(directory), "evaluate")  # W&B lineage: evaluate -> summarize
     write_table(run, table)
     run.write_summary({"rows": len(table), "runs_dir": str(cfg.runs_dir)})
     print(markdown(table))

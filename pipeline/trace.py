@@ -31,6 +31,7 @@ from pipeline.core import files
 from pipeline.core.models import LoadedModel
 from pipeline.core.patching import (
     BUCKETS,
+    POOLINGS,
     TraceOptions,
     average_by_bucket,
     embedding_std,
@@ -164,19 +165,35 @@ def intact_prompts(
     return records, damaged
 
 
-def aggregate(records: list[dict[str, Any]], kinds: list[str]) -> dict[str, Any]:
-    """Average indirect effects per bucket and layer, per kind; the severed-path averages."""
-    out: dict[str, Any] = {"n_prompts": len(records), "buckets": list(BUCKETS), "kinds": {}}
+def aggregate(
+    records: list[dict[str, Any]], kinds: list[str], pooling: str = "prompt"
+) -> dict[str, Any]:
+    """Average indirect effects per bucket and layer, per kind; the severed-path averages.
+
+    Both poolings of token positions are kept (`poolings`: `prompt` and `paper`, see
+    `pipeline.core.patching.aggregate`); `kinds` is the one `pooling` names, which the figures
+    show.
+    """
+    out: dict[str, Any] = {
+        "n_prompts": len(records),
+        "buckets": list(BUCKETS),
+        "pooling": pooling,
+        "poolings": {},
+        "window": records[0].get("window", 10) if records else None,  # MLP/attn: layers restored
+    }
     spans = [tuple(r["subject_span"]) for r in records]
-    for kind in kinds:
-        effects = [np.asarray(r["kinds"][kind]) - r["corrupted"] for r in records]
-        average = average_by_bucket(effects, spans)
-        out["kinds"][kind] = {
-            "mean": average.mean.tolist(),
-            "low": average.low.tolist(),
-            "high": average.high.tolist(),
-            "count": average.count.tolist(),
-        }
+    for how in POOLINGS:
+        out["poolings"][how] = {}
+        for kind in kinds:
+            effects = [np.asarray(r["kinds"][kind]) - r["corrupted"] for r in records]
+            average = average_by_bucket(effects, spans, pooling=how)
+            out["poolings"][how][kind] = {
+                "mean": average.mean.tolist(),
+                "low": average.low.tolist(),
+                "high": average.high.tolist(),
+                "count": average.count.tolist(),
+            }
+    out["kinds"] = out["poolings"][pooling]
     with_severed = [r for r in records if "severed" in r]
     if with_severed:
         out["severed"] = {}
@@ -226,6 +243,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     run.check_data(data_file)  # a resume must see the same records
     lm = run.load_model()
     facts, facts_source, data_report = known_facts(cfg, lm)
+    if facts_source == str(Path(cfg.known_dir) / "known.json"):
+        run.uses(Path(cfg.known_dir), "known")  # W&B lineage: known -> trace
     facts = sorted(facts, key=lambda f: f["id"])
     if not facts:
         raise SystemExit(f"no known facts to trace (from {facts_source})")
@@ -270,15 +289,18 @@ def main(cfg: DictConfig, run: Run) -> None:
     records = [finished[i] for i in ids if i in finished]
     if not records:
         raise SystemExit("no traced prompts to aggregate")
-    averages = aggregate(records, list(options["kinds"]))
+    averages = aggregate(records, list(options["kinds"]), options.get("buckets", "prompt"))
     run.write_json("averages.json", averages)
+    # The file `known` read too (reusing its facts requires the same data and paths.data).
+    data_file, data_origin = resolve_data_file(cfg.data, cfg.paths.data)
     figure_paths = figures.trace_figures(run.path("figures"), averages, examples, cfg.model.name)
-    for name, path in figure_paths.items():
-        run.tracker.image(f"figures/{name}", path)
+    run.tracker.images({f"figures/{name}": path for name, path in figure_paths.items()})
     summary = {
         "model": cfg.model.name,
         "facts": len(facts),
         "facts_source": facts_source,
+        "data_file": str(data_file),
+        "data_origin": data_origin,  # "bundled sample" when the data root lacks the file
         "traced": len(records),
         **completeness,
         "damaged": {str(i): reason for i, reason in sorted(damaged.items())[:100]},

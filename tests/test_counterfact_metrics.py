@@ -41,7 +41,10 @@ def test_summary_percent_intervals_and_score():
     assert summary["PS"]["n"] == 2 and summary["PS"]["mean"] == pytest.approx(50)
     half = 4.302652730 * np.std([0.5, 0.3, -0.1], ddof=1) / math.sqrt(3) * 100  # t(0.975, 2)
     assert summary["EM"]["high"] - summary["EM"]["mean"] == pytest.approx(half, rel=1e-6)
-    assert (summary["PS"]["low"], summary["PS"]["high"]) == (0.0, 100.0)  # clipped to the range
+    # PS: 1 success in 2 cases, Wilson (not the t interval, which would clip to [0, 100]).
+    assert summary["PS"]["low"] == pytest.approx(9.453, abs=1e-3)
+    assert summary["PS"]["high"] == pytest.approx(90.547, abs=1e-3)
+    assert [summary[k]["interval"] for k in ("ES", "EM", "S")] == ["wilson", "t", "bootstrap"]
     # S over the two cases that have all of ES, PS, NS: hmean(1.0, 0.5, 0.75).
     expected = 3 / (1 / 1.0 + 1 / 0.5 + 1 / 0.75) * 100
     assert summary["S"]["mean"] == pytest.approx(expected) and summary["S"]["n"] == 2
@@ -60,3 +63,15 @@ def test_intervals_stay_in_the_possible_range():
     summary = summarize(cases)
     assert summary["ES"]["low"] >= 0.0 and summary["ES"]["high"] <= 100.0
     assert summary["EM"]["high"] <= 100.0
+
+
+def test_success_rates_use_wilson_intervals():
+    # The example: 199 of 200 rewrites succeed -> 97.2-99.9, not the t interval 98.5-100.
+    cases = [{"ES": 1.0}] * 199 + [{"ES": 0.0}]
+    es = summarize(cases)["ES"]
+    assert es["mean"] == pytest.approx(99.5)
+    assert es["low"] == pytest.approx(97.22, abs=0.01) and es["high"] == pytest.approx(
+        99.91, abs=0.01
+    )
+    five = summarize([{"NS": 1.0}] * 5)["NS"]
+    assert five["low"] == pytest.approx(56.55, abs=0.01) and five["high"] == 100.0

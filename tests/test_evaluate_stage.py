@@ -208,3 +208,26 @@ def test_a_case_longer_than_the_context_is_a_named_skipped_record(tmp_path):
         "out_dir=" + str(tmp_path / "failing"),
     )
     assert failed.returncode != 0 and f"{data}: record 1" in failed.stderr
+
+
+def test_wandb_watches_progress_and_traces_lineage_to_the_table(tmp_path):
+    from tests.test_stages import OFFLINE, offline_runs
+
+    done = run_stage(
+        "evaluate",
+        *evaluate_args(tmp_path, "data.limit=3", "eval.cases_per_batch=1", editor="none"),
+        env=OFFLINE,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = run_stage("summarize", f"paths.results={tmp_path / 'results'}", env=OFFLINE)
+    assert table.returncode == 0, table.stderr[-3000:]
+    runs = {r["run"]["job_type"]: r for r in offline_runs(tmp_path / "results")}
+    progress = [row for row in runs["evaluate"]["history"] if "progress/cases_done" in row]
+    assert [row["progress/cases_done"] for row in progress] == [1, 2, 3]  # one row per batch
+    records = [r["post"]["metrics"] for r in cases(tmp_path, editor="none")[0].values()]
+    assert progress[-1]["progress/ES"] == pytest.approx(100 * sum(r["ES"] for r in records) / 3)
+    [artifact] = [a for a in runs["evaluate"]["artifacts"] if a["type"] == "evaluate"]
+    assert artifact["name"] == "evaluate-tiny-gpt2-counterfact-easyedit-none"
+    assert {"summary.json", "config.yaml"} <= set(artifact["files"])
+    used = runs["summarize"]["config"]["inputs"]
+    assert used[artifact["name"]]["digest"] == artifact["digest"]  # summarize -> these exact cases

@@ -7,7 +7,7 @@ import sys
 
 from tests.conftest import ROOT
 
-HEAVY = {"scipy", "hydra", "omegaconf", "wandb", "matplotlib", "datasets"}
+HEAVY = {"scipy", "hydra", "omegaconf", "wandb", "matplotlib", "datasets", "nltk"}
 
 CORE = """
 import importlib, pkgutil, sys

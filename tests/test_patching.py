@@ -21,6 +21,7 @@ from pipeline.core.patching import (
     bucket_positions,
     embedding_std,
     make_noise,
+    paper_bucket_rows,
     reference,
     resolve_noise,
     trace,
@@ -262,6 +263,39 @@ def test_average_by_bucket_single_prompt_has_no_interval():
     assert result.count.tolist() == [0, 0, 1, 1, 0, 1]  # 4 tokens: no "further" token
     assert np.isnan(result.mean[F]).all() and np.isnan(result.low[LS]).all()
     np.testing.assert_array_equal(result.mean[LS], [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "span", "expected"),
+    [
+        (10, (2, 5), [[2], [3], [4], [5], [6, 7, 8], [9]]),
+        (6, (3, 4), [[3], [], [3], [4], [], [5]]),  # one-token subject: first and last
+        (5, (1, 5), [[1], [2, 3], [4], [], [], [4]]),  # subject ends the prompt
+        (3, (0, 2), [[0], [], [1], [2], [], [2]]),  # first subsequent is the last token
+    ],
+)
+def test_paper_bucket_rows_follow_the_notebook(n_tokens, span, expected):
+    assert paper_bucket_rows(n_tokens, span) == expected
+
+
+def test_paper_pooling_pools_tokens_not_prompt_means():
+    # Prompt A: middle tokens with effects 1, 1, 1; prompt B: one middle token with effect 5.
+    a = np.zeros((7, 1))
+    a[2:5] = 1.0  # span (1, 6): first 1, middle 2-4, last 5
+    b = np.zeros((5, 1))
+    b[2] = 5.0  # span (1, 4): first 1, middle 2, last 3
+    spans = [(1, 6), (1, 4)]
+    by_prompt = average_by_bucket([a, b], spans)
+    paper = average_by_bucket([a, b], spans, pooling="paper")
+    assert by_prompt.mean[M, 0] == pytest.approx(3.0)  # (1 + 5) / 2 prompts
+    assert paper.mean[M, 0] == pytest.approx(2.0)  # (1 + 1 + 1 + 5) / 4 tokens
+    assert paper.count[M] == 4 and by_prompt.count[M] == 2
+    assert paper.pooling == "paper" and by_prompt.pooling == "prompt"
+    # A one-token subject counts in the first and the last subject bucket under the paper's.
+    one = average_by_bucket([np.arange(4.0)[:, None]], [(1, 2)], pooling="paper")
+    assert one.mean[F, 0] == one.mean[LS, 0] == 1.0
+    with pytest.raises(ValueError, match="pooling"):
+        average_by_bucket([a], [(1, 6)], pooling="tokens")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def write_fixtures(results):
     records = [trace_record(rng, i) for i in range(5)]
     files.write_json(trace / "averages.json", aggregate(records, list(KINDS)))
     files.write_json(trace / "example_0.json", records[0])
-    files.write_json(trace / "summary.json", {"complete": True})
+    summary = {"complete": True, "facts": 5, "data_origin": "bundled sample"}
+    files.write_json(trace / "summary.json", {**summary, "data_file": "samples/known.json"})
     run_dir(trace, {"model": {"name": "tiny-gpt2"}})
     for editor in ("rome", "none"):
         out = results / "evaluate/tiny-gpt2/cf" / editor
@@ -109,6 +110,30 @@ def test_report_from_fixture_results(tmp_path):
     assert "| ROME S | 89.2 |" in index and "| MLP effect peak" in index
     sweep = json.loads((out / "layer_sweep.json").read_text())
     assert [row["layer"] for row in sweep] == list(range(LAYERS))
+    # Where the trace came from, how many, and a warning for both a sample and a small n.
+    assert "- **data**: `samples/known.json` (bundled sample)" in index
+    assert "**n = 5** traced prompts of 5 facts" in index
+    assert "traced on the bundled sample" in index and "only n = 5 prompts" in index
+    assert "one sample per prompt and bucket" in index
+    peaks = json.loads((out.parent.parent / "results/trace/tiny-gpt2/known_1000/averages.json")
+                       .read_text())["kinds"]["mlp"]["mean"][2]  # fmt: skip
+    layer = int(np.argmax(peaks))
+    assert re.search(
+        rf"\| MLP output \| last subject token \| {layer} \(window centre, 2 layers\) \| "
+        rf"{peaks[layer]:.3f} \| \[-?\d\.\d{{3}}, \d\.\d{{3}}\] \| 5 \|",
+        index,
+    )
+    assert "| hidden, MLP severed | last subject token |" in index
+    assert "| clean | 0.600 |" in index and "| corrupted | 0.050 |" in index
+    # The sweep's table prints intervals too.
+    assert re.search(r"\| 0 \| 4 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", index)
+
+
+def test_report_draws_the_papers_pooling_when_asked(tmp_path):
+    write_fixtures(tmp_path / "results")
+    _, out = report(tmp_path, "+trace.buckets=paper")
+    index = (out / "index.md").read_text()
+    assert "the paper's notebook: middle-subject and further tokens pooled" in index
 
 
 def test_report_lists_what_has_not_been_run(tmp_path):

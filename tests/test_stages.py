@@ -248,3 +248,60 @@ def test_a_known_fact_longer_than_the_context_is_a_named_skipped_record(tmp_path
     summary = json.loads((tmp_path / "known/tiny-gpt2/known_1000/summary.json").read_text())
     assert summary["skipped"] == 1 and summary["checked"] == 2
     assert summary["data"]["skipped_records"][0]["field"] == "prompt"
+
+
+OFFLINE = {"ROME_WANDB_MODE": "offline"}
+
+
+def offline_runs(results: Path) -> list[dict]:
+    """Every W&B offline run under a results root, read back once finished."""
+    from tests.test_tracking import stored_run
+
+    return [stored_run(d) for d in sorted((results / "wandb").glob("offline-run-*"))]
+
+
+def test_a_crashed_stage_is_a_failed_wandb_run(tmp_path):
+    done = run_stage(
+        "known", "model=tiny-gpt2", "data.path=/nonexistent/known.json",
+        f"paths.results={tmp_path}", env=OFFLINE,
+    )  # fmt: skip
+    assert done.returncode != 0 and "does not exist" in done.stderr
+    [run] = offline_runs(tmp_path)
+    assert run["exit_code"] == 1 and run["run"]["job_type"] == "known"
+    assert not [a for a in run["artifacts"] if a["type"] == "known"]  # a crash is no result
+
+
+def test_reruns_resume_their_wandb_run_and_a_sweep_keeps_its_group(tmp_path):
+    for _ in range(2):  # the sweep, then the same sweep again (as after a requeue)
+        done = run_stage(
+            "known", "--multirun", "model=tiny-gpt2,tiny-llama", "data.limit=3",
+            f"paths.results={tmp_path}", env=OFFLINE,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 4 and all(r["exit_code"] == 0 for r in runs)
+    assert {r["run"]["group"] for r in runs} == {"known: data.limit=3 model=tiny-gpt2,tiny-llama"}
+    ids = {}
+    for r in runs:  # (W&B stores logged tables as artifacts too: type run_table)
+        ids.setdefault(r["run"]["id"], []).extend(
+            a["name"] for a in r["artifacts"] if a["type"] == "known"
+        )
+    # Two W&B runs, one per job, each resumed once; each logs its results directory.
+    assert sorted(ids.values()) == [
+        ["known-tiny-gpt2-known_1000"] * 2,
+        ["known-tiny-llama-known_1000"] * 2,
+    ]
+    [logged] = [a for a in runs[0]["artifacts"] if a["type"] == "known"]
+    assert {"known.json", "summary.json", "config.yaml"} <= set(logged["files"])
+
+
+def test_stages_return_their_headline_number():
+    from pipeline.app.stage import headline
+
+    assert headline("evaluate", {"post": {"S": {"mean": 83.2}}}) == 83.2
+    assert (
+        headline("evaluate", {"checkpoints": [{"S": {"mean": 1.0}}, {"S": {"mean": 2.0}}]}) == 2.0
+    )
+    assert headline("known", {"known": 3, "checked": 12}) == 0.25
+    assert headline("trace", {"peaks": {"mlp": {"last_subject_peak_effect": 0.1}}}) == 0.1
+    assert headline("trace", {"peaks": {}}) is None and headline("report", {}) is None

@@ -47,3 +47,117 @@ def test_disabled_and_bad_mode(tmp_path):
 def test_from_config_respects_env(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.from_config({"mode": "offline"}).mode == "disabled"
+
+
+def stored_run(run_dir, until=lambda stored: stored["exit_code"] is not None):
+    """The offline run read back once the W&B service has written what `until` waits for."""
+    for _ in range(100):  # the service may still be flushing the file after finish()
+        stored = read_offline_run(run_dir)
+        if until(stored):
+            return stored
+        time.sleep(0.1)
+    return stored
+
+
+def test_a_failed_run_is_stored_as_failed(tmp_path):
+    tracker = Tracker(mode="offline", directory=tmp_path, name="crash")
+    run_dir = tracker.run_dir
+    tracker.finish(exit_code=1)
+    assert stored_run(run_dir)["exit_code"] == 1
+    tracker = Tracker(mode="offline", directory=tmp_path, name="fine")
+    run_dir = tracker.run_dir
+    tracker.finish()
+    assert stored_run(run_dir)["exit_code"] == 0
+
+
+def test_run_ids_are_stable_per_results_directory_and_part(tmp_path):
+    a = tracking.run_id(tmp_path / "evaluate/m/d/rome", "shard 0 of 4")
+    assert a == tracking.run_id(tmp_path / "evaluate/m/d/rome", "shard 0 of 4")  # a requeue
+    assert a != tracking.run_id(tmp_path / "evaluate/m/d/rome", "shard 1 of 4")
+    assert a != tracking.run_id(tmp_path / "evaluate/m/d/r-rome", "shard 0 of 4")
+    assert a.isalnum() and len(a) == 16
+    first = Tracker(mode="offline", directory=tmp_path, run_id=a)
+    first_dir = first.run_dir
+    first.finish()
+    again = Tracker(mode="offline", directory=tmp_path, run_id=a)
+    again_dir = again.run_dir
+    again.finish()
+    assert first_dir != again_dir  # two offline files, one W&B run once synced
+    assert stored_run(first_dir)["run"]["id"] == stored_run(again_dir)["run"]["id"] == a
+
+
+def test_sweep_group_comes_from_the_sweeps_settings_not_its_start_time():
+    group = tracking.sweep_group(
+        "evaluate", ["sweep=layers", "editor.layer=0,6,14", "data.limit=5"]
+    )
+    assert group == "evaluate: data.limit=5 editor.layer=0,6,14 sweep=layers"
+    # Resumed elsewhere (another launcher, results root, device or W&B mode): the same sweep.
+    moved = ["data.limit=5", "hydra/launcher=slurm", "editor.layer=0,6,14", "sweep=layers",
+             "paths.results=/shared", "device=cuda", "tracking.mode=online"]  # fmt: skip
+    assert tracking.sweep_group("evaluate", moved) == group
+    assert tracking.sweep_group("evaluate", ["editor.layer=0,6"]) != group
+    long = tracking.sweep_group("trace", [f"key{i}=value{i}" for i in range(30)])
+    assert len(long) < 128 and long.startswith("trace: ")
+
+
+def test_figures_are_logged_in_one_step(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+    tracker = Tracker(mode="offline", directory=tmp_path)
+    tracker.images({f"figures/{n}": tmp_path / f"{n}.png" for n in ("a", "b", "c")})
+    run_dir = tracker.run_dir
+    tracker.finish()
+    history = stored_run(run_dir)["history"]
+    rows = [row for row in history if any(k.startswith("figures/") for k in row)]
+    assert len(rows) == 1  # one step holds every figure
+    assert all(rows[0][f"figures/{n}/_type"] == "image-file" for n in ("a", "b", "c"))
+
+
+def test_directories_are_artifacts_and_inputs_carry_their_digest(tmp_path):
+    results = tmp_path / "known/m/d"
+    (results / "figures").mkdir(parents=True)
+    (results / "known.json").write_text("[1, 2]")
+    (results / "summary.json").write_text("{}")
+    (results / "figures/f.png").write_bytes(b"png")
+    (results / "figures/f.pdf").write_bytes(b"pdf")  # PDFs and subdirectories stay out
+    (results / "prompts").mkdir()
+    (results / "prompts/1.json").write_text("{}")
+    name = tracking.artifact_name("known/m/d")
+    assert name == "known-m-d" and tracking.artifact_name("a/editor.layer=3") == "a-editor.layer-3"
+    upstream = Tracker(mode="offline", directory=tmp_path)
+    upstream.log_directory(results, "known", name)
+    upstream_dir = upstream.run_dir
+    upstream.finish()
+    downstream = Tracker(mode="offline", directory=tmp_path)
+    downstream.use_directory(results, "known", name)
+    downstream_dir = downstream.run_dir
+    downstream.finish()
+    logged = stored_run(upstream_dir)["artifacts"]
+    assert [(a["name"], a["type"]) for a in logged] == [("known-m-d", "known")]
+    assert logged[0]["files"] == ["figures/f.png", "known.json", "summary.json"]
+    used = stored_run(downstream_dir, lambda s: "inputs" in s["config"])["config"]["inputs"]
+    assert used["known-m-d"]["digest"] == logged[0]["digest"]  # the exact input, traceable
+
+
+def test_running_rates():
+    rates = tracking.RunningRates([{"ES": 1.0, "PS": 0.5, "NS": float("nan")}])
+    assert rates.values() == {"progress/cases_done": 1, "progress/ES": 100.0, "progress/PS": 50.0}
+    now = rates.add([{"ES": 0.0, "PS": 1.0, "NS": 1.0}])
+    assert now == {
+        "progress/cases_done": 2,
+        "progress/ES": 50.0,
+        "progress/PS": 75.0,
+        "progress/NS": 100.0,
+    }
+
+
+def test_system_metrics_follow_the_gpu(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tracking, "Tracker", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(tracking, "gpu_visible", lambda: True)
+    tracking.from_config({"mode": "offline"})
+    assert seen["system_metrics"] is True
+    tracking.from_config({"mode": "offline", "system_metrics": False})
+    assert seen["system_metrics"] is False

@@ -1,6 +1,8 @@
 """Figures of causal traces, as in the paper: one colour per kind across every figure.
 
-Each figure is written as PNG and PDF; functions return the PNG paths by name.
+Each figure is written as PNG and PDF; functions return the PNG paths by name. Average effects
+are drawn on a diverging scale centred at zero (white = no effect, the kind's colour = restoring
+helps, blue = restoring hurts); a bucket no prompt has is hatched grey and labelled n=0.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 KIND_COLOURS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_LINES = {"hidden": "#6a3d9a", "mlp": "#33a02c", "attn": "#e31a1c", "none": "#6a3d9a"}
 KIND_TITLES = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}
+NEGATIVE = "#2c7bb6"  # restoring lowered p(answer)
+POOLING_NOTES = {
+    "prompt": "one sample per prompt and bucket",
+    "paper": "tokens pooled as the paper's notebook",
+}
 BUCKET_LABELS = [
     "first subject token",
     "middle subject tokens",
@@ -47,7 +56,14 @@ def example_heatmap(
         for i, tok in enumerate(record["tokens"])
     ]
     fig, ax = plt.subplots(figsize=(3.6, 0.28 * len(labels) + 1.2))
-    image = ax.pcolormesh(grid, cmap=KIND_COLOURS[kind], vmin=record["corrupted"], shading="auto")
+    image = ax.pcolormesh(
+        np.arange(grid.shape[1] + 1) - 0.5,  # cell i centred on tick i
+        np.arange(grid.shape[0] + 1),
+        grid,
+        cmap=KIND_COLOURS[kind],
+        vmin=record["corrupted"],
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.invert_yaxis()
     ax.set_yticks(np.arange(len(labels)) + 0.5, labels, fontsize=8)
     window = record.get("window", 10)
@@ -58,26 +74,83 @@ def example_heatmap(
     return _save(fig, out_dir, name)
 
 
+def layer_axis(kind: str, window: int) -> str:
+    """What a trace's x value is: a layer, or (MLP, attention) the centre of a window of layers."""
+    if kind == "hidden":
+        return "layer"
+    return f"centre of a {window}-layer window"
+
+
+def effect_bound(values: Any) -> np.ndarray:
+    """Interval ends of an effect on a probability, clipped to the possible [-1, 1] (a t
+    interval over a few prompts reaches past it)."""
+    return np.clip(np.asarray(values, dtype=float), -1.0, 1.0)
+
+
+def interval_note(n: int) -> str:
+    return "95% t intervals" if n >= 2 else f"no interval (n={n})"
+
+
+def diverging(kind: str) -> LinearSegmentedColormap:
+    """Blue below zero, white at zero, the kind's colour above."""
+    return LinearSegmentedColormap.from_list(
+        f"{kind}_diverging", [NEGATIVE, "white", KIND_LINES[kind]]
+    )
+
+
+def symmetric_norm(values: np.ndarray) -> Normalize:
+    """A colour scale centred at zero that holds every finite value."""
+    finite = np.abs(values[np.isfinite(values)])
+    extent = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    return Normalize(vmin=-extent, vmax=extent)
+
+
+def pooled(averages: dict[str, Any], pooling: str | None = None) -> dict[str, Any]:
+    """The averages with `kinds` pooled as asked (`prompt` or `paper`), when the file has both."""
+    pooling = pooling or averages.get("pooling", "prompt")
+    if pooling == averages.get("pooling", "prompt"):
+        return {**averages, "pooling": pooling}
+    if pooling not in averages.get("poolings", {}):
+        raise ValueError(f"averages.json has no {pooling!r} pooling (trace again to add it)")
+    return {**averages, "kinds": averages["poolings"][pooling], "pooling": pooling}
+
+
 def average_heatmap(out_dir: Path, averages: dict[str, Any], kind: str, model: str) -> Path:
     """Average indirect effect by token bucket and layer over all traced prompts."""
     stats = averages["kinds"][kind]
     mean = np.asarray(stats["mean"], dtype=float)
     counts = stats["count"]
-    fig, ax = plt.subplots(figsize=(4.2, 2.4))
-    image = ax.pcolormesh(np.nan_to_num(mean), cmap=KIND_COLOURS[kind], shading="auto")
+    pooling = averages.get("pooling", "prompt")
+    unit = "token rows" if pooling == "paper" else "prompts"
+    fig, ax = plt.subplots(figsize=(4.6, 2.6))
+    ax.set_facecolor("#e6e6e6")  # empty buckets are masked: the hatched background shows
+    ax.patch.set_hatch("////")
+    ax.patch.set_edgecolor("#b0b0b0")
+    image = ax.pcolormesh(
+        np.arange(mean.shape[1] + 1) - 0.5,  # cell i centred on tick i
+        np.arange(mean.shape[0] + 1),
+        np.ma.masked_invalid(mean),
+        cmap=diverging(kind),
+        norm=symmetric_norm(mean),
+    )
     ax.invert_yaxis()
     ax.set_yticks(
         np.arange(len(BUCKET_LABELS)) + 0.5,
-        [f"{b} (n={c})" for b, c in zip(BUCKET_LABELS, counts, strict=True)],
+        [
+            f"{b} (n={c})" + (": none, not drawn" if c == 0 else "")
+            for b, c in zip(BUCKET_LABELS, counts, strict=True)
+        ],
         fontsize=7,
     )
-    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(layer_axis(kind, averages.get("window", 10)))
     ax.set_title(
-        f"Average indirect effect, {KIND_TITLES[kind]}\n{model}, {averages['n_prompts']} prompts",
-        fontsize=9,
+        f"Average indirect effect, {KIND_TITLES[kind]}\n{model}, {averages['n_prompts']} prompts; "
+        f"{POOLING_NOTES[pooling]} (n: {unit})",
+        fontsize=8,
     )
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label("AIE (Δ p(answer))")
+    bar.set_label("average indirect effect\n(Δ p(answer); 0 = white)", fontsize=7)
     return _save(fig, out_dir, f"average_{kind}")
 
 
@@ -96,14 +169,22 @@ def last_subject_lines(out_dir: Path, averages: dict[str, Any], model: str) -> P
         )
         ax.fill_between(
             layers,
-            np.asarray(stats["low"][row], dtype=float),
-            np.asarray(stats["high"][row], dtype=float),
+            effect_bound(stats["low"][row]),
+            effect_bound(stats["high"][row]),
             color=KIND_LINES[kind],
             alpha=0.2,
         )
-    ax.set_xlabel("layer")
+    ax.axhline(0, color="#999999", linewidth=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    window = averages.get("window", 10)
+    ax.set_xlabel(f"layer (MLP, attention: {layer_axis('mlp', window)})")
     ax.set_ylabel("AIE at last subject token")
-    ax.set_title(f"Average indirect effect, 95% intervals\n{model}", fontsize=9)
+    pooling = averages.get("pooling", "prompt")
+    n = min(stats["count"][row] for stats in averages["kinds"].values())
+    ax.set_title(
+        f"Average indirect effect, {interval_note(n)}\n{model}; {POOLING_NOTES[pooling]}",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "last_subject_aie")
 
@@ -124,11 +205,28 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
         if name not in severed:
             continue
         mean = np.asarray(severed[name]["mean"], dtype=float)
-        ax.bar(np.arange(n_layers) + offset, mean, width, color=colours[name], label=names[name])
+        low = effect_bound(severed[name]["low"])
+        high = effect_bound(severed[name]["high"])
+        has_interval = bool(np.isfinite(low).any())
+        ax.bar(
+            np.arange(n_layers) + offset,
+            mean,
+            width,
+            yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)] if has_interval else None,
+            error_kw={"elinewidth": 0.6, "capsize": 1, "ecolor": "#333333"},
+            color=colours[name],
+            label=names[name],
+        )
+    ax.axhline(0, color="#999999", linewidth=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer at which the single hidden state is restored")
     ax.set_ylabel("AIE at last subject token")
-    ax.set_title(f"Severing MLP or attention paths\n{model}, n={severed['none']['n']}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(
+        f"Severing MLP or attention paths, {interval_note(severed['none']['n'])}\n{model}, "
+        f"n={severed['none']['n']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
     return _save(fig, out_dir, "severed")
 
 
@@ -149,15 +247,27 @@ def trace_figures(
 
 
 SWEEP_COLOURS = {"ES": "#1f78b4", "PS": "#ff7f00", "NS": "#b15928", "S": "#333333"}
+SWEEP_MARKERS = {"ES": "o", "PS": "s", "NS": "^", "S": "D"}
 
 
 def layer_sweep(
     out_dir: Path, rows: list[dict[str, Any]], averages: dict[str, Any] | None, model: str
 ) -> Path:
-    """ROME's success and specificity by edited layer, under the causal effect at each layer."""
+    """ROME's success and specificity by edited layer, under the causal effect at each layer.
+
+    The four series are shifted a little sideways with their own markers, so equal values (ES =
+    PS = 100, say) stay visible; the legend sits under the axes, never over the data.
+    """
     panels = 2 if averages else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(4.8, 2.4 * panels + 0.4), sharex=True)
+    fig, axes = plt.subplots(panels, 1, figsize=(5.2, 2.4 * panels + 0.9), sharex=True)
     axes = np.atleast_1d(axes)
+    layers = np.array([r["layer"] for r in rows], dtype=float)
+    # Series shifted sideways by a fraction of a layer: at most a third of the gap between swept
+    # layers, and wide enough to see on a long axis.
+    step = float(np.min(np.diff(np.unique(layers)))) if len(np.unique(layers)) > 1 else 1.0
+    n_trace = len(next(iter(averages["kinds"].values()))["mean"][0]) if averages else 0
+    span = max(float(np.ptp(layers)), n_trace)
+    shift = min(step / 3 / 1.5, max(0.12, span / 120))
     if averages:
         row = BUCKET_LABELS.index("last subject token")
         for kind in ("mlp", "hidden"):
@@ -165,38 +275,53 @@ def layer_sweep(
                 continue
             stats = averages["kinds"][kind]
             mean = np.asarray(stats["mean"][row], dtype=float)
-            layers = np.arange(len(mean))
-            axes[0].plot(layers, mean, color=KIND_LINES[kind], label=KIND_TITLES[kind])
+            trace_layers = np.arange(len(mean))
+            label = KIND_TITLES[kind] + (
+                f" (x: {layer_axis(kind, averages.get('window', 10))})" if kind != "hidden" else ""
+            )
+            axes[0].plot(trace_layers, mean, color=KIND_LINES[kind], label=label)
             axes[0].fill_between(
-                layers,
-                np.asarray(stats["low"][row], dtype=float),
-                np.asarray(stats["high"][row], dtype=float),
+                trace_layers,
+                effect_bound(stats["low"][row]),
+                effect_bound(stats["high"][row]),
                 color=KIND_LINES[kind],
                 alpha=0.2,
             )
-        axes[0].set_ylabel("AIE at last subject\ntoken (Δ p(answer))")
+        axes[0].axhline(0, color="#999999", linewidth=0.6)
+        axes[0].set_ylabel("AIE at last subject\ntoken (Δ p(answer))", fontsize=8)
         axes[0].set_title(f"Causal effect and edit success by layer\n{model}", fontsize=9)
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=6, loc="upper right")
     ax = axes[-1]
-    layers = [r["layer"] for r in rows]
-    for name in ("ES", "PS", "NS", "S"):
-        mean = np.array([r["post"][name]["mean"] for r in rows])
-        low = np.array([r["post"][name]["low"] for r in rows])
-        high = np.array([r["post"][name]["high"] for r in rows])
+    for index, name in enumerate(("ES", "PS", "NS", "S")):
+        mean = np.array([r["post"][name]["mean"] for r in rows], dtype=float)
+        low = np.array([r["post"][name]["low"] for r in rows], dtype=float)
+        high = np.array([r["post"][name]["high"] for r in rows], dtype=float)
         ax.errorbar(
-            layers,
+            layers + (index - 1.5) * shift,
             mean,
             yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
             color=SWEEP_COLOURS[name],
-            marker="o",
-            markersize=3,
+            marker=SWEEP_MARKERS[name],
+            markersize=3.5,
+            linewidth=1,
             capsize=2,
-            label=f"{name} (n={rows[0]['n']})" if name == "ES" else name,
+            label=name,
         )
     if not averages:
         ax.set_title(f"ROME by edited layer\n{model}", fontsize=9)
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(-3, 106)  # room for markers at 0 and 100
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edited layer")
-    ax.set_ylabel("score after the edit (%)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.set_ylabel("score after the edit (%)", fontsize=8)
+    counts = sorted({r["n"] for r in rows})
+    n_text = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+    ax.legend(
+        fontsize=7,
+        ncol=4,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.3),
+        title=f"95% intervals: Wilson (ES, PS, NS), bootstrap (S); {n_text} cases per layer",
+        title_fontsize=6.5,
+        frameon=False,
+    )
     return _save(fig, out_dir, "layer_sweep")

@@ -36,19 +36,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.app import tracking
+from pipeline.app import cli, tracking
 from pipeline.core import files
 from pipeline.core.models import DTYPES, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-# `${mode_dir:${eval.mode}}` in conf/evaluate.yaml: a protocol other than the paper's
-# (independent) writes to a directory of its own, <editor>/mass or <editor>/sequential.
-if not OmegaConf.has_resolver("mode_dir"):
-    OmegaConf.register_new_resolver(
-        "mode_dir", lambda mode: "" if mode == "independent" else f"/{mode}"
-    )
+register_resolvers()
 PACKAGES = (
     "torch",
     "transformers",
@@ -99,14 +94,21 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _sweep_group() -> str | None:
-    """In a `--multirun`, the sweep's directory name: one W&B group per sweep."""
+    """In a `--multirun`, one W&B group per sweep, named by the sweep's overrides (as Hydra saved
+    them in the sweep's multirun.yaml), so the same sweep started again keeps its group."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         config = HydraConfig.get()
         if config.mode == RunMode.MULTIRUN:
-            return f"{config.job.name}-{Path(config.sweep.dir).name}"
+            saved = Path(config.sweep.dir) / "multirun.yaml"
+            overrides = (
+                list(OmegaConf.load(saved).hydra.overrides.task)
+                if saved.exists()
+                else [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+            )
+            return tracking.sweep_group(config.job.name, overrides)
     except Exception:  # noqa: BLE001 - not under Hydra (e.g. called from a test)
         pass
     return None
@@ -310,6 +312,7 @@ class Run:
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self.headline: float | None = None  # the stage's one number (`headline`)
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -333,6 +336,7 @@ class Run:
             job_type=stage,
             config=resolved,
             directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
+            run_id=tracking.run_id(self.out_dir, self._part()),  # a rerun resumes its W&B run
         )
 
     def check_data(self, path: str | Path) -> dict[str, str]:
@@ -352,6 +356,24 @@ class Run:
         self.meta["data"] = self.data
         files.write_json(self.out_dir / "run.json", self.meta)
         return self.data
+
+    def _part(self) -> str:
+        """Which part of its results directory this run fills: a shard, the merge, or all."""
+        if self.cfg.get("aggregate_only"):
+            return "merge"
+        shard = self.cfg.get("shard")
+        return f"shard {shard.index} of {shard.count}" if shard else ""
+
+    def artifact_name(self, directory: Path) -> str:
+        """An artifact name for a results directory: its path under `paths.results`."""
+        results, directory = Path(self.cfg.paths.results).resolve(), Path(directory).resolve()
+        relative = directory.relative_to(results) if directory.is_relative_to(results) else None
+        return tracking.artifact_name(relative or Path(*directory.parts[-3:]))
+
+    def uses(self, directory: Path, kind: str) -> None:
+        """Record that this run read results directory `directory` (W&B lineage)."""
+        if Path(directory).is_dir():
+            self.tracker.use_directory(directory, kind, self.artifact_name(directory))
 
     def _display_name(self) -> str:
         """The results directory relative to `paths.results`, e.g. known/smollm2-135m/known_1000."""
@@ -378,11 +400,34 @@ class Run:
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """`summary.json` holds the headline numbers; the tracker gets the same."""
         body = {"stage": self.stage, **summary, "seconds": round(time.time() - self.started, 3)}
+        self.headline = headline(self.stage, body)
         self.tracker.summary(body)
         return self.write_json("summary.json", body)
 
-    def close(self) -> None:
-        self.tracker.finish()
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the W&B run: a clean one logs its results directory as an artifact first, a
+        crashed one (exit code != 0) is marked failed."""
+        if exit_code == 0:
+            self.tracker.log_directory(self.out_dir, self.stage, self.artifact_name(self.out_dir))
+        self.tracker.finish(exit_code)
+
+
+def headline(stage: str, summary: Mapping[str, Any]) -> float | None:
+    """The one number a stage returns to Hydra (a sweeper maximises it): the edit score S for
+    evaluate, the MLP effect's peak at the last subject token for trace, the share of facts
+    known for known; None for the others."""
+    try:
+        if stage == "evaluate":
+            if "post" in summary:
+                return float(summary["post"]["S"]["mean"])
+            return float(summary["checkpoints"][-1]["S"]["mean"])  # sequential
+        if stage == "trace":
+            return float(summary["peaks"]["mlp"]["last_subject_peak_effect"])
+        if stage == "known":
+            return summary["known"] / summary["checked"]
+    except (KeyError, IndexError, TypeError, ZeroDivisionError):
+        pass
+    return None
 
 
 StageFn = Callable[[DictConfig, Run], None]
@@ -400,8 +445,10 @@ def _execute(name: str, fn: StageFn, resumable: bool, cfg: DictConfig) -> Run:
     run = Run(cfg, name, resumable=resumable)
     try:
         fn(cfg, run)
-    finally:
-        run.close()
+    except BaseException:
+        run.close(exit_code=1)  # shown as failed on W&B, not finished
+        raise
+    run.close()
     return run
 
 
@@ -413,14 +460,20 @@ def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[]
 
         @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
         @functools.wraps(fn)
-        def main(cfg: DictConfig) -> None:
+        def main(cfg: DictConfig) -> float | None:
             # `fn` itself, not a registry lookup: launchers may run this in a process that
             # unpickled it without importing the stage's module.
             run = _execute(name, fn, resumable, cfg)
             sys.stdout.flush()
             print(f"results: {run.out_dir}", flush=True)
+            return run.headline  # what a sweeper (hydra/sweeper=optuna) optimises
 
-        return main
+        @functools.wraps(fn)
+        def entry() -> float | None:
+            return cli.with_suggestions(main, name)  # a misspelt key gets the closest one
+
+        entry.task = main  # the Hydra task itself
+        return entry
 
     return decorate
 

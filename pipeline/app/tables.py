@@ -43,11 +43,15 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
     return table
 
 
-def cell(metric: dict[str, float] | None) -> str:
+def cell(metric: dict[str, Any] | None) -> str:
+    """`mean [low, high]`: the interval's own ends (Wilson and bootstrap intervals are not
+    symmetric about the mean, and rates stop at 0 and 100); the mean alone where n < 2."""
     if not metric or metric.get("n", 0) == 0:
         return "–"
-    half = (metric["high"] - metric["low"]) / 2 if metric["high"] == metric["high"] else None
-    return f"{metric['mean']:.1f}" + (f" ± {half:.1f}" if half is not None else "")
+    text = f"{metric['mean']:.1f}"
+    if metric["low"] == metric["low"] and metric["high"] == metric["high"]:  # not NaN
+        text += f" [{metric['low']:.1f}, {metric['high']:.1f}]"
+    return text
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -69,7 +73,7 @@ def latex(table: list[dict[str, Any]]) -> str:
     ]
     for row in table:
         cells = [row["model"], row["data"], row["editor"], str(row["n"])]
-        cells += [cell(row["metrics"].get(c)).replace("±", r"$\pm$") for c in COLUMNS]
+        cells += [cell(row["metrics"].get(c)) for c in COLUMNS]
         lines.append(" & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

@@ -2,13 +2,26 @@
 
 Offline by default (no account needed; `wandb sync <dir>` uploads later). Any W&B failure — no
 network, no login, a broken install — is logged once and the tracker turns itself off.
+
+A run's id comes from its results directory and shard (`run_id`), so a requeued or rerun job
+resumes its W&B run instead of starting another; a `--multirun`'s group comes from the sweep's
+own overrides (`sweep_group`), so continuing a sweep stays in its group. Each stage logs its
+results directory as an artifact (`log_directory`) and declares the directories it read
+(`use_directory`): online W&B draws the lineage known -> trace -> report and stats -> evaluate
+-> summarize / report; offline (where W&B cannot record a use) the inputs' names and digests go
+into the run's config under `inputs`, and equal the digests of the artifacts the upstream runs
+logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +43,15 @@ class Tracker:
         job_type: str | None = None,
         config: Mapping[str, Any] | None = None,
         directory: str | Path | None = None,
+        run_id: str | None = None,
+        system_metrics: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"tracking.mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.run = None
         self.directory: Path | None = None
+        self.inputs: dict[str, dict[str, str]] = {}
         if mode == "disabled":
             return
         try:
@@ -54,8 +70,12 @@ class Tracker:
                 job_type=job_type,
                 config=dict(config or {}),
                 dir=str(self.directory) if self.directory else None,
+                id=run_id,
+                resume="allow" if run_id else None,
                 reinit="finish_previous",
-                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+                settings=wandb.Settings(
+                    silent=True, console="off", x_disable_stats=not system_metrics
+                ),
             )
         except Exception as error:  # noqa: BLE001 - tracking must never kill a run
             self._disable("init", error)
@@ -109,6 +129,18 @@ class Tracker:
 
         self._call("image", log_image)
 
+    def images(self, paths: Mapping[str, str | Path]) -> None:
+        """Several images in one step (a report's figures side by side on one W&B page)."""
+        if not paths:
+            return
+
+        def log_images():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in paths.items()})
+
+        self._call("images", log_images)
+
     def histogram(self, key: str, values: Sequence[float]) -> None:
         def log_histogram():
             import wandb
@@ -117,8 +149,33 @@ class Tracker:
 
         self._call("histogram", log_histogram)
 
-    def finish(self) -> None:
-        self._call("finish", lambda: self.run.finish())
+    def log_directory(self, directory: str | Path, kind: str, name: str) -> None:
+        """The directory's result files as artifact `name` of type `kind` (the run's output)."""
+
+        def log_artifact():
+            artifact = directory_artifact(directory, kind, name)
+            if artifact is not None:
+                self.run.log_artifact(artifact)
+
+        self._call("artifact", log_artifact)
+
+    def use_directory(self, directory: str | Path, kind: str, name: str) -> None:
+        """Declare a results directory this run read (an upstream run's artifact)."""
+
+        def use():
+            artifact = directory_artifact(directory, kind, name)
+            if artifact is None:
+                return
+            self.inputs[name] = {"type": kind, "digest": artifact.digest, "path": str(directory)}
+            self.run.config.update({"inputs": self.inputs}, allow_val_change=True)
+            if self.mode == "online":  # offline runs cannot record a use; the config has it
+                self.run.use_artifact(artifact)
+
+        self._call("use_artifact", use)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero exit code shows it as failed (crashed), not finished."""
+        self._call("finish", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
 
 
@@ -139,18 +196,111 @@ def from_config(tracking: Mapping[str, Any], **kwargs: Any) -> Tracker:
     sweep_group = kwargs.pop("group", None)  # a --multirun's own group, unless one is configured
     if mode == "dryrun":
         mode = "offline"
+    system = tracking.get("system_metrics", "auto")
     return Tracker(
         mode=mode,
         project=tracking.get("project", "rome-pipeline"),
         entity=tracking.get("entity"),
         group=tracking.get("group") or sweep_group,
         tags=list(tracking.get("tags") or ()),
+        system_metrics=gpu_visible() if system == "auto" else bool(system),
         **kwargs,
     )
 
 
+def gpu_visible() -> bool:
+    """Whether this process sees a CUDA device (system metrics matter there, and cost nothing)."""
+    torch = sys.modules.get("torch")  # never imported just for this
+    try:
+        return bool(torch is not None and torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_id(out_dir: str | Path, part: str = "") -> str:
+    """A W&B run id that is the same for every run of one job: its results directory and part
+    (the shard, or the merge), so a requeued or rerun job resumes its W&B run."""
+    key = f"{Path(out_dir).resolve()}|{part}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# Overrides that say where or how a job runs, not what it computes: a sweep resumed on another
+# launcher, results root or device is the same sweep.
+PLACE_KEYS = ("hydra/", "hydra.", "tracking.", "paths.", "device=", "shard.index=")
+
+
+def sweep_group(stage: str, overrides: Iterable[str]) -> str:
+    """The W&B group of a --multirun, from the sweep's own overrides (not its start time).
+
+    `overrides` are the sweep's command-line overrides as given (`editor.layer=0,6,14`); the
+    same sweep started again gets the same group.
+    """
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(PLACE_KEYS))
+    text = " ".join(kept) or "defaults"
+    if len(text) > 80:
+        text = text[:60] + "... " + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{stage}: {text}"
+
+
+ARTIFACT_SUFFIXES = (".json", ".jsonl", ".yaml", ".md", ".csv", ".tex")
+
+
+def artifact_name(relative: str | Path) -> str:
+    """A valid artifact name (letters, digits, - _ .) for a results directory's relative path."""
+    name = re.sub(r"[^\w.-]+", "-", str(relative)).strip("-")
+    if len(name) > 120:
+        name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name
+
+
+def directory_artifact(directory: str | Path, kind: str, name: str):
+    """A W&B artifact of a results directory: its result files (JSON, JSONL, YAML, tables,
+    index) and figures/*.png; per-prompt files and PDFs stay out. None if there are none."""
+    import wandb
+
+    directory = Path(directory)
+    paths = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in ARTIFACT_SUFFIXES)
+    paths += sorted((directory / "figures").glob("*.png"))
+    if not paths:
+        return None
+    artifact = wandb.Artifact(name, type=kind, metadata={"path": str(directory)})
+    for path in paths:
+        artifact.add_file(str(path), name=str(path.relative_to(directory)))
+    return artifact
+
+
+class RunningRates:
+    """Running ES, PS, NS (percent) over the cases finished so far, for logging as a run goes."""
+
+    NAMES = ("ES", "PS", "NS")
+
+    def __init__(self, metrics: Iterable[Mapping[str, float]] = ()):
+        self.sums = dict.fromkeys(self.NAMES, 0.0)
+        self.counts = dict.fromkeys(self.NAMES, 0)
+        self.cases = 0
+        self.add(metrics)
+
+    def add(self, metrics: Iterable[Mapping[str, float]]) -> dict[str, float]:
+        for case in metrics:
+            self.cases += 1
+            for name in self.NAMES:
+                value = case.get(name, math.nan)
+                if not math.isnan(value):
+                    self.sums[name] += value
+                    self.counts[name] += 1
+        return self.values()
+
+    def values(self) -> dict[str, float]:
+        out = {"progress/cases_done": self.cases}
+        for name in self.NAMES:
+            if self.counts[name]:
+                out[f"progress/{name}"] = 100 * self.sums[name] / self.counts[name]
+        return out
+
+
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """The history rows and summary stored in an offline run's `.wandb` file.
+    """What an offline run's `.wandb` file holds: history rows, summary, the run's id, group and
+    config, the artifacts it logged and its exit code (None if it never finished).
 
     The file is W&B's append-only log (a 7-byte header, then 32 KiB blocks of leveldb-style
     records holding protobuf `Record`s); reading it back checks what a run really logged
@@ -190,11 +340,37 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             offset += room - 7
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    artifacts: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    exit_code = None
     for raw in records:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         which = record.WhichOneof("record_type")
-        if which == "history":
+        if which == "run":
+            r = record.run
+            run = {"id": r.run_id, "group": r.run_group, "job_type": r.job_type,
+                   "name": r.display_name, "resumed": r.resumed}  # fmt: skip
+            for item in r.config.update:
+                config[_item_key(item)] = json.loads(item.value_json)
+        elif which == "config":
+            for item in record.config.update:
+                config[_item_key(item)] = json.loads(item.value_json)
+        elif which == "exit":
+            exit_code = record.exit.exit_code
+        elif which == "artifact":
+            a = record.artifact
+            artifacts.append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "digest": a.digest,
+                    "files": sorted(e.path for e in a.manifest.contents),
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                }
+            )
+        elif which == "history":
             items = record.history.item
             history.append({_item_key(i): json.loads(i.value_json) for i in items})
         elif which == "request" and record.request.WhichOneof("request_type") == "partial_history":
@@ -205,7 +381,14 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif which == "summary":
             for item in record.summary.update:
                 summary[_item_key(item)] = json.loads(item.value_json)
-    return {"history": history, "summary": summary}
+    return {
+        "history": history,
+        "summary": summary,
+        "run": run,
+        "config": config,
+        "artifacts": artifacts,
+        "exit_code": exit_code,
+    }
 
 
 def _item_key(item: Any) -> str:

@@ -23,9 +23,11 @@ from pipeline.core.models import LoadedModel
 from pipeline.core.patching import reference
 from pipeline.core.patching.aggregate import (
     BUCKETS,
+    POOLINGS,
     BucketAverage,
     average_by_bucket,
     bucket_positions,
+    paper_bucket_rows,
 )
 from pipeline.core.patching.common import (
     DISTRIBUTIONS,
@@ -57,6 +59,8 @@ __all__ = [
     "TraceResult",
     "average_by_bucket",
     "bucket_positions",
+    "paper_bucket_rows",
+    "POOLINGS",
     "embedding_std",
     "make_noise",
     "reference",

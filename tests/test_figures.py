@@ -1,0 +1,112 @@
+"""What the figures draw: a zero-centred named scale, empty buckets missing, honest axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.app import figures
+from pipeline.trace import aggregate
+from tests.test_report import KINDS, LAYERS, trace_record
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The matplotlib figures the functions would save, kept open to inspect."""
+    kept = []
+
+    def keep(fig, out_dir, name):
+        kept.append(fig)
+        return out_dir / f"{name}.png"
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return kept
+
+
+def averages(pooling="prompt"):
+    rng = np.random.default_rng(0)
+    records = [trace_record(rng, i) for i in range(4)]  # 5 tokens: no middle, no further token
+    records[0]["kinds"]["attn"][4][0] = -0.9  # a negative effect somewhere
+    return aggregate(records, list(KINDS), pooling)
+
+
+def test_average_heatmap_scale_is_centred_at_zero_and_named(tmp_path, captured):
+    figures.average_heatmap(tmp_path, averages(), "attn", "m")
+    ax, bar_ax = captured[0].axes
+    mesh = ax.collections[0]
+    assert mesh.norm.vmin == -mesh.norm.vmax  # zero sits in the middle of the scale
+    assert mesh.cmap(0.5)[:3] == pytest.approx((1.0, 1.0, 1.0), abs=0.01)  # zero is white
+    assert "indirect effect" in bar_ax.get_ylabel() and "0 = white" in bar_ax.get_ylabel()
+    assert ax.get_xlabel() == "centre of a 2-layer window"  # the fixture's window
+    assert "one sample per prompt" in ax.get_title()
+
+
+def test_empty_buckets_are_missing_and_say_n_0(tmp_path, captured):
+    figures.average_heatmap(tmp_path, averages(), "mlp", "m")
+    ax = captured[0].axes[0]
+    values = ax.collections[0].get_array().reshape(6, LAYERS)
+    assert values.mask[1].all() and values.mask[4].all()  # middle subject, further: not drawn
+    assert not values.mask[2].any()  # last subject token: drawn
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[1] == "middle subject tokens (n=0): none, not drawn"
+    assert labels[2] == "last subject token (n=4)"
+
+
+def test_hidden_heatmap_says_layer_and_lines_say_window(tmp_path, captured):
+    figures.average_heatmap(tmp_path, averages(), "hidden", "m")
+    figures.last_subject_lines(tmp_path, averages(), "m")
+    assert captured[0].axes[0].get_xlabel() == "layer"
+    assert "centre of a 2-layer window" in captured[1].axes[0].get_xlabel()
+
+
+def test_paper_pooling_is_said_in_the_figure(tmp_path, captured):
+    both = averages()
+    paper = figures.pooled(both, "paper")
+    assert paper["kinds"] == both["poolings"]["paper"] and paper["pooling"] == "paper"
+    figures.average_heatmap(tmp_path, paper, "mlp", "m")
+    assert "paper's notebook" in captured[0].axes[0].get_title()
+    assert "token rows" in captured[0].axes[0].get_title()
+    with pytest.raises(ValueError, match="pooling"):
+        figures.pooled({"kinds": {}, "pooling": "prompt"}, "paper")  # an older averages.json
+
+
+def test_severed_bars_have_intervals(tmp_path, captured):
+    figures.severed_bars(tmp_path, averages(), "m")
+    ax = captured[0].axes[0]
+    error_bars = [c for c in ax.containers if getattr(c, "errorbar", None) is not None]
+    assert len(error_bars) == 3
+    assert all(len(c.errorbar.lines[2][0].get_segments()) == LAYERS for c in error_bars)
+
+
+def test_layer_sweep_series_stay_apart_with_integer_ticks(tmp_path, captured):
+    metric = {"mean": 100.0, "low": 56.6, "high": 100.0, "n": 5}
+    rows = [{"layer": layer, "n": 5, "post": dict.fromkeys(("ES", "PS", "NS", "S"), metric)}
+            for layer in (0, 2, 4)]  # fmt: skip
+    figures.layer_sweep(tmp_path, rows, averages(), "m")
+    ax = captured[0].axes[-1]
+    xs = [tuple(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert len(set(xs)) == 4  # four identical series, four distinct x offsets
+    ticks = ax.get_xticks()
+    assert np.allclose(ticks, np.round(ticks))  # no fractional layer ticks
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().y1 < ax.get_window_extent().y0 + 1  # under the axes
+
+
+def test_one_prompt_draws_no_interval_and_says_so(tmp_path, captured):
+    rng = np.random.default_rng(0)
+    single = aggregate([trace_record(rng, 0)], list(KINDS))
+    figures.severed_bars(tmp_path, single, "m")
+    figures.last_subject_lines(tmp_path, single, "m")
+    assert "no interval (n=1)" in captured[0].axes[0].get_title()
+    assert not [c for c in captured[0].axes[0].containers if c.errorbar is not None]
+    assert "no interval (n=1)" in captured[1].axes[0].get_title()
+
+
+def test_effect_intervals_stop_at_the_possible_range(tmp_path, captured):
+    wide = averages()
+    wide["kinds"]["mlp"]["low"][2] = [-3.0] * LAYERS  # a t interval over two prompts, say
+    wide["kinds"]["mlp"]["high"][2] = [4.0] * LAYERS
+    figures.last_subject_lines(tmp_path, wide, "m")
+    band = captured[0].axes[0].collections[1]  # hidden's band first, then MLP's
+    ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    assert ys.min() >= -1.0 and ys.max() <= 1.0
