@@ -43,7 +43,7 @@ from pipeline.core.models import DTYPES, LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-register_resolvers()
+cli.register_resolvers()
 PACKAGES = (
     "torch",
     "transformers",
