@@ -54,6 +54,14 @@ def layer_sweep(sweep_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["layer"])
 
 
+def mass_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each editor's mass-editing curve (`<editor>/mass/mass.json`) under one model and data."""
+    return {
+        path.parent.parent.name: files.read_json(path)["curve"]
+        for path in sorted(data_dir.glob("*/mass/mass.json"))
+    }
+
+
 def provenance(directory: Path, report_dir: Path) -> str:
     """Which commit and config made a results directory, as a Markdown line with links."""
     meta_path, config = directory / "run.json", directory / "config.yaml"
@@ -292,6 +300,34 @@ def main(cfg: DictConfig, run: Run) -> None:
     else:
         missing.append(
             f"CounterFact table: no runs of {model} under `{runs_dir}` (run `make evaluate`)"
+        )
+
+    curves = mass_curves(runs_dir / model / cfg.eval_data)
+    doc += ["## Editing at scale", ""]
+    if curves:
+        made["mass_scaling"] = figures.mass_scaling(figure_dir, curves, model)
+        doc += [
+            "N requests written into the model in one edit (ROME, FT and KN: one after another),"
+            " then all N cases scored on the edited model; percent, mean [95% interval].",
+            "",
+            f"![mass_scaling]({os.path.relpath(made['mass_scaling'], out)})",
+            "",
+            "| editor | edits | " + " | ".join(SWEEP_METRICS) + " | seconds to edit |",
+            "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
+        ]
+        for editor, curve in sorted(curves.items()):
+            for point in curve:
+                cells = [cell(point["post"][k]) for k in SWEEP_METRICS]
+                doc.append(
+                    f"| {editor} | {point['size']} | "
+                    + " | ".join(cells)
+                    + f" | {point.get('edit_seconds', '–')} |"
+                )
+        doc.append("")
+    else:
+        missing.append(
+            "mass editing: no `<editor>/mass/mass.json` under "
+            f"`{runs_dir / model / cfg.eval_data}` (python -m pipeline.evaluate eval.mode=mass)"
         )
 
     if cfg.paper:

@@ -325,3 +325,35 @@ def layer_sweep(
         frameon=False,
     )
     return _save(fig, out_dir, "layer_sweep")
+
+
+def mass_scaling(out_dir: Path, curves: dict[str, list[dict[str, Any]]], model: str) -> Path:
+    """S, ES, PS and NS against the number of edits written at once, one line per editor, with
+    95% intervals (the MEMIT paper's scaling figure)."""
+    names = ("S", "ES", "PS", "NS")
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3.0), sharey=True)
+    colours = plt.get_cmap("tab10")
+    for index, (editor, curve) in enumerate(sorted(curves.items())):
+        sizes = np.array([point["size"] for point in curve], dtype=float)
+        for ax, name in zip(axes, names, strict=True):
+            mean = np.array([p["post"][name]["mean"] for p in curve], dtype=float)
+            low = np.array([p["post"][name]["low"] for p in curve], dtype=float)
+            high = np.array([p["post"][name]["high"] for p in curve], dtype=float)
+            ax.plot(sizes, mean, marker="o", markersize=3, color=colours(index), label=editor)
+            ax.fill_between(
+                sizes, np.nan_to_num(low), np.nan_to_num(high), color=colours(index), alpha=0.15
+            )
+    for ax, name in zip(axes, names, strict=True):
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("edits written at once")
+        ax.set_ylim(-3, 103)
+    axes[0].set_ylabel("after the edits (%)")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(
+        f"Mass editing: every edited case scored on the edited model ({model})", fontsize=9
+    )
+    fig.text(
+        0.5, -0.02, "95% intervals: bootstrap (S), Wilson (ES, PS, NS)", ha="center", fontsize=7
+    )
+    return _save(fig, out_dir, "mass_scaling")

@@ -18,6 +18,25 @@ from pipeline.core import files
 COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
 
 
+# The paper's Table 4 rows first (FT, FT-L, KN, ROME), then the successors; others after.
+EDITOR_ORDER = (
+    "ft",
+    "ft-l",
+    "kn",
+    "rome",
+    "rome-reference",
+    "r-rome",
+    "memit",
+    "emmet",
+    "alphaedit",
+)
+
+
+def editor_order(row: dict[str, Any]) -> tuple[int, str]:
+    name = row["editor"]
+    return (EDITOR_ORDER.index(name) if name in EDITOR_ORDER else len(EDITOR_ORDER), name)
+
+
 def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (model, data, editor) with the post-edit metrics, unedited rows first."""
     rows = []
@@ -38,7 +57,7 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
         ]
         table += unedited[:1] + sorted(
-            (r for r in group if not r["editor"].startswith("none")), key=lambda r: r["editor"]
+            (r for r in group if not r["editor"].startswith("none")), key=editor_order
         )
     return table
 
