@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from pipeline.app import editors
 from pipeline.core import editing
 from pipeline.core.editing.ft import FineTune, FtHparams
 from pipeline.core.editing.requests import EditRequest
@@ -198,3 +200,41 @@ def test_bad_requests_get_the_same_errors_as_rome(lm):
             str(expected[0]),
             str(expected[1]).replace("request 1", "request 2"),
         ]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "layer", "eps"),
+    [
+        ("ft", "gpt2-xl", 1, None),  # the reference's hparams/FT/*.json
+        ("ft", "gpt-j-6b", 21, None),
+        ("ft-l", "gpt2-xl", 0, 5e-4),
+        ("ft-l", "gpt-j-6b", 0, 5e-5),
+        ("ft", "smollm2-135m", 6, None),
+        ("ft-l", "tiny-llama", 1, 5e-4),
+    ],
+)
+def test_presets(name, model, layer, eps):
+    cfg = config(f"editor={name}", f"model={model}")
+    hp = editors.editor_hparams(cfg.editor, cfg.model.name)
+    assert (hp.layer, hp.norm_constraint, hp.steps, hp.lr) == (layer, eps, 25, 5e-4)
+    assert hp == FtHparams(layer=layer, norm_constraint=eps)  # the YAML holds the defaults
+    override = config(f"editor={name}", f"model={model}", "editor.layer=3")
+    assert editors.editor_hparams(override.editor, model).layer == 3
+
+
+def test_the_stage_builds_ft_without_statistics_or_templates(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("FT needs no key statistics or context templates")
+
+    monkeypatch.setattr(editors, "key_statistics", fail)
+    monkeypatch.setattr(editors, "context_templates", fail)
+    cfg = config("editor=ft-l", "model=tiny-gpt2", f"paths.cache={tmp_path}")
+    lm = tiny_model("tiny-gpt2")
+    case_editor = editors.CaseEditor(cfg, lm)
+    assert isinstance(case_editor.editor, FineTune) and case_editor.editor.name == "ft-l"
+    assert case_editor.editor.layers == (1,)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from pipeline.app import editors
 from pipeline.core import editing
 from pipeline.core.editing.kn import KnHparams, KnowledgeNeurons, neuron_scores
 from pipeline.core.editing.requests import EditRequest
@@ -164,3 +166,30 @@ def test_bad_requests_get_the_same_errors_as_rome(lm):
     assert [r.ok for r in results] == [False, False, False, True]
     assert [str(r.error) for r in results[:2]] == expected
     assert "target_true" in results[2].error.reason
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=list(overrides))
+
+
+def test_kn_has_no_layer_and_the_stage_builds_it_without_statistics(tmp_path, monkeypatch):
+    cfg = config("editor=kn", "model=gpt2-xl")
+    hp = editors.editor_hparams(cfg.editor, cfg.model.name)
+    assert hp == KnHparams(batch_size=hp.batch_size)  # the YAML holds the defaults
+    assert (hp.steps, hp.adaptive_threshold) == (20, 0.2)
+    with pytest.raises(ValueError, match="every layer"):
+        editors.editor_hparams(config("editor=kn", "editor.layer=3").editor, "gpt2-xl")
+    with pytest.raises(ValueError, match="no edit layer"):
+        editors.edit_layers(cfg.editor, "gpt2-xl")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("KN needs no key statistics or context templates")
+
+    monkeypatch.setattr(editors, "key_statistics", fail)
+    monkeypatch.setattr(editors, "context_templates", fail)
+    tiny = config("editor=kn", "model=tiny-neox", f"paths.cache={tmp_path}")
+    lm = tiny_model("tiny-neox")
+    case_editor = editors.CaseEditor(tiny, lm)
+    assert isinstance(case_editor.editor, KnowledgeNeurons)
+    assert case_editor.editor.layers == tuple(range(lm.n_layers))
