@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from pipeline.core.editing.editor import Editor, Indexed
-from pipeline.core.editing.requests import EditRequestError, EditResult, prepare_all
+from pipeline.core.editing.requests import EditRequest, EditRequestError, EditResult, prepare_all
 from pipeline.core.editing.updates import RankOneUpdate
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import target_ids
@@ -178,15 +178,21 @@ class KnowledgeNeurons(Editor):
         self.hparams = hparams
         self.layers = tuple(range(lm.n_layers))
 
-    def _tokens(self, lm: LoadedModel, text: str, prompt: str) -> list[int]:
-        if self.hparams.leading_space:
-            return target_ids(lm.tokenizer, text, prompt)
-        if not text.strip():
-            raise ValueError("target is empty")
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"target {text!r} tokenizes to nothing")
-        return ids
+    def _tokens(self, lm: LoadedModel, field: str, request: EditRequest, index: int) -> list[int]:
+        """The token ids of request.<field> (target_true or target_new), or its error."""
+        text = getattr(request, field)
+        try:
+            if text is None:
+                raise ValueError("missing: KN attributes the true answer's neurons")
+            if self.hparams.leading_space:
+                return target_ids(lm.tokenizer, text, request.filled)
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+            if not ids:
+                raise ValueError("tokenizes to nothing")
+            return ids
+        except ValueError as error:
+            request_id = request.id if request.id is not None else index
+            raise EditRequestError(index, request_id, f"{field} {text!r}: {error}") from None
 
     def independent(self, lm: LoadedModel, requests: Indexed) -> list[EditResult]:
         hp = self.hparams
@@ -194,20 +200,12 @@ class KnowledgeNeurons(Editor):
         unembedding = lm.module("unembed").weight.detach()  # (vocab, d): E
         for p in prepared:
             request = p.request
-            request_id = request.id if request.id is not None else p.index
             try:
-                if request.target_true is None:
-                    raise ValueError("missing: KN attributes the true answer's neurons")
-                true = self._tokens(lm, request.target_true, request.filled)
-            except ValueError as error:
-                reason = f"target_true {request.target_true!r}: {error}"
-                results[p.index] = EditResult(
-                    p.index, request, error=EditRequestError(p.index, request_id, reason)
-                )
+                true = self._tokens(lm, "target_true", request, p.index)
+                new = self._tokens(lm, "target_new", request, p.index)
+            except EditRequestError as error:
+                results[p.index] = EditResult(p.index, request, error=error)
                 continue
-            # prepare_all checked target_new; bare-encoded (leading_space False) it can still
-            # come out empty, as the reference would.
-            new = self._tokens(lm, request.target_new, request.filled)
             answer = true if hp.answer_tokens == "all" else true[:1]
             scores, top = neuron_scores(lm, p.bare, answer, hp)
             selected = select_neurons(scores, hp.adaptive_threshold)
