@@ -24,6 +24,8 @@ from pipeline.core.editing import sequential
 from pipeline.core.editing.alphaedit import AlphaEdit, AlphaEditHparams
 from pipeline.core.editing.editor import Editor, JointEdit
 from pipeline.core.editing.emmet import Emmet, EmmetHparams
+from pipeline.core.editing.ft import FineTune, FtHparams
+from pipeline.core.editing.kn import KnHparams, KnowledgeNeurons
 from pipeline.core.editing.memit import Memit, MemitHparams
 from pipeline.core.editing.requests import EditRequest, EditResult
 from pipeline.core.editing.rome import Rome, RomeHparams
@@ -47,8 +49,9 @@ class EditorSpec:
     that takes the edited layer(s), and how to build it from its statistics and templates."""
 
     hparams: type
-    layer_field: str  # "layer" (one int) or "layers" (a list)
+    layer_field: str | None  # "layer" (one int), "layers" (a list), None: every layer (KN)
     build: Callable[..., Editor]  # (lm, hparams, statistics: layer -> C, templates) -> Editor
+    needs_keys: bool = True  # key statistics C and context templates (FT and KN need neither)
 
 
 def _rome(lm, hp, statistics, templates, batch_size):
@@ -69,6 +72,14 @@ def _memit_family(kind: type[Memit]):
     return build
 
 
+def _fine_tune(lm, hp, statistics, templates, batch_size):
+    return FineTune(lm, hp)
+
+
+def _knowledge_neurons(lm, hp, statistics, templates, batch_size):
+    return KnowledgeNeurons(lm, hp)
+
+
 EDITORS: dict[str, EditorSpec] = {
     "rome": EditorSpec(RomeHparams, "layer", _rome),
     "r-rome": EditorSpec(RomeHparams, "layer", _rome),
@@ -76,6 +87,9 @@ EDITORS: dict[str, EditorSpec] = {
     "memit": EditorSpec(MemitHparams, "layers", _memit_family(Memit)),
     "emmet": EditorSpec(EmmetHparams, "layers", _memit_family(Emmet)),
     "alphaedit": EditorSpec(AlphaEditHparams, "layers", _memit_family(AlphaEdit)),
+    "ft": EditorSpec(FtHparams, "layer", _fine_tune, needs_keys=False),
+    "ft-l": EditorSpec(FtHparams, "layer", _fine_tune, needs_keys=False),
+    "kn": EditorSpec(KnHparams, None, _knowledge_neurons, needs_keys=False),
 }
 # Keys of an editor config read here, not by the algorithm.
 STAGE_KEYS = {"name", "layer", "layers", "per_model", "batch_size", "mom2"}
@@ -91,6 +105,10 @@ def edit_layers(editor: DictConfig, model_name: str) -> list[int]:
     """`editor.layer` (an int, or a list for multi-layer editors) if set, else the editor's
     preset for this model in `editor.layers`."""
     chosen = editor.get("layer")
+    if chosen is None and editor.get("layers") == "all":
+        raise ValueError(
+            f"editor '{editor.name}' chooses its neurons in every layer: it has no edit layer"
+        )
     if chosen is None:
         presets = editor.get("layers") or {}
         if model_name not in presets:
@@ -121,6 +139,13 @@ def editor_hparams(editor: DictConfig, model_name: str):
     if unknown:
         raise ValueError(f"unknown editor settings {sorted(unknown)} in editor '{editor.name}'")
     values = {key: value for key, value in settings.items() if key in fields - {"layer", "layers"}}
+    if kind.layer_field is None:  # the editor chooses its layers (KN: every layer)
+        if editor.get("layer") is not None or editor.get("layers") not in (None, "all"):
+            raise ValueError(
+                f"editor '{editor.name}' chooses its neurons in every layer; "
+                "editor.layer / editor.layers do not apply"
+            )
+        return kind.hparams(**values)
     layers = edit_layers(editor, model_name)
     values[kind.layer_field] = (
         layers if kind.layer_field == "layers" else edit_layer(editor, model_name)
@@ -225,9 +250,13 @@ class CaseEditor:
             return
         kind = spec(cfg.editor)
         self.hparams = editor_hparams(cfg.editor, lm.name)
-        templates = context_templates(cfg.paths.cache, lm, self.hparams)
+        templates = (
+            context_templates(cfg.paths.cache, lm, self.hparams) if kind.needs_keys else None
+        )
 
         def statistics(layer: int) -> SecondMoment:
+            if not kind.needs_keys:
+                raise RuntimeError(f"editor '{self.name}' uses no key statistics")
             return key_statistics(cfg, lm, layer)
 
         batch_size = int(cfg.editor.get("batch_size") or 8)
