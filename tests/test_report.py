@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from metrics.counterfact import case_metrics
+from pipeline.app.results import summarize_records
 from pipeline.app.tables import COLUMNS
 from pipeline.core import files
 from pipeline.trace import aggregate
@@ -68,6 +69,18 @@ def write_fixtures(results):
         cases = [case_record(rng, i, editor == "rome") for i in range(8)]
         files.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
         run_dir(out, {"editor": {"name": editor}})
+    for editor, lift in (("memit", True), ("rome", False)):  # mass editing: N cases at once
+        curve = [
+            {
+                "size": n,
+                "edit_seconds": n,
+                **summarize_records([case_record(rng, i, lift) for i in range(n)]),
+            }
+            for n in (1, 4, 8)
+        ]
+        files.write_json(
+            results / f"evaluate/tiny-gpt2/cf/{editor}/mass/mass.json", {"curve": curve}
+        )
     for layer in range(LAYERS):
         out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
         cases = [case_record(rng, i, layer < 3) for i in range(4)]
@@ -94,7 +107,7 @@ def test_report_from_fixture_results(tmp_path):
     assert "missing:" not in done.stdout
     names = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
-    assert {"last_subject_aie", "severed", "layer_sweep"} <= names
+    assert {"last_subject_aie", "severed", "layer_sweep", "mass_scaling"} <= names
     for png in (out / "figures").glob("*.png"):
         image = Image.open(png)
         assert image.size[0] > 300 and image.size[1] > 200, png.name
@@ -125,6 +138,7 @@ def test_report_from_fixture_results(tmp_path):
     )
     assert "| hidden, MLP severed | last subject token |" in index
     assert "| clean | 0.600 |" in index and "| corrupted | 0.050 |" in index
+    assert re.search(r"\| memit \| 8 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", index)  # mass editing
     # The sweep's table prints intervals too.
     assert re.search(r"\| 0 \| 4 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", index)
 
@@ -139,5 +153,5 @@ def test_report_draws_the_papers_pooling_when_asked(tmp_path):
 def test_report_lists_what_has_not_been_run(tmp_path):
     (tmp_path / "results").mkdir()
     done, out = report(tmp_path)
-    assert done.stdout.count("missing:") == 3
+    assert done.stdout.count("missing:") == 4  # trace, layer sweep, table, mass editing
     assert "run `make sweep-layers`" in (out / "index.md").read_text()
