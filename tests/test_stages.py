@@ -188,14 +188,19 @@ def test_a_wrong_setting_stops_before_any_file_or_run_and_names_key_value_and_ch
 def test_every_shipped_config_passes_the_schema_and_editor_numbers_are_typed():
     from hydra import compose, initialize_config_dir
 
-    from pipeline.app.stage import SETTINGS, ConfigError, validate_config
+    from pipeline.app.stage import ConfigError, editor_settings, validate_config
 
-    assert SETTINGS["editor.v_lr"].accepts(1) and not SETTINGS["editor.v_lr"].accepts("fast")
+    settings = editor_settings()
+    assert settings["editor.v_lr"].accepts(1) and not settings["editor.v_lr"].accepts("fast")
+    assert settings["editor.emmet_lambda"].accepts(0.1)  # every editor's numbers, not ROME's only
+    assert not settings["editor.name"].accepts("rom")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for name in ("known", "trace", "stats", "evaluate", "summarize", "report"):
             validate_config(compose(name))
         for model in sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml")):
             validate_config(compose("evaluate", overrides=[f"model={model}", "editor=r-rome"]))
+        for editor in sorted(p.stem for p in (ROOT / "conf/editor").glob("*.yaml")):
+            validate_config(compose("evaluate", overrides=[f"editor={editor}", "eval.mode=mass"]))
         for wrong in ("shard.index=2", "trace.kinds=[hidden,mlps]", "trace.engine=quick"):
             with pytest.raises(ConfigError, match=wrong.split("=")[0]):
                 validate_config(compose("trace", overrides=[wrong, "shard.count=2"]))
