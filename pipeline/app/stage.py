@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.app import tracking
+from pipeline.app.offline import one_line_errors
 from pipeline.core import files
 from pipeline.core.models import LoadedModel, load_model
 
@@ -234,8 +235,10 @@ def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[]
         @functools.wraps(fn)
         def main(cfg: DictConfig) -> None:
             # `fn` itself, not a registry lookup: launchers may run this in a process that
-            # unpickled it without importing the stage's module.
-            run = _execute(name, fn, resumable, cfg)
+            # unpickled it without importing the stage's module. A model, file or corpus out of
+            # reach (offline) ends the run with one line saying what provides it.
+            with one_line_errors():
+                run = _execute(name, fn, resumable, cfg)
             sys.stdout.flush()
             print(f"results: {run.out_dir}", flush=True)
 
