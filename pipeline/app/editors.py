@@ -62,6 +62,9 @@ def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
     return RomeHparams(**values)
 
 
+_WARNED: set[str] = set()
+
+
 def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
     """(name of the source actually used, a function that streams its texts).
 
@@ -83,7 +86,8 @@ def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
             corpus_cfg.dataset, corpus_cfg.split, cache_dir=corpus_cfg.cache_dir
         )
     if source in ("auto", "sample"):
-        if source == "auto":
+        if source == "auto" and str(local_dir) not in _WARNED:
+            _WARNED.add(str(local_dir))  # once per process, not at every look-up
             log.warning(
                 "no corpus text in the data root (%s, nor WikiText cached in %s): the key "
                 "statistics use the small sample bundled in data/samples/%s (run `make data` "
