@@ -53,10 +53,18 @@ def main(cfg: DictConfig, run: Run) -> None:
         )
         speed = "from the cache" if cached else f"{stat.count / seconds:.0f} tokens/s"
         print(f"layer {key.layer}: {stat.count} keys in {seconds:.1f} s ({speed}) -> {path}")
+    sample = key.corpus == cfg.corpus.get("sample_name")
+    if sample:
+        print(
+            f"corpus: {key.corpus}, the small WikiText sample bundled in data/samples/"
+            f"{cfg.corpus.sample}: enough to try editing, not for the paper's numbers"
+        )
+    origin = "local files" if key.corpus.endswith("-local") else "datasets"
     run.write_summary(
         {
             "model": lm.name,
             "corpus": key.corpus,
+            "corpus_origin": "bundled sample" if sample else origin,
             "shard": {"index": index, "count": count},
             "merged": bool(cfg.aggregate_only),
             "layers": rows,

@@ -1,9 +1,16 @@
 import bz2
 
+import pytest
+
+from pipeline.data import corpus
 from pipeline.data.corpus import (
+    CorpusNotAvailableError,
     detokenize_wikitext,
+    has_hf_cache,
+    read_hf_wikitext,
     read_local,
     read_mediawiki_dump,
+    read_sample,
     read_wikitext_raw,
     sample_from_model,
     strip_wiki_markup,
@@ -84,3 +91,38 @@ def test_sample_from_model_is_seeded():
     a = sample_from_model(lm.model, lm.tokenizer, 3, length=8, seed=1)
     b = sample_from_model(lm.model, lm.tokenizer, 3, length=8, seed=1)
     assert a == b and len(a) == 3 and all(isinstance(t, str) and t for t in a)
+
+
+def test_bundled_sample_is_plain_wikitext_prose():
+    texts = list(read_sample())
+    assert len(texts) > 400
+    assert texts[0].startswith("Robert Boulter is an English film, television and theatre actor.")
+    assert not any(t.startswith("=") for t in texts)  # headings dropped
+    assert " @-@ " not in " ".join(texts)  # detokenized
+    assert 250_000 < sum(len(t) for t in texts) < 400_000
+    with pytest.raises(CorpusNotAvailableError, match="missing"):
+        list(read_sample("no-such-sample.txt"))
+
+
+def test_datasets_cache_is_detected(tmp_path):
+    assert not has_hf_cache(tmp_path) and not has_hf_cache(tmp_path / "absent")
+    assert not has_hf_cache(None)
+    (tmp_path / "Salesforce___wikitext").mkdir()
+    assert has_hf_cache(tmp_path)
+
+
+def test_wikitext_offline_is_one_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(CorpusNotAvailableError) as caught:
+        next(read_hf_wikitext(cache_dir=tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"not cached in {tmp_path}" in message and "Couldn't reach 'wikitext'" in message
+    for remedy in ("make data", "ROME_DATA=", "corpus.source=sample"):
+        assert remedy in message
+    assert corpus.CorpusNotAvailableError is CorpusNotAvailableError

@@ -1,8 +1,12 @@
 import copy
 import json
+import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
+from pipeline.data import sources
 from pipeline.data.records import (
     CounterfactCase,
     KnownFact,
@@ -234,6 +238,33 @@ def test_resolve_data_file_order(tmp_path):
     assert resolve_data_file({**entry, "path": str(explicit)}, tmp_path)[1] == "path"
     with pytest.raises(DataNotFoundError, match="make data"):
         resolve_data_file({"file": "counterfact.json", "sample": None}, tmp_path)
+
+
+def unreachable(*args, **kwargs):
+    raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+
+def test_a_download_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    entry = {"file": "counterfact.json", "url": "https://example.org/cf.json", "download": True}
+    with pytest.raises(DataNotFoundError) as caught:
+        resolve_data_file(entry, tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and f"not in the data root {tmp_path}" in message
+    assert "https://example.org/cf.json" in message and "Name or service not known" in message
+    for remedy in ("make data", "ROME_DATA=", "data.path="):
+        assert remedy in message
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+
+
+def test_make_data_offline_names_each_failure_and_the_way_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    (tmp_path / "known_1000.json").write_text("[]")
+    assert sources.main(["--root", str(tmp_path), "--no-wikitext"]) == 1
+    out = capsys.readouterr().out
+    assert "known_1000.json" in out and "present" in out
+    assert "failed: https://rome.baulab.info/data/dsets/counterfact.json (URLError:" in out
+    assert "ROME_DATA=" in out and "make data" in out
 
 
 def test_bundled_samples_are_valid():

@@ -83,6 +83,33 @@ def test_missing_hub_model_gives_clear_error(monkeypatch, tmp_path):
         load_model(spec, cache_dir=tmp_path)
 
 
+def test_missing_local_model_path_says_so(tmp_path):
+    spec = {"name": "x", "source": "hub", "hf_id": "gpt2", "path": str(tmp_path / "absent")}
+    with pytest.raises(ModelNotAvailableError, match=r"model.path=.*absent does not exist"):
+        load_model(spec, cache_dir=tmp_path)
+
+
+def test_unreachable_hub_is_one_line_naming_the_cache_and_the_remedy(monkeypatch, tmp_path):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+            "find them in the cached files.\nCheck your internet connection."
+        )
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    spec = {"name": "gpt2-xl", "source": "hub", "hf_id": "openai-community/gpt2-xl"}
+    with pytest.raises(ModelNotAvailableError) as caught:
+        load_model(spec, cache_dir=tmp_path)
+    message = str(caught.value)
+    assert (
+        "\n" not in message and "'openai-community/gpt2-xl' needs the Hugging Face hub" in message
+    )
+    assert "huggingface" in message.lower() and "model.path=" in message
+    assert "couldn't connect" in message  # the cause, its first line
+
+
 def test_bad_source_and_dtype():
     with pytest.raises(ValueError, match="source"):
         load_model({"source": "ftp"}, cache_dir=CACHE)

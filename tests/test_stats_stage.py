@@ -74,3 +74,25 @@ def test_merge_with_a_missing_part_fails_clearly(tmp_path):
     )
     assert done.returncode != 0
     assert "shard parts [1] of 2 are missing" in done.stderr
+
+
+def test_without_a_corpus_the_bundled_sample_is_used_and_named(tmp_path):
+    done = run_stage(
+        "stats",
+        "model=tiny-gpt2",
+        f"paths.data={tmp_path / 'empty'}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.results={tmp_path / 'results'}",
+        "editor.mom2.max_tokens=2000",
+        "editor.mom2.batch_size=4",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = done.stdout + done.stderr  # Hydra logs to stdout
+    assert "the key statistics use the small sample bundled in data/samples" in logged
+    assert "corpus: wikitext-sample, the small WikiText sample bundled" in done.stdout
+    summary = json.loads((tmp_path / "results/stats/tiny-gpt2/wikipedia/summary.json").read_text())
+    assert summary["corpus"] == "wikitext-sample"
+    assert summary["corpus_origin"] == "bundled sample"
+    (row,) = summary["layers"]
+    assert row["keys"] == 2000 and "/wikitext-sample/" in row["path"]
+    assert load_second_moment(row["path"]).count == 2000

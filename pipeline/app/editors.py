@@ -160,8 +160,16 @@ def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
     return editor_hparams(editor, model_name)
 
 
+_WARNED: set[str] = set()
+
+
 def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
-    """(name of the source actually used, a function that streams its texts)."""
+    """(name of the source actually used, a function that streams its texts).
+
+    `auto` takes the text in the data root: the local files under `local_dir`, else WikiText
+    cached by `datasets` under `cache_dir` (`make data`), else the small sample bundled in
+    `data/samples/` (with a warning; its name says so, and so does the statistics' cache key).
+    """
     source = corpus_cfg.source
     local_dir = Path(corpus_cfg.local_dir)
     has_local = local_dir.is_dir() and bool(corpus.local_files(local_dir))
@@ -171,11 +179,23 @@ def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
                 f"no corpus files in {local_dir}; set corpus.local_dir, or corpus.source=datasets"
             )
         return f"{corpus_cfg.name}-local", lambda: corpus.read_local(local_dir)
-    if source in ("auto", "datasets"):
+    if source == "datasets" or (source == "auto" and corpus.has_hf_cache(corpus_cfg.cache_dir)):
         return corpus_cfg.dataset, lambda: corpus.read_hf_wikitext(
             corpus_cfg.dataset, corpus_cfg.split, cache_dir=corpus_cfg.cache_dir
         )
-    raise ValueError(f"corpus.source must be auto, local or datasets, got {source!r}")
+    if source in ("auto", "sample"):
+        if source == "auto" and str(local_dir) not in _WARNED:
+            _WARNED.add(str(local_dir))  # once per process, not at every look-up
+            log.warning(
+                "no corpus text in the data root (%s, nor WikiText cached in %s): the key "
+                "statistics use the small sample bundled in data/samples/%s (run `make data` "
+                "with network or set ROME_DATA=... for the full corpus)",
+                local_dir,
+                corpus_cfg.cache_dir,
+                corpus_cfg.sample,
+            )
+        return corpus_cfg.sample_name, lambda: corpus.read_sample(corpus_cfg.sample)
+    raise ValueError(f"corpus.source must be auto, local, datasets or sample, got {source!r}")
 
 
 def stats_key(cfg: DictConfig, lm: LoadedModel, layer: int) -> tuple[StatsKey, TextSource]:

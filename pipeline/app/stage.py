@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.app import cli, tracking
+from pipeline.app.offline import one_line_errors
 from pipeline.core import files
 from pipeline.core.models import DTYPES, LoadedModel, load_model
 
@@ -240,7 +241,7 @@ SETTINGS: dict[str, Setting] = {
     "editor.mom2.max_length": COUNT,
     "editor.mom2.dtype": Setting(str, choices=("float64", "float32")),
     "editor.mom2.batch_size": COUNT,
-    "corpus.source": Setting(str, choices=("auto", "local", "datasets")),
+    "corpus.source": Setting(str, choices=("auto", "local", "datasets", "sample")),
 }
 
 
@@ -462,8 +463,10 @@ def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[]
         @functools.wraps(fn)
         def main(cfg: DictConfig) -> float | None:
             # `fn` itself, not a registry lookup: launchers may run this in a process that
-            # unpickled it without importing the stage's module.
-            run = _execute(name, fn, resumable, cfg)
+            # unpickled it without importing the stage's module. A model, file or corpus out of
+            # reach (offline) ends the run with one line saying what provides it.
+            with one_line_errors():
+                run = _execute(name, fn, resumable, cfg)
             sys.stdout.flush()
             print(f"results: {run.out_dir}", flush=True)
             return run.headline  # what a sweeper (hydra/sweeper=optuna) optimises

@@ -316,6 +316,11 @@ def _load_pretrained(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if local_only and not Path(name_or_path).exists():
+        raise ModelNotAvailableError(
+            f"model.path={name_or_path} does not exist; point model.path at a local directory "
+            "with the model's config, weights and tokenizer (save_pretrained's layout)"
+        )
     revision = (spec or {}).get("revision")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
@@ -324,13 +329,23 @@ def _load_pretrained(
         if local_only or not _looks_like_missing(error):
             raise
         raise ModelNotAvailableError(
-            f"Model '{name_or_path}' is not in the local Hugging Face cache and the hub could not "
-            "be reached. Either run once with network access (it is then cached under $HF_HOME), "
-            "or download it elsewhere and pass its directory with `model.path=/path/to/model`. "
-            "Offline, `model=smollm2-135m` (embedded) and the `tiny-*` models always work. "
-            f"(Cause: {type(error).__name__}: {str(error).splitlines()[0]})"
+            f"Model '{name_or_path}' needs the Hugging Face hub: it is not in the local cache "
+            f"({_hub_cache()}) and the hub could not be reached. Run once with network access "
+            "(it is then cached there), or download it elsewhere and pass its directory with "
+            "`model.path=/path/to/model`. Offline, `model=smollm2-135m` (embedded) and the "
+            f"`tiny-*` models always work. (Cause: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
         ) from None
     return model, tokenizer
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except (ImportError, AttributeError):  # pragma: no cover - an old huggingface_hub
+        return "$HF_HOME/hub"
 
 
 def _looks_like_missing(error: Exception) -> bool:

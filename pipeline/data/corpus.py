@@ -2,7 +2,8 @@
 
 Users get WikiText / Wikipedia through `datasets`; offline, the local files under
 `<data root>/wikipedia/` are read (raw WikiText, tokenized WikiText, a MediaWiki XML `.bz2` dump
-stripped to plain text). Where there is no text at all, the model can sample its own.
+stripped to plain text). Where the data root has no text, the small WikiText sample bundled in
+`data/samples/` is read (`read_sample`); the model can also sample its own.
 Every source yields plain-text passages in a fixed order, so a corpus is reproducible.
 """
 
@@ -15,6 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from pipeline.data.sources import BUNDLED
+
+
+class CorpusNotAvailableError(RuntimeError):
+    """The configured corpus text could not be read here (offline, or not downloaded)."""
+
 
 # --------------------------------------------------------------------------------------------
 # WikiText
@@ -131,15 +139,46 @@ def read_local(directory: Path) -> Iterator[str]:
             yield from read_wikitext_raw(path)
 
 
+def read_sample(file: str = "wikitext_sample.txt") -> Iterator[str]:
+    """The corpus sample bundled in `data/samples/` (raw WikiText, a few hundred kB)."""
+    path = BUNDLED / file
+    if not path.exists():
+        raise CorpusNotAvailableError(f"the bundled corpus sample {path} is missing")
+    yield from read_wikitext_raw(path)
+
+
+def has_hf_cache(cache_dir: str | Path | None) -> bool:
+    """Whether `datasets` has cached some WikiText under `cache_dir` (what `make data` leaves)."""
+    return cache_dir is not None and any(Path(cache_dir).glob("*wikitext*"))
+
+
 def read_hf_wikitext(name: str = "wikitext-103-raw-v1", split: str = "train", cache_dir=None):
-    """WikiText through `datasets` (needs the network the first time)."""
+    """WikiText through `datasets` (needs the network the first time).
+
+    Raises CorpusNotAvailableError, one line saying what to do, when it is neither cached in
+    `cache_dir` nor reachable on the hub.
+    """
     import datasets
 
-    dataset = datasets.load_dataset("wikitext", name, split=split, cache_dir=cache_dir)
+    try:
+        dataset = datasets.load_dataset("wikitext", name, split=split, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:  # ConnectionError / FileNotFoundError offline
+        raise CorpusNotAvailableError(
+            f"the key statistics need corpus text: WikiText ({name}, {split}) through `datasets` "
+            f"is not cached in {cache_dir} and the hub could not be reached "
+            f"({type(error).__name__}: {_first_line(error)}). Run `make data` once with network, "
+            "set ROME_DATA=... to a data root with wikipedia/ text (or corpus.local_dir=...), or "
+            "use the bundled sample (corpus.source=sample)"
+        ) from error
     for row in dataset:
         text = row["text"].strip()
         if text and not text.startswith("="):
             yield text
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 @torch.no_grad()

@@ -69,7 +69,15 @@ def resolve_data_file(data: Mapping[str, Any], data_root: str | Path) -> tuple[P
         return in_root, "data root"
     if data.get("download") and data.get("url"):
         log.info("downloading %s -> %s", data["url"], in_root)
-        return download(data["url"], in_root), "download"
+        try:
+            return download(data["url"], in_root), "download"
+        except OSError as error:  # URLError, timeouts: offline
+            raise DataNotFoundError(
+                f"{data['file']} is not in the data root {data_root} and could not be downloaded "
+                f"from {data['url']} ({reason(error)}). Run `make data` where there is network, "
+                "set ROME_DATA=... (or paths.data=...) to a directory that has it, or pass "
+                "data.path=/path/to/file."
+            ) from None
     sample = data.get("sample")
     if sample and (BUNDLED / sample).exists():
         log.warning(
@@ -87,6 +95,13 @@ def resolve_data_file(data: Mapping[str, Any], data_root: str | Path) -> tuple[P
     )
 
 
+def reason(error: BaseException) -> str:
+    """One line for a failed download: `<urlopen error [Errno -2] ...>` -> the inner reason."""
+    inner = getattr(error, "reason", None)
+    text = str(inner if inner is not None else error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
 def download_all(data_root: Path, names: list[str] | None = None) -> dict[str, str]:
     """Download the official files missing from the data root; report what happened to each."""
     outcome: dict[str, str] = {}
@@ -99,7 +114,7 @@ def download_all(data_root: Path, names: list[str] | None = None) -> dict[str, s
             download(OFFICIAL_FILES[name], target)
             outcome[name] = "downloaded"
         except OSError as error:
-            outcome[name] = f"failed: {error}"
+            outcome[name] = f"failed: {OFFICIAL_FILES[name]} ({reason(error)})"
     return outcome
 
 
@@ -111,7 +126,7 @@ def download_wikitext(data_root: Path, name: str = "wikitext-103-raw-v1") -> str
         datasets.load_dataset("wikitext", name, cache_dir=str(data_root / "hf_datasets"))
         return "downloaded"
     except Exception as error:  # noqa: BLE001 - any failure is reported, the rest goes on
-        return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return f"failed: {reason(error)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         outcome["wikitext (datasets)"] = download_wikitext(root)
     for name, status in outcome.items():
         print(f"{name:28s} {status}")
-    return 1 if any(status.startswith("failed") for status in outcome.values()) else 0
+    if any(status.startswith("failed") for status in outcome.values()):
+        print(
+            f"some files could not be fetched into {root} (no network?). Run `make data` where "
+            "there is network and copy the data root here, or set ROME_DATA=... to a directory "
+            "that has them; without them the stages use the samples in data/samples/."
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
