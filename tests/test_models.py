@@ -138,7 +138,7 @@ def test_identity_names_the_weights_not_the_name():
 
 
 def test_a_converted_model_must_match_its_source_and_checksums(tmp_path):
-    from pipeline.core.models import _converted_problem, checksums
+    from pipeline.core.gguf import _converted_problem, checksums
 
     target = tmp_path / "models" / "m"
     target.mkdir(parents=True)

@@ -188,7 +188,7 @@ def test_a_wrong_setting_stops_before_any_file_or_run_and_names_key_value_and_ch
 def test_every_shipped_config_passes_the_schema_and_editor_numbers_are_typed():
     from hydra import compose, initialize_config_dir
 
-    from pipeline.app.stage import ConfigError, editor_settings, validate_config
+    from pipeline.app.schema import ConfigError, editor_settings, validate_config
 
     settings = editor_settings()
     assert settings["editor.v_lr"].accepts(1) and not settings["editor.v_lr"].accepts("fast")

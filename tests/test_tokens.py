@@ -4,7 +4,7 @@ import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.core.models import local_bpe_tokenizer
+from pipeline.core.random_models import local_bpe_tokenizer
 from pipeline.core.tokens import (
     SubjectNotFoundError,
     encode,

