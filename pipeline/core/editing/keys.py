@@ -32,26 +32,8 @@ def projection_inputs(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Inputs of `mlp_out` at `layer` for sequence i at token positions[i]: (n, in)."""
-    pad_id = lm.tokenizer.pad_token_id or 0
-    out = []
-    box: list[torch.Tensor] = []
-
-    def grab(module, args):
-        box.append(args[0])
-        raise StopForward
-
-    handle = lm.module("mlp_out", layer).register_forward_pre_hook(grab)
-    try:
-        for start in range(0, len(token_lists), batch_size):
-            ids, mask = right_pad(token_lists[start : start + batch_size], pad_id, lm.device)
-            box.clear()
-            run_until_stopped(lm, ids, mask)
-            rows = torch.arange(ids.shape[0], device=lm.device)
-            cols = torch.as_tensor(positions[start : start + batch_size], device=lm.device)
-            out.append(box[0][rows, cols])
-    finally:
-        handle.remove()
-    return torch.cat(out)
+    (keys,) = read_states(lm, token_lists, positions, [("mlp_out", layer, "input")], batch_size)
+    return keys
 
 
 class KeySolver:

@@ -80,20 +80,7 @@ class MemitHparams:
             raise ValueError("layers must name at least one layer")
 
     def value_options(self, z_layer: int) -> ValueOptions:
-        return ValueOptions(
-            layer=z_layer,
-            site="block",
-            loss_layer=self.v_loss_layer,
-            steps=self.v_num_grad_steps,
-            lr=self.v_lr,
-            weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor,
-            kl_factor=self.kl_factor,
-            early_stop_nll=self.early_stop_nll,
-            whole_rows=self.v_whole_rows,
-            early_stop_on_total=self.early_stop_on_total,
-            kl_at_subject=self.kl_at_subject,
-        )
+        return ValueOptions.of(self, z_layer, "block")  # δ at the block output (residual)
 
 
 def moment_matrix(moment: Moment, device: torch.device) -> torch.Tensor | None:

@@ -109,20 +109,7 @@ class RomeHparams:
             raise ValueError(f"value_from must be bare or mean, got {self.value_from!r}")
 
     def value_options(self) -> ValueOptions:
-        return ValueOptions(
-            layer=self.layer,
-            site="mlp_out",
-            loss_layer=self.v_loss_layer,
-            steps=self.v_num_grad_steps,
-            lr=self.v_lr,
-            weight_decay=self.v_weight_decay,
-            clamp_norm_factor=self.clamp_norm_factor,
-            kl_factor=self.kl_factor,
-            early_stop_nll=self.early_stop_nll,
-            whole_rows=self.v_whole_rows,
-            early_stop_on_total=self.early_stop_on_total,
-            kl_at_subject=self.kl_at_subject,
-        )
+        return ValueOptions.of(self, self.layer, "mlp_out")  # δ at the MLP output
 
     @classmethod
     def for_editor(cls, name: str, **overrides) -> RomeHparams:

@@ -45,6 +45,25 @@ class ValueOptions:
     early_stop_on_total: bool = False  # stop on the total loss < early_stop_nll, not the NLL
     kl_at_subject: bool = False  # read the KL prompts at the subject's last token, not the end
 
+    @classmethod
+    def of(cls, hparams, layer: int, site: str) -> ValueOptions:
+        """From an editor's hyperparameters, which name these settings as ROME's code does
+        (v_num_grad_steps, v_lr, v_loss_layer, v_weight_decay, clamp_norm_factor, ...)."""
+        return cls(
+            layer=layer,
+            site=site,
+            loss_layer=hparams.v_loss_layer,
+            steps=hparams.v_num_grad_steps,
+            lr=hparams.v_lr,
+            weight_decay=hparams.v_weight_decay,
+            clamp_norm_factor=hparams.clamp_norm_factor,
+            kl_factor=hparams.kl_factor,
+            early_stop_nll=hparams.early_stop_nll,
+            whole_rows=hparams.v_whole_rows,
+            early_stop_on_total=hparams.early_stop_on_total,
+            kl_at_subject=hparams.kl_at_subject,
+        )
+
 
 def _adder(rows: torch.Tensor, cols: torch.Tensor, deltas: torch.Tensor):
     """A forward hook adding deltas[i] to the output at (rows[i], cols[i])."""
