@@ -6,8 +6,10 @@
     python -m pipeline.merge results/stats/<model>/<corpus>   # the same, from a shard's config
 
 The statistic lands in the shared cache (`paths.cache/stats/...`), keyed by model, layer, corpus,
-budget and dtypes, with a checksum; editing stages load it from there. `summary.json` records
-keys counted, seconds and tokens/s per layer.
+budget and dtypes, with a checksum; editing stages load it from there. The layers not cached yet
+are computed together, in one pass over the corpus that stops at the highest of them (MEMIT's
+five layers cost about what its top layer costs alone). `summary.json` records keys counted,
+seconds and tokens/s (of the shared pass) per layer.
 """
 
 from __future__ import annotations
@@ -29,30 +31,35 @@ def main(cfg: DictConfig, run: Run) -> None:
     lm = run.load_model()
     layers = list(cfg.layers) if cfg.layers is not None else edit_layers(cfg.editor, lm.name)
     index, count = int(cfg.shard.index), int(cfg.shard.count)
+    keys = [stats_key(cfg, lm, layer)[0] for layer in layers]
+    shard = (index, count) if count > 1 and not cfg.aggregate_only else None
+    paths = [key.path(cfg.paths.cache, shard) for key in keys]
+    cached = [path.exists() for path in paths]
+    started = time.perf_counter()
+    if cfg.aggregate_only and count > 1:
+        stats = {key.layer: merge_shards(key, cfg.paths.cache, count) for key in keys}
+    else:  # the layers not cached yet in one pass over the corpus
+        stats = key_statistics(cfg, lm, layers, shard=shard)
+    seconds = time.perf_counter() - started
+    computed = [key.layer for key, hit in zip(keys, cached, strict=True) if not hit]
     rows = []
-    for layer in layers:
-        key, _ = stats_key(cfg, lm, layer)
-        shard = (index, count) if count > 1 and not cfg.aggregate_only else None
-        path = key.path(cfg.paths.cache, shard)
-        cached = path.exists()
-        started = time.perf_counter()
-        if cfg.aggregate_only and count > 1:
-            stat = merge_shards(key, cfg.paths.cache, count)
-        else:
-            stat = key_statistics(cfg, lm, layer, shard=shard)
-        seconds = time.perf_counter() - started
+    for key, path, hit in zip(keys, paths, cached, strict=True):
+        stat = stats[key.layer]
         rows.append(
             {
                 "layer": key.layer,
                 "keys": stat.count,
-                "cached": cached,
-                "seconds": round(seconds, 3),
-                "tokens_per_second": None if cached else round(stat.count / seconds, 1),
+                "cached": hit,
+                "seconds": None if hit else round(seconds, 3),  # the shared pass's
+                "tokens_per_second": None if hit else round(stat.count / seconds, 1),
                 "path": str(path),
             }
         )
-        speed = "from the cache" if cached else f"{stat.count / seconds:.0f} tokens/s"
-        print(f"layer {key.layer}: {stat.count} keys in {seconds:.1f} s ({speed}) -> {path}")
+        speed = "from the cache" if hit else f"{stat.count / seconds:.0f} tokens/s"
+        print(f"layer {key.layer}: {stat.count} keys ({speed}) -> {path}")
+    if computed:
+        print(f"layers {computed} computed together in {seconds:.1f} s (one pass over the corpus)")
+    key = keys[-1]
     sample = key.corpus == cfg.corpus.get("sample_name")
     if sample:
         print(

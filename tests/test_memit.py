@@ -111,6 +111,47 @@ def test_memit_equals_a_plain_layer_loop(tiny):
         assert torch.linalg.matrix_rank(got, rtol=1e-4).item() == len(REQUESTS)
 
 
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_memit_solve_equals_the_direct_formula_on_either_route(conditioned):
+    """The Woodbury route (λC factored once) and the direct solve that a nearly singular C
+    takes both give ΔW = R Kᵀ (λC + K Kᵀ)⁻¹: equal to the explicit inverse where C is well
+    conditioned, and satisfying ΔW (λC + K Kᵀ) = R Kᵀ where it is not."""
+    torch.manual_seed(0)
+    lm = tiny_model("tiny-gpt2")
+    out, width = lm.mlp_out_weight(1).shape
+    x = torch.randn(width, 4 * width if conditioned else width // 2).double()
+    c = x @ x.T / x.shape[1]
+    if not conditioned:  # rank width / 2, made barely positive definite
+        c = c + 1e-12 * torch.eye(width, dtype=c.dtype)
+    editor = memit(lm, {1: c}, layers=(1,))
+    assert (editor.c_inverse(1, torch.ones(1, width).double()) is None) is not conditioned
+    keys, residuals = torch.randn(3, width).double(), torch.randn(3, out).double()
+    got = editor.solve(1, keys, residuals).matrix()
+    k = keys.T
+    system = 2.0 * c + k @ k.T
+    if conditioned:
+        expected = residuals.T @ k.T @ torch.linalg.inv(system)
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    rhs = residuals.T @ k.T
+    assert (got @ system - rhs).abs().max() <= 1e-8 * rhs.abs().max()
+
+
+def test_memit_independent_spreads_in_shared_passes_as_each_request_alone(tiny):
+    """Batched independent editing (per-row hooks for each request's lower layers) gives each
+    request the update of the reference loop: that request alone, written into the weights."""
+    lm, moments = tiny
+    editor = memit(lm, moments)
+    results = editor.independent(lm, indexed(REQUESTS))
+    prepared, _ = editor._prepare(lm, indexed(REQUESTS))
+    z, *_ = editor.targets(lm, prepared)
+    for i, (p, result) in enumerate(zip(prepared, results, strict=True)):
+        with editing.preserved_weights(lm, LAYERS):
+            alone = editor.spread(lm, [p], z[i : i + 1])
+        for got, expected in zip(result.update, alone, strict=True):
+            a, b = got.matrix().double(), expected.matrix().double()
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 def test_emmet_with_one_request_is_romes_update():
     """One request, any λ: ΔW = r (C⁻¹k)ᵀ / (kᵀC⁻¹k), ROME's rank-one algebra with the same key."""
     torch.manual_seed(0)

@@ -11,8 +11,10 @@ from pipeline.core.second_moment import (
     SecondMoment,
     StatsKey,
     cached_second_moment,
+    cached_second_moments,
     merge,
     second_moment,
+    second_moments,
     token_chunks,
 )
 from tests.conftest import tiny_model
@@ -141,6 +143,31 @@ def test_cache_computes_once_and_detects_corruption(lm, tmp_path):
     assert corpus.calls == 3 and torch.equal(recomputed.sum, first.sum)
     assert cached(lm, tmp_path, corpus).count == first.count and corpus.calls == 3
     assert not list(path.parent.glob("*.tmp*"))
+
+
+def test_layers_in_one_pass_equal_each_layer_alone(lm):
+    """One pass with hooks at several layers gives each layer's sum bit for bit."""
+    together = second_moments(lm, [1, 0, -1], CORPUS, max_length=7, batch_size=3, progress=False)
+    assert sorted(together) == [0, 1, lm.n_layers - 1]
+    for layer, stat in together.items():
+        alone = second_moment(lm, layer, CORPUS, max_length=7, batch_size=3, progress=False)
+        assert torch.equal(stat.sum, alone.sum) and stat.count == alone.count
+
+
+def test_cache_computes_only_the_missing_layers_in_one_pass(lm, tmp_path):
+    corpus = CountingCorpus()
+    keys = [StatsKey.of(lm, layer, "inline", max_samples=6) for layer in (0, 1, 2)]
+    first = cached_second_moments(lm, keys[1:2], corpus, cache_dir=tmp_path, progress=False)
+    assert corpus.calls == 1
+    stats = cached_second_moments(lm, keys, corpus, cache_dir=tmp_path, progress=False)
+    assert corpus.calls == 2 and sorted(stats) == [0, 1, 2]  # layers 0 and 2 in one pass
+    assert torch.equal(stats[1].sum, first[1].sum)
+    assert all(key.path(tmp_path).exists() for key in keys)
+    again = cached_second_moments(lm, keys, corpus, cache_dir=tmp_path, progress=False)
+    assert corpus.calls == 2 and all(torch.equal(again[x].sum, stats[x].sum) for x in stats)
+    other = StatsKey.of(lm, 3, "inline", max_samples=7)
+    with pytest.raises(ValueError, match="differ in corpus or budget"):
+        cached_second_moments(lm, [keys[0], other], corpus, cache_dir=tmp_path)
 
 
 def test_concurrent_jobs_compute_once(lm, tmp_path):

@@ -33,7 +33,7 @@ from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
 from pipeline.core.models import LoadedModel, identity_of
-from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moment
+from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moments
 from pipeline.core.tokens import encode
 from pipeline.data import corpus
 from pipeline.data.records import CounterfactCase
@@ -217,16 +217,19 @@ def stats_key(cfg: DictConfig, lm: LoadedModel, layer: int) -> tuple[StatsKey, T
 def key_statistics(
     cfg: DictConfig,
     lm: LoadedModel,
-    layer: int,
+    layers: int | Sequence[int],
     *,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
-) -> SecondMoment:
-    """C at `layer` from the cache, or computed (and cached) from the configured corpus."""
-    key, texts = stats_key(cfg, lm, layer)
-    return cached_second_moment(
+) -> dict[int, SecondMoment]:
+    """C at each of `layers` from the cache, the missing ones computed (and cached) from the
+    configured corpus in one pass; keyed by layer (counted from 0)."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    keys = [stats_key(cfg, lm, layer)[0] for layer in layers]
+    _, texts = stats_key(cfg, lm, layers[0])
+    return cached_second_moments(
         lm,
-        key,
+        keys,
         texts,
         cache_dir=cfg.paths.cache,
         batch_size=int(cfg.editor.mom2.batch_size),
@@ -274,10 +277,16 @@ class CaseEditor:
             context_templates(cfg.paths.cache, lm, self.hparams) if kind.needs_keys else None
         )
 
+        moments: dict[int, SecondMoment] = {}
+
         def statistics(layer: int) -> SecondMoment:
             if not kind.needs_keys:
                 raise RuntimeError(f"editor '{self.name}' uses no key statistics")
-            return key_statistics(cfg, lm, layer)
+            layer %= lm.n_layers
+            if layer not in moments:  # every edit layer in one pass over the corpus
+                wanted = {x % lm.n_layers for x in edit_layers(cfg.editor, lm.name)} | {layer}
+                moments.update(key_statistics(cfg, lm, sorted(wanted - set(moments))))
+            return moments[layer]
 
         batch_size = int(cfg.editor.get("batch_size") or 8)
         self.templates = templates

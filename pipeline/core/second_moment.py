@@ -19,12 +19,13 @@ same; merging the shards' sums reproduces the single job up to the order of floa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +127,15 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
-def second_moment(
+def second_moment(lm: LoadedModel, layer: int, texts: Iterable[str], **budget) -> SecondMoment:
+    """Σ k kᵀ of the inputs of `mlp_out` at `layer` over the corpus (`second_moments`' options)."""
+    return second_moments(lm, [layer], texts, **budget)[layer % lm.n_layers]
+
+
+@torch.no_grad()
+def second_moments(
     lm: LoadedModel,
-    layer: int,
+    layers: Sequence[int],
     texts: Iterable[str],
     *,
     max_length: int = 256,
@@ -139,34 +146,50 @@ def second_moment(
     shard: int = 0,
     num_shards: int = 1,
     progress: bool = True,
-) -> SecondMoment:
-    """Stream Σ k kᵀ of the inputs of `mlp_out` at `layer` over the corpus (one shard of it).
+) -> dict[int, SecondMoment]:
+    """Stream Σ k kᵀ of the inputs of `mlp_out` at each of `layers` over the corpus (one shard
+    of it), all in one forward pass per batch.
 
-    Memory is bounded by one batch of activations plus the (d, d) sum. The forward pass stops at
-    the projection: layers above it are never run.
+    Memory is bounded by one batch of activations plus the (d, d) sums. The forward pass stops
+    at the highest layer's projection: layers above it are never run. A layer's sum is bitwise
+    the same as when it is computed alone (the same batches reach it the same way).
     """
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is not in [0, {num_shards})")
-    projection = lm.module("mlp_out", layer)
-    dim = lm.mlp_out_weight(layer).shape[1]
-    total = SecondMoment.zeros(dim, accumulate_dtype)
-    total.sum = total.sum.to(lm.device)
+    layers = sorted({layer % lm.n_layers for layer in layers})
+    if not layers:
+        raise ValueError("no layers to compute statistics for")
+    totals: dict[int, SecondMoment] = {}
     mask_box: list[torch.Tensor] = []
 
-    def accumulate(module, args):
-        keys = args[0][mask_box[0]].to(accumulate_dtype)  # (real tokens, d), padding dropped
-        total.sum.addmm_(keys.T, keys)
-        total.count += keys.shape[0]
-        raise StopForward
+    def accumulate(total: SecondMoment, last: bool):
+        def hook(module, args):
+            keys = args[0][mask_box[0]].to(accumulate_dtype)  # (real tokens, d), no padding
+            total.sum.addmm_(keys.T, keys)
+            total.count += keys.shape[0]
+            if last:
+                raise StopForward
 
+        return hook
+
+    handles = []
+    for layer in layers:
+        total = SecondMoment.zeros(lm.mlp_out_weight(layer).shape[1], accumulate_dtype)
+        total.sum = total.sum.to(lm.device)
+        totals[layer] = total
+        handles.append(
+            lm.module("mlp_out", layer).register_forward_pre_hook(
+                accumulate(total, layer == layers[-1])
+            )
+        )
     chunks = token_chunks(
         lm.tokenizer, texts, max_length=max_length, max_samples=max_samples, max_tokens=max_tokens
     )
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     expected = max_tokens if num_shards == 1 else None
     bar = tqdm(total=expected, unit="tok", unit_scale=True, disable=not progress)
-    bar.set_description(f"keys of {lm.name} layer {layer}")
-    handle = projection.register_forward_pre_hook(accumulate)
+    named = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    bar.set_description(f"keys of {lm.name} {named}")
     try:
         for index, batch in enumerate(batched(chunks, batch_size)):
             if index % num_shards != shard:
@@ -176,10 +199,12 @@ def second_moment(
             run_until_stopped(lm, ids, mask)
             bar.update(int(mask.sum()))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         bar.close()
-    total.sum = total.sum.cpu()
-    return total
+    for total in totals.values():
+        total.sum = total.sum.cpu()
+    return totals
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,47 +335,75 @@ def cached_second_moment(
     lm: LoadedModel,
     key: StatsKey,
     texts: Iterable[str] | Callable[[], Iterable[str]],
+    **options,
+) -> SecondMoment:
+    """`cached_second_moments` of one key."""
+    return cached_second_moments(lm, [key], texts, **options)[key.layer]
+
+
+def cached_second_moments(
+    lm: LoadedModel,
+    keys: Sequence[StatsKey],
+    texts: Iterable[str] | Callable[[], Iterable[str]],
     *,
     cache_dir: str | Path,
     batch_size: int = 16,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
-) -> SecondMoment:
-    """Load the statistic `key` from the cache, or compute and store it once.
+) -> dict[int, SecondMoment]:
+    """Load each statistic in `keys` (one per layer, the same corpus and budget) from the cache,
+    or compute the missing ones together, in one pass over the corpus, and store each once.
 
     `texts` may be a zero-argument callable so a cache hit never opens the corpus. A file that
     fails its checksum or key check is logged and recomputed, never used. Concurrent jobs
-    serialise on a lock file, so the first computes and the others load its result.
-    With `shard=(i, n)`, only shard i's partial sum is computed and cached (`merge_shards`
-    combines the n parts into the full statistic).
+    serialise on lock files (taken in path order), so the first computes and the others load
+    its results. With `shard=(i, n)`, only shard i's partial sums are computed and cached
+    (`merge_shards` combines the n parts into the full statistic).
     """
-    if (key.model, key.model_dtype, key.model_identity) != (lm.name, lm.dtype, identity_of(lm)):
-        raise ValueError(f"statistics key {key} does not describe model {lm.name} ({lm.dtype})")
+    budgets = {
+        (k.corpus, k.max_samples, k.max_tokens, k.max_length, k.accumulate_dtype) for k in keys
+    }
+    if len(budgets) > 1:
+        raise ValueError(f"statistics keys {list(keys)} differ in corpus or budget")
+    for key in keys:
+        if (key.model, key.model_dtype, key.model_identity) != (
+            lm.name,
+            lm.dtype,
+            identity_of(lm),
+        ):
+            raise ValueError(f"statistics key {key} does not describe model {lm.name} ({lm.dtype})")
     index, count = shard or (0, 1)
-    path = key.path(cache_dir, shard if count > 1 else None)
-    found = _load_or_none(path, key)
-    if found is not None:
-        return found
-    with file_lock(path.with_suffix(".lock")):
-        found = _load_or_none(path, key)  # another job may have finished it while we waited
-        if found is not None:
-            return found
-        stat = second_moment(
-            lm,
-            key.layer,
-            texts() if callable(texts) else texts,
-            max_length=key.max_length,
-            batch_size=batch_size,
-            max_samples=key.max_samples,
-            max_tokens=key.max_tokens,
-            accumulate_dtype=key.accumulate_dtype,
-            shard=index,
-            num_shards=count,
-            progress=progress,
-        )
-        save_second_moment(path, stat, key.metadata())
-        log.info("cached statistics of %d keys at %s", stat.count, path)
-        return stat
+    paths = {key.layer: key.path(cache_dir, shard if count > 1 else None) for key in keys}
+    by_layer = {key.layer: key for key in keys}
+    found = {layer: _load_or_none(paths[layer], by_layer[layer]) for layer in paths}
+    missing = sorted(layer for layer, stat in found.items() if stat is None)
+    if missing:
+        with contextlib.ExitStack() as locks:
+            for layer in sorted(missing, key=lambda layer: str(paths[layer])):
+                locks.enter_context(file_lock(paths[layer].with_suffix(".lock")))
+            for layer in missing:  # another job may have finished some while we waited
+                found[layer] = _load_or_none(paths[layer], by_layer[layer])
+            missing = [layer for layer in missing if found[layer] is None]
+            if missing:
+                key = by_layer[missing[0]]
+                computed = second_moments(
+                    lm,
+                    missing,
+                    texts() if callable(texts) else texts,
+                    max_length=key.max_length,
+                    batch_size=batch_size,
+                    max_samples=key.max_samples,
+                    max_tokens=key.max_tokens,
+                    accumulate_dtype=key.accumulate_dtype,
+                    shard=index,
+                    num_shards=count,
+                    progress=progress,
+                )
+                for layer, stat in computed.items():
+                    save_second_moment(paths[layer], stat, by_layer[layer].metadata())
+                    log.info("cached statistics of %d keys at %s", stat.count, paths[layer])
+                    found[layer] = stat
+    return found
 
 
 def merge_shards(key: StatsKey, cache_dir: str | Path, count: int) -> SecondMoment:

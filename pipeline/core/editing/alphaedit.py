@@ -8,8 +8,10 @@ editing, remembered through `commit`):
 
     ΔW = R Kᵀ P (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹      α = `l2` (the reference's 10)
 
-held as `LowRankUpdate(left=R, right=Yᵀ)` with Y = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K. Targets,
-keys and the residual spread are MEMIT's (`memit.py`).
+held as `LowRankUpdate(left=R, right=Yᵀ)` with Y = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K. Before any
+batch is committed (K_p = 0: independent and mass editing) Y = P K (α I + Kᵀ P K)⁻¹ (Woodbury),
+an (n, n) solve instead of an (in, in) one. Targets, keys and the residual spread are MEMIT's
+(`memit.py`).
 
 As in the reference code (jianghoucheng/AlphaEdit): P is computed once, from the unedited model's
 statistics, with an absolute threshold on the token-normalised moment's eigenvalues; K_p holds
@@ -71,9 +73,15 @@ class AlphaEdit(Memit):
         self.preserved = {  # Σ K_p K_pᵀ over the batches committed so far
             layer: torch.zeros_like(moment) for layer, moment in self.moments.items()
         }
+        self.committed = False
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankUpdate:
         p = self.projections[layer]
+        if not self.committed:  # Woodbury on αI: Yᵀ = (I + Kᵀ P K / α)⁻¹ (P K)ᵀ / α
+            pk = p @ keys.T / self.hparams.l2  # (in, n)
+            inner = keys @ pk
+            inner = inner + torch.eye(len(inner), dtype=inner.dtype, device=inner.device)
+            return LowRankUpdate(layer, residuals.T, torch.linalg.solve(inner, pk.T))
         m = p @ (keys.T @ keys + self.preserved[layer])
         m = m + self.hparams.l2 * torch.eye(len(m), dtype=m.dtype, device=m.device)
         y = torch.linalg.solve(m, p @ keys.T)  # (in, n)
@@ -90,3 +98,4 @@ class AlphaEdit(Memit):
     def commit(self, lm: LoadedModel, edit: JointEdit) -> None:
         for layer, gram in edit.info.get("key_grams", {}).items():
             self.preserved[layer] += gram
+            self.committed = True

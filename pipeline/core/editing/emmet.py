@@ -39,12 +39,10 @@ class Emmet(Memit):
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankUpdate:
         """ΔW = R D⁻¹ Kᵀ C⁻¹ with D = Kᵀ C⁻¹ K (+ μ I when n > 1), float64."""
-        moment = self.moments[layer]
-        if moment is None:
-            c_inv_keys = keys.T / self.hparams.mom2_update_weight  # C = λ I
-        else:
-            factor = torch.linalg.cholesky(self.hparams.mom2_update_weight * moment)
-            c_inv_keys = torch.cholesky_solve(keys.T, factor)  # (in, n)
+        c_inv_keys = self.c_inverse(layer, keys)  # (in, n), λC factored once per layer
+        if c_inv_keys is None:  # ill-conditioned λC: no better route than its own factor
+            factor = torch.linalg.cholesky(self.hparams.mom2_update_weight * self.moments[layer])
+            c_inv_keys = torch.cholesky_solve(keys.T, factor)
         d = keys @ c_inv_keys  # (n, n)
         if len(keys) > 1:
             d = d + self.hparams.emmet_lambda * torch.eye(len(d), dtype=d.dtype, device=d.device)

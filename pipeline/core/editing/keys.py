@@ -7,11 +7,13 @@ which needs C⁻¹ k: `KeySolver` factors λC + εI once (Cholesky, float64) and
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline.core.editing.updates import PerExampleEdits, Updates
 from pipeline.core.hooks import StopForward, main_output, run_until_stopped
 from pipeline.core.models import LoadedModel
 from pipeline.core.second_moment import SecondMoment
@@ -118,9 +120,11 @@ def read_states(
     positions: Sequence[int],
     reads: Sequence[tuple[str, int, str]],
     batch_size: int = 64,
+    row_updates: Sequence[Updates] | None = None,
 ) -> list[torch.Tensor]:
     """Per read (module kind, layer, "input" or "output"): that module's input or output at token
-    positions[i] of sequence i, (n, dim). One pass per batch, stopped once every read is had."""
+    positions[i] of sequence i, (n, dim). One pass per batch, stopped once every read is had.
+    With `row_updates`, sequence i runs under its own edit `row_updates[i]` (per-row hooks)."""
     pad_id = lm.tokenizer.pad_token_id or 0
     seen: dict[int, torch.Tensor] = {}
     out: list[list[torch.Tensor]] = [[] for _ in reads]
@@ -144,7 +148,13 @@ def read_states(
         for start in range(0, len(token_lists), batch_size):
             ids, mask = right_pad(token_lists[start : start + batch_size], pad_id, lm.device)
             seen.clear()
-            run_until_stopped(lm, ids, mask)
+            edits = (
+                PerExampleEdits(lm, row_updates[start : start + batch_size])
+                if row_updates is not None
+                else contextlib.nullcontext()
+            )
+            with edits:
+                run_until_stopped(lm, ids, mask)
             rows = torch.arange(ids.shape[0], device=lm.device)
             cols = torch.as_tensor(positions[start : start + batch_size], device=lm.device)
             for index in range(len(reads)):

@@ -13,6 +13,14 @@ For requests i = 1..n, with L the last layer of the range:
 The update of a layer is held as `LowRankUpdate(left=R, right=Aᵀ)` with A = (λC + K Kᵀ)⁻¹ K;
 an edit is the list over the range. `solve` is the only step EMMET and AlphaEdit replace.
 
+A is computed without factoring an (in, in) matrix per edit: λC is factored once per layer
+(Cholesky) and A = U (I + Kᵀ U)⁻¹ with U = (λC)⁻¹ K (Woodbury), an (n, n) solve. Where λC is
+too ill-conditioned for that (condition estimate above 1e10, or no factor: a C from a few
+prompts), the direct solve of (λC + K Kᵀ) A = K runs instead, as in the reference code.
+In independent mode every request's spread runs in the same forward passes: each row carries
+its own request's updates of the layers below as a per-row hook (`PerExampleEdits`), where the
+reference code writes each request into the weights and reads again.
+
 Choices where the reference code (kmeng01/memit) is more specific than the paper, kept here:
 keys averaged in two groups, ½ the bare prompt's and ½ the mean over the prefixes
 (`key_average="groups"`; "templates" for a plain mean); λ = `mom2_update_weight` times the
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.core.editing.editor import Editor, Indexed, JointEdit
-from pipeline.core.editing.keys import read_states
+from pipeline.core.editing.keys import KeySolver, read_states
 from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.templates import templates_for
@@ -92,6 +100,21 @@ def moment_matrix(moment: Moment, device: torch.device) -> torch.Tensor | None:
     return moment.to(device, torch.float64)
 
 
+def well_conditioned_solver(moment: torch.Tensor | None, weight: float) -> KeySolver | None:
+    """A Cholesky solver for λC, or None where C is absent, not positive definite, or its
+    condition estimate (the factor's diagonal range, squared) is above 1e10."""
+    if moment is None:
+        return None
+    try:
+        solver = KeySolver(moment, moment.device, update_weight=weight)
+    except torch.linalg.LinAlgError:
+        return None
+    diagonal = solver.factor.diagonal().abs()
+    if float(diagonal.max() / diagonal.min()) ** 2 > 1e10:
+        return None
+    return solver
+
+
 class Memit(Editor):
     """MEMIT bound to C at each layer of its range and to its context templates."""
 
@@ -122,11 +145,29 @@ class Memit(Editor):
         self.moments = {
             layer: moment_matrix(moments.get(layer), lm.device) for layer in self.layers
         }
+        self._solvers: dict[int, KeySolver | None] = {}
+
+    def c_inverse(self, layer: int, keys: torch.Tensor) -> torch.Tensor | None:
+        """(λC)⁻¹ Kᵀ (in, n) for keys (n, in), from λC factored once per layer; None where λC
+        cannot be factored or its condition estimate exceeds 1e10 (too close to singular)."""
+        if layer not in self._solvers:
+            self._solvers[layer] = well_conditioned_solver(
+                self.moments[layer], self.hparams.mom2_update_weight
+            )
+        solver = self._solvers[layer]
+        if self.moments[layer] is None:
+            return keys.T / self.hparams.mom2_update_weight
+        return None if solver is None else solver.solve(keys).T
 
     # The step the successors replace --------------------------------------------------------
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> LowRankUpdate:
         """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ for keys (n, in) and residuals (n, out), float64."""
+        u = self.c_inverse(layer, keys)  # (in, n)
+        if u is not None:  # Woodbury: Aᵀ = (I + Kᵀ U)⁻¹ Uᵀ, (I + Kᵀ U) symmetric
+            inner = keys @ u
+            inner = inner + torch.eye(len(inner), dtype=inner.dtype, device=inner.device)
+            return LowRankUpdate(layer, residuals.T, torch.linalg.solve(inner, u.T))
         gram = keys.T @ keys
         moment = self.moments[layer]
         if moment is not None:
@@ -162,15 +203,29 @@ class Memit(Editor):
         return h.double() + deltas.double(), nlls, steps, deltas
 
     def keys_and_states(
-        self, lm: LoadedModel, prepared: Sequence[PreparedRequest], layer: int
+        self,
+        lm: LoadedModel,
+        prepared: Sequence[PreparedRequest],
+        layer: int,
+        own_updates: Sequence[Sequence[LowRankUpdate]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each request's key at `layer` (n, in) and block z_layer's output at its bare prompt
-        (n, d), float64, from one pass over every (template, prompt) row."""
+        (n, d), float64, from one pass over every (template, prompt) row; with `own_updates`,
+        request i's rows run under its own updates `own_updates[i]` only."""
         n_templates = len(self.templates)
         tokens = [t for p in prepared for t in p.contexts]
         positions = [c for p in prepared for c in p.context_subject]
+        row_updates = (
+            None
+            if own_updates is None
+            else [list(updates) for updates in own_updates for _ in range(n_templates)]
+        )
         keys, states = read_states(
-            lm, tokens, positions, [("mlp_out", layer, "input"), ("block", self.z_layer, "output")]
+            lm,
+            tokens,
+            positions,
+            [("mlp_out", layer, "input"), ("block", self.z_layer, "output")],
+            row_updates=row_updates,
         )
         keys = keys.double().view(len(prepared), n_templates, -1)
         states = states.double().view(len(prepared), n_templates, -1)[:, 0]  # "{}": bare
@@ -194,6 +249,22 @@ class Memit(Editor):
             updates.append(update)
         return updates
 
+    def spread_each(
+        self, lm: LoadedModel, prepared: Sequence[PreparedRequest], z: torch.Tensor
+    ) -> list[list[LowRankUpdate]]:
+        """`spread` of each request alone, all requests in shared passes: request i's rows see
+        its own updates of the layers below through per-row hooks; the weights are untouched."""
+        own: list[list[LowRankUpdate]] = [[] for _ in prepared]
+        for j, layer in enumerate(self.layers):
+            keys, states = self.keys_and_states(lm, prepared, layer, own)
+            residuals = (z - states) / (len(self.layers) - j)
+            for i, updates in enumerate(own):
+                update = self.solve(layer, keys[i : i + 1], residuals[i : i + 1])
+                updates.append(
+                    LowRankUpdate(layer, update.left.to(lm.dtype), update.right.to(lm.dtype))
+                )
+        return own
+
     def _result(self, p, nll, steps, delta, updates=None) -> EditResult:
         info = {"delta_norm": float(delta.norm()), "templates": len(self.templates)}
         return EditResult(
@@ -201,13 +272,12 @@ class Memit(Editor):
         )
 
     def independent(self, lm: LoadedModel, requests: Indexed) -> list[EditResult]:
-        """Each request alone; the z optimisation runs for all of them in one batch."""
+        """Each request alone; z and the spread run for all of them in shared batches."""
         prepared, results = self._prepare(lm, requests)
         if prepared:
             z, nlls, steps, deltas = self.targets(lm, prepared)
-            for i, p in enumerate(prepared):
-                with preserved_weights(lm, self.layers):
-                    updates = self.spread(lm, [p], z[i : i + 1])
+            spreads = self.spread_each(lm, prepared, z)
+            for i, (p, updates) in enumerate(zip(prepared, spreads, strict=True)):
                 results[p.index] = self._result(p, nlls[i], steps[i], deltas[i], updates)
         return [results[index] for index, _ in requests]
 

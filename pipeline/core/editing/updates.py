@@ -115,8 +115,8 @@ class PerExampleEdits:
     """Forward hooks so row b of a batch sees its own updates, without touching the weights.
 
     `updates_per_row[b]` is None, one update, or a list of updates for row b; the hook adds
-    ΔW x to the projection's output for those rows only (rank-one updates of all rows in one
-    einsum), and leaves the other rows bitwise unchanged. Use as a context manager around forward passes (or generate) whose batch
+    ΔW x to the projection's output for those rows only (rank-one updates of all rows, low-rank
+    ones of rank one included, in one einsum), and leaves the other rows bitwise unchanged. Use as a context manager around forward passes (or generate) whose batch
     has exactly len(updates_per_row) rows; `set_rows` swaps in the next batch's updates.
     """
 
@@ -136,6 +136,8 @@ class PerExampleEdits:
         for row, updates in enumerate(updates_per_row):
             for update in as_list(updates):
                 layer = update.layer % self.lm.n_layers
+                if isinstance(update, LowRankUpdate) and update.left.shape[1] == 1:
+                    update = RankOneUpdate(update.layer, update.left[:, 0], update.right[0])
                 if not isinstance(update, RankOneUpdate):
                     self.others.setdefault(layer, []).append((row, update))
                     continue
