@@ -93,9 +93,14 @@ evaluate: setup
 ## ROME at every layer of the embedded default, SWEEP_CASES cases each: one sweep directory
 ## (results/sweeps/layers) and one W&B group. SmolLM2 on 2 CPU cores: ~10 min per layer with 20
 ## cases; on a cluster add OVERRIDES=hydra/launcher=slurm to run the layers as parallel jobs.
+## The statistics of every swept layer come first, in one pass over the corpus (SWEEP_STATS: the
+## same layers as a list; SWEEP_STATS_TOKENS: the budget conf/sweep/layers.yaml sets).
 SWEEP_LAYERS ?= range(0,30)
+SWEEP_STATS ?= [$(shell seq -s, 0 29)]
+SWEEP_STATS_TOKENS ?= 100000
 SWEEP_CASES ?= 20
 sweep-layers: setup
+	$(PY) -m pipeline.stats 'layers=$(SWEEP_STATS)' editor.mom2.max_tokens=$(SWEEP_STATS_TOKENS) $(OVERRIDES)
 	$(PY) -m pipeline.evaluate --multirun sweep=layers 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
 
 ## Combine the finished shards of the runs in MERGE_DIRS (results directories of trace, stats or

@@ -1,6 +1,6 @@
 """Stage `evaluate`: edit CounterFact cases and score them with the paper's metrics.
 
-    python -m pipeline.evaluate [model=...] [data=counterfact-easyedit] [editor=rome|r-rome|none]
+    python -m pipeline.evaluate [model=...] [data=counterfact-easyedit] [editor=rome|memit|...|none]
                                 [data.limit=200] [eval.cases_per_batch=8] [shard.index=i shard.count=n]
     python -m pipeline.evaluate eval.mode=sequential data.limit=100   # edits accumulate
     python -m pipeline.merge results/evaluate/<model>/<data>/<editor>   # after sharded runs
