@@ -152,6 +152,47 @@ def test_memit_independent_spreads_in_shared_passes_as_each_request_alone(tiny):
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
+class DictStore:
+    """A `ValueStore` in memory that counts what it was asked for and what it had."""
+
+    def __init__(self):
+        self.rows, self.hits, self.misses = {}, 0, 0
+
+    def get(self, key):
+        row = self.rows.get(key)
+        self.hits += row is not None
+        self.misses += row is None
+        return row
+
+    def put(self, rows):
+        self.rows.update(rows)
+
+
+def test_stored_z_is_reused_by_reruns_and_editors_and_missed_on_an_edited_model(tiny):
+    lm, moments = tiny
+    store = DictStore()
+    first = memit(lm, moments)
+    first.value_store = store
+    a = first.independent(lm, indexed(REQUESTS))
+    assert (store.hits, store.misses, len(store.rows)) == (0, 3, 3)
+    again = memit(lm, moments)
+    again.value_store = store
+    b = again.independent(lm, indexed(REQUESTS))
+    assert store.hits == 3
+    for x, y in zip(a, b, strict=True):
+        assert x.steps == y.steps and x.target_nll == y.target_nll
+        assert all(
+            torch.equal(u.matrix(), v.matrix()) for u, v in zip(x.update, y.update, strict=True)
+        )
+    emmet = memit(lm, moments, Emmet, EmmetHparams, layers=(1,))  # z at the same layer
+    emmet.value_store = store
+    emmet.joint(lm, indexed(REQUESTS[:2]))
+    assert store.hits == 5
+    with editing.edited(lm, [a[0].update]):  # sequential editing: the model moved
+        again.joint(lm, indexed(REQUESTS[:1]))
+    assert store.misses == 4 and len(store.rows) == 4
+
+
 def test_emmet_with_one_request_is_romes_update():
     """One request, any λ: ΔW = r (C⁻¹k)ᵀ / (kᵀC⁻¹k), ROME's rank-one algebra with the same key."""
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import json
 import torch
 
 from pipeline.app import results
-from pipeline.app.results import PreCache, read_jsonl
+from pipeline.app.results import PreCache, ValueCache, read_jsonl
 from pipeline.data.records import load_counterfact
 from tests.conftest import ROOT, tiny_model
 
@@ -61,3 +61,14 @@ def test_rows_written_before_the_key_existed_are_recomputed(tmp_path, monkeypatc
     (pre,) = PreCache(tmp_path, "0of1", lm).get(cases, 32)
     assert scored == [cases[0].id] and pre["metrics"]["ES"] != 123.0
     assert all("key" in row for row in read_jsonl([tmp_path / "pre-0of1.jsonl"])[1:])
+
+
+def test_value_cache_keeps_values_exactly_across_runs(tmp_path):
+    delta = torch.randn(7).tolist()  # float32 values, as optimise_values returns them
+    first = ValueCache(tmp_path)
+    assert first.get("k") is None
+    first.put({"k": {"delta": delta, "nll": 0.01, "steps": 9}})
+    second = ValueCache(tmp_path)  # another run, or another editor's
+    row = second.get("k")
+    assert row["steps"] == 9 and row["nll"] == 0.01
+    assert torch.equal(torch.tensor(row["delta"]), torch.tensor(delta))

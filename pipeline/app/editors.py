@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline.app.results import ValueCache
 from pipeline.core import files
 from pipeline.core.editing import sequential
 from pipeline.core.editing.alphaedit import AlphaEdit, AlphaEditHparams
@@ -291,6 +292,10 @@ class CaseEditor:
         batch_size = int(cfg.editor.get("batch_size") or 8)
         self.templates = templates
         self.editor = kind.build(lm, self.hparams, statistics, templates, batch_size)
+        if hasattr(self.editor, "value_store"):  # z shared by runs and editors (results.py)
+            self.editor.value_store = ValueCache(
+                Path(cfg.paths.cache) / "values" / f"{lm.name}-{cfg.dtype}"
+            )
 
     def prefix_tokens(self) -> int:
         """Tokens the editor puts before a prompt: its longest context template's text."""

@@ -122,6 +122,29 @@ class PreCache:
         return [{k: v for k, v in self.rows[key].items() if k not in ("id", "key")} for key in keys]
 
 
+class ValueCache:
+    """Optimised values (MEMIT's z) per `values.value_key`, shared by every run and editor of
+    this model that optimises the same z: MEMIT, EMMET and AlphaEdit at the same top layer, the
+    sizes of a mass-editing curve, a rerun. One JSONL file, appended under a lock by every job
+    that shares it, read at start. A value read back is the one first computed, so a run that reuses it is
+    reproducible bit for bit; recomputed in another batch it would differ by float rounding."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.path = directory / "values.jsonl"
+        rows = read_jsonl([self.path]) if self.path.exists() else []
+        self.rows = {r["key"]: r for r in rows if "key" in r}
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, rows: dict[str, dict]) -> None:
+        new_rows = [{"key": key, **row} for key, row in rows.items()]
+        with file_lock(self.path.with_suffix(".lock")):
+            append_jsonl(self.path, new_rows)
+        self.rows.update({r["key"]: r for r in new_rows})
+
+
 def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {"n_cases": len(records)}
     for phase in ("pre", "post"):

@@ -43,7 +43,14 @@ from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import LowRankUpdate, apply_update, preserved_weights
-from pipeline.core.editing.values import Rows, ValueOptions, optimise_values
+from pipeline.core.editing.values import (
+    Rows,
+    ValueOptions,
+    ValueStore,
+    edited_weights_digest,
+    optimise_values,
+    value_key,
+)
 from pipeline.core.models import LoadedModel
 from pipeline.core.second_moment import SecondMoment
 
@@ -119,6 +126,7 @@ class Memit(Editor):
     """MEMIT bound to C at each layer of its range and to its context templates."""
 
     name = "memit"
+    value_store: ValueStore | None = None  # z kept between runs and editors (`values.py`)
 
     def __init__(
         self,
@@ -188,7 +196,8 @@ class Memit(Editor):
     def targets(
         self, lm: LoadedModel, prepared: Sequence[PreparedRequest]
     ) -> tuple[torch.Tensor, list[float], list[int], torch.Tensor]:
-        """z = h + δ for every request, (n, d) float64, with the NLLs, steps and δ."""
+        """z = h + δ for every request, (n, d) float64, with the NLLs, steps and δ; with a
+        `value_store`, the δ found there are reused and only the others optimised."""
         hp = self.hparams
         (h,) = read_states(
             lm,
@@ -196,10 +205,29 @@ class Memit(Editor):
             [p.bare_subject for p in prepared],
             [("block", self.z_layer, "output")],
         )
-        rows = Rows.build(prepared, hp.v_whole_rows, hp.kl_at_subject)
-        frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, self.z_layer)
         options = hp.value_options(self.z_layer)
-        deltas, nlls, steps = optimise_values(lm, rows, frozen, h.float(), options)
+        store, keys, found = self.value_store, [], [None] * len(prepared)
+        if store is not None:
+            weights = edited_weights_digest(lm)
+            keys = [value_key(lm, p, options, weights) for p in prepared]
+            found = [store.get(key) for key in keys]
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            subset = [prepared[i] for i in missing]
+            rows = Rows.build(subset, hp.v_whole_rows, hp.kl_at_subject)
+            frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, self.z_layer)
+            deltas, nlls, steps = optimise_values(lm, rows, frozen, h[missing].float(), options)
+            fresh = {
+                i: {"delta": delta.tolist(), "nll": nll, "steps": step}
+                for i, delta, nll, step in zip(missing, deltas, nlls, steps, strict=True)
+            }
+            if store is not None:
+                store.put({keys[i]: row for i, row in fresh.items()})
+            for i, row in fresh.items():
+                found[i] = row
+        deltas = torch.tensor([row["delta"] for row in found], device=lm.device)
+        nlls = [float(row["nll"]) for row in found]
+        steps = [int(row["steps"]) for row in found]
         return h.double() + deltas.double(), nlls, steps, deltas
 
     def keys_and_states(

@@ -15,8 +15,12 @@ is computed at each step (`pipeline.core.editing.prefixes`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.core.editing.prefixes import Frozen, replaying, suffix_inputs
 from pipeline.core.editing.requests import PreparedRequest
 from pipeline.core.hooks import main_output, output_of
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, identity_of
 
 
 @dataclass(frozen=True)
@@ -279,3 +283,48 @@ def optimise_values(
         if not active:
             break
     return torch.stack([d.detach() for d in deltas]), nlls, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Reusing optimised values
+
+
+class ValueStore(Protocol):
+    """Where optimised values are kept between runs, by `value_key` (the app keeps them on disk).
+    A row is {"delta": list of floats, "nll": float, "steps": int}."""
+
+    def get(self, key: str) -> dict | None: ...
+
+    def put(self, rows: dict[str, dict]) -> None: ...
+
+
+def edited_weights_digest(lm: LoadedModel) -> str:
+    """sha256 of every layer's MLP output projection: the weights every editor here changes, so
+    a model carrying earlier edits (sequential editing) never matches the unedited one."""
+    digest = hashlib.sha256()
+    for layer in range(lm.n_layers):
+        weight = lm.mlp_out_weight(layer).detach().cpu().contiguous()
+        digest.update(weight.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def value_key(lm: LoadedModel, request: PreparedRequest, opts: ValueOptions, weights: str) -> str:
+    """What a request's optimised δ depends on: the model (identity, dtype, `weights` from
+    `edited_weights_digest`), where and how δ is optimised, and every token row it is optimised
+    on. Two editors with the same z (MEMIT, EMMET and AlphaEdit at the same top layer) share it."""
+    description = {
+        "model": identity_of(lm),
+        "dtype": str(lm.dtype),
+        "weights": weights,
+        "options": dataclasses.asdict(opts),
+        "rows": [
+            request.target,
+            request.contexts,
+            request.context_subject,
+            request.kl,
+            request.kl_subject,
+            request.bare,
+            request.bare_subject,
+        ],
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
