@@ -184,6 +184,12 @@ def test_stored_z_is_reused_by_reruns_and_editors_and_missed_on_an_edited_model(
         assert all(
             torch.equal(u.matrix(), v.matrix()) for u, v in zip(x.update, y.update, strict=True)
         )
+    chunked = memit(lm, moments)
+    chunked.batch_size = 2  # z of 3 requests in two chunks: the same values up to rounding
+    for x, y in zip(a, chunked.independent(lm, indexed(REQUESTS)), strict=True):
+        assert x.steps == y.steps
+        for u, v in zip(x.update, y.update, strict=True):
+            assert (u.matrix() - v.matrix()).abs().max() <= 1e-4 * u.matrix().abs().max()
     emmet = memit(lm, moments, Emmet, EmmetHparams, layers=(1,))  # z at the same layer
     emmet.value_store = store
     emmet.joint(lm, indexed(REQUESTS[:2]))

@@ -68,7 +68,9 @@ def _rome(lm, hp, statistics, templates, batch_size):
 def _memit_family(kind: type[Memit]):
     def build(lm, hp, statistics, templates, batch_size):
         moments = {layer: statistics(layer) for layer in hp.layers}
-        return kind(lm, hp, second_moments=moments, context_templates=templates)
+        return kind(
+            lm, hp, second_moments=moments, context_templates=templates, batch_size=batch_size
+        )
 
     return build
 

@@ -59,9 +59,14 @@ class AlphaEdit(Memit):
         *,
         second_moments: Mapping[int, Moment],
         context_templates: Sequence[str] | None = None,
+        batch_size: int = 64,
     ):
         super().__init__(
-            lm, hparams, second_moments=second_moments, context_templates=context_templates
+            lm,
+            hparams,
+            second_moments=second_moments,
+            context_templates=context_templates,
+            batch_size=batch_size,
         )
         missing = [layer for layer, m in self.moments.items() if m is None]
         if missing:

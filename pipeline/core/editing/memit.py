@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.core.editing.editor import Editor, Indexed, JointEdit
 from pipeline.core.editing.keys import KeySolver, read_states
@@ -135,8 +136,10 @@ class Memit(Editor):
         *,
         second_moments: Mapping[int, Moment],
         context_templates: Sequence[str] | None = None,
+        batch_size: int = 64,
     ):
         self.hparams = hparams
+        self.batch_size = batch_size  # requests whose z share forward passes (memory bound)
         self.layers = tuple(sorted({layer % lm.n_layers for layer in hparams.layers}))
         self.z_layer = self.layers[-1]
         if hparams.v_loss_layer % lm.n_layers < self.z_layer:
@@ -212,14 +215,16 @@ class Memit(Editor):
             keys = [value_key(lm, p, options, weights) for p in prepared]
             found = [store.get(key) for key in keys]
         missing = [i for i, row in enumerate(found) if row is None]
-        if missing:
-            subset = [prepared[i] for i in missing]
+        chunks = range(0, len(missing), self.batch_size)
+        for start in tqdm(chunks, desc=f"z of {len(missing)} requests", disable=len(chunks) < 2):
+            chunk = missing[start : start + self.batch_size]
+            subset = [prepared[i] for i in chunk]
             rows = Rows.build(subset, hp.v_whole_rows, hp.kl_at_subject)
             frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, self.z_layer)
-            deltas, nlls, steps = optimise_values(lm, rows, frozen, h[missing].float(), options)
+            deltas, nlls, steps = optimise_values(lm, rows, frozen, h[chunk].float(), options)
             fresh = {
                 i: {"delta": delta.tolist(), "nll": nll, "steps": step}
-                for i, delta, nll, step in zip(missing, deltas, nlls, steps, strict=True)
+                for i, delta, nll, step in zip(chunk, deltas, nlls, steps, strict=True)
             }
             if store is not None:
                 store.put({keys[i]: row for i, row in fresh.items()})
