@@ -9,12 +9,18 @@ Reads what the trace, evaluate and layer-sweep stages left (never runs a model) 
 layer sweep as JSON, and `index.md` with each figure, the table, the paper's numbers beside ours
 where it reports them, and the commit and config that produced every input. Missing inputs are
 listed in the report with the command that makes them, not silently left out.
+
+With `snapshot_inputs` (the default) the inputs' small files are first copied to
+`reports/<experiment>/inputs/` (`app/snapshot.py`) and the report is read from that copy, so a
+committed report rebuilds from the repository alone:
+`python -m pipeline.report paths.results=reports/<experiment>/inputs`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.app import figures
 from pipeline.app.results import read_jsonl, summarize_records
+from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, stage
 from pipeline.app.tables import cell, collect, markdown, write_table
 from pipeline.core import files
@@ -70,7 +77,7 @@ def provenance(directory: Path, report_dir: Path) -> str:
     dirty = " (uncommitted changes)" if (meta.get("git") or {}).get("dirty") else ""
     link = os.path.relpath(config, report_dir)
     return (
-        f"from `{directory}`, commit `{commit[:10]}`{dirty}, "
+        f"from `{os.path.relpath(directory, report_dir)}`, commit `{commit[:10]}`{dirty}, "
         f"[config]({link}), started {meta.get('started', '?')}"
     )
 
@@ -206,6 +213,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     model = cfg.model.name
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
+    inputs = out / "inputs"
+    if cfg.snapshot_inputs and not inside(Path(cfg.paths.results), inputs):
+        # The compact inputs beside the report, and the report read from them alone.
+        shutil.rmtree(inputs, ignore_errors=True)
+        placed = snapshot(Path(cfg.paths.results), [trace_dir, runs_dir / model, sweep_dir], inputs)
+        trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
+        if runs_dir / model in placed:
+            runs_dir = placed[runs_dir / model].parent
     title = cfg.report_title or f"{cfg.experiment_name}: {model}"
     doc = [
         f"# {title}",
@@ -257,7 +272,9 @@ def main(cfg: DictConfig, run: Run) -> None:
     rows = layer_sweep(sweep_dir, seed=int(cfg.seed)) if sweep_dir.exists() else []
     doc += ["## ROME by edited layer", ""]
     if rows:
-        run.write_json("layer_sweep.json", rows)
+        run.write_json(
+            "layer_sweep.json", [{**r, "dir": os.path.relpath(r["dir"], out)} for r in rows]
+        )
         for row in rows:
             run.uses(Path(row["dir"]), "evaluate")
         made["layer_sweep"] = figures.layer_sweep(figure_dir, rows, averages, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -155,3 +156,36 @@ def test_report_lists_what_has_not_been_run(tmp_path):
     done, out = report(tmp_path)
     assert done.stdout.count("missing:") == 4  # trace, layer sweep, table, mass editing
     assert "run `make sweep-layers`" in (out / "index.md").read_text()
+
+
+def test_a_report_rebuilds_from_its_own_inputs_identically(tmp_path):
+    """The report copies its inputs' small files beside itself and reads only those: rebuilt
+    from that copy alone (the results gone), its tables and index are the same files."""
+    write_fixtures(tmp_path / "results")
+    _, out = report(tmp_path)
+    inputs = out / "inputs"
+    assert (inputs / "trace/tiny-gpt2/known_1000/averages.json").exists()
+    assert (inputs / "evaluate/tiny-gpt2/cf/rome/mass/mass.json").exists()
+    assert len(list(inputs.glob("sweeps/layers/evaluate/tiny-gpt2/cf/rome/*/cases-*.jsonl"))) == 6
+    written = {
+        name: (out / name).read_text()
+        for name in ("table.md", "table.tex", "table.csv", "layer_sweep.json", "index.md")
+    }
+    moved = tmp_path / "elsewhere"  # another checkout: nothing may depend on the old paths
+    shutil.move(out, moved)
+    shutil.rmtree(tmp_path / "results")
+    done = run_stage(
+        "report",
+        "model=tiny-gpt2",
+        "eval_data=cf",
+        f"paths.results={moved / 'inputs'}",
+        f"paths.reports={tmp_path / 'again'}",
+        f"out_dir={moved}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "missing:" not in done.stdout
+    for name, text in written.items():
+        again = (moved / name).read_text()
+        if name == "index.md":  # its first lines name the report run itself (time, commit)
+            text, again = (t.split("\n", 3)[3] for t in (text, again))
+        assert again == text, name

@@ -86,6 +86,7 @@ SETTINGS: dict[str, Setting] = {
     "shard.count": COUNT,
     "aggregate_only": FLAG,
     "allow_partial": FLAG,
+    "snapshot_inputs": FLAG,
     "tracking.mode": Setting(str, choices=("offline", "online", "disabled")),
     "batch_size": COUNT,
     "known_batch_size": COUNT,
