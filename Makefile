@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-eval bench-stats clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -90,6 +90,21 @@ evaluate: setup
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) $(OVERRIDES)
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) editor=none $(OVERRIDES)
 
+## The editors benchmark (the editors issue's acceptance runs; each run resumes where it stopped):
+## every editor of EDITORS on the first EVAL_CASES cases, one at a time (Table 4); MASS_EDITORS
+## writing N = MASS_SIZES requests at once (up to MASS_CASES); every editor in sequence on SEQUENTIAL_CASES cases.
+## SmolLM2 on 2 CPU cores: many hours (ROME ~30 min per 200 cases, MEMIT's mass curve ~40 min).
+EDITORS ?= none ft ft-l kn rome r-rome memit emmet alphaedit
+MASS_EDITORS ?= memit emmet alphaedit rome
+MASS_SIZES ?= [1,10,100,1000]
+MASS_CASES ?= 1000
+SEQUENTIAL_CASES ?= 200
+editors: setup
+	$(PY) -m pipeline.stats editor=memit experiment=$(EXPERIMENT) $(OVERRIDES)
+	for e in $(EDITORS); do $(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) editor=$$e data.limit=$(EVAL_CASES) $(OVERRIDES) || exit 1; done
+	for e in $(MASS_EDITORS); do $(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) editor=$$e eval.mode=mass 'eval.mass_sizes=$(MASS_SIZES)' data.limit=$(MASS_CASES) $(OVERRIDES) || exit 1; done
+	for e in $(filter-out none,$(EDITORS)); do $(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) editor=$$e eval.mode=sequential data.limit=$(SEQUENTIAL_CASES) $(OVERRIDES) || exit 1; done
+
 ## ROME at every layer of the embedded default, SWEEP_CASES cases each: one sweep directory
 ## (results/sweeps/layers) and one W&B group. SmolLM2 on 2 CPU cores: ~10 min per layer with 20
 ## cases; on a cluster add OVERRIDES=hydra/launcher=slurm to run the layers as parallel jobs.
@@ -121,8 +136,8 @@ EVAL_DATA ?= counterfact-easyedit
 paper: setup
 	$(PY) -m pipeline.known experiment=$(EXPERIMENT)
 	$(PY) -m pipeline.trace experiment=$(EXPERIMENT)
-	$(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) data.limit=$(EVAL_CASES)
-	$(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) data.limit=$(EVAL_CASES) editor=none
+	$(MAKE) editors EXPERIMENT=$(EXPERIMENT)
+	$(PY) -m pipeline.stats experiment=$(EXPERIMENT) 'layers=$(SWEEP_STATS)' editor.mom2.max_tokens=$(SWEEP_STATS_TOKENS)
 	$(PY) -m pipeline.evaluate --multirun experiment=$(EXPERIMENT) sweep=layers data=$(EVAL_DATA) 'editor.layer=$(SWEEP_LAYERS)' data.limit=$(SWEEP_CASES) $(OVERRIDES)
 	$(PY) -m pipeline.report experiment=$(EXPERIMENT)
 
