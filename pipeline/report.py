@@ -73,12 +73,16 @@ def provenance(directory: Path, report_dir: Path) -> str:
     """Which commit and config made a results directory, as a Markdown line with links."""
     meta_path, config = directory / "run.json", directory / "config.yaml"
     meta = files.read_json(meta_path) if meta_path.exists() else {}
+    summary_path = directory / "summary.json"
+    seconds = (files.read_json(summary_path) if summary_path.exists() else {}).get("seconds")
     commit = (meta.get("git") or {}).get("commit") or "unknown"
     dirty = " (uncommitted changes)" if (meta.get("git") or {}).get("dirty") else ""
     link = os.path.relpath(config, report_dir)
+    took = f", {seconds / 60:.1f} min" if seconds is not None else ""
     return (
         f"from `{os.path.relpath(directory, report_dir)}`, commit `{commit[:10]}`{dirty}, "
-        f"[config]({link}), started {meta.get('started', '?')}"
+        f"[config]({link}), started {meta.get('started', '?')} on `{meta.get('host', '?')}`"
+        f"{took}"
     )
 
 

@@ -264,7 +264,9 @@ def main(cfg: DictConfig, run: Run) -> None:
             print(f"tracing {len(damaged)} damaged prompt files again: {sorted(damaged)}")
         started = time.time()
         for fact in tqdm(todo, desc="tracing", unit="prompt"):
+            one = time.perf_counter()
             record = trace_fact(lm, fact, options, seed=int(cfg.seed) * 1_000_003 + int(fact["id"]))
+            record["seconds"] = round(time.perf_counter() - one, 3)
             files.write_json(prompts_dir / f"{fact['id']}.json", record)
         elapsed = time.time() - started
         if todo:
@@ -314,6 +316,8 @@ def main(cfg: DictConfig, run: Run) -> None:
         "mean_corrupted": averages["corrupted"]["mean"][0],
         "peaks": headline(averages),
         "figures": {name: str(path) for name, path in figure_paths.items()},
+        # compute time of every sitting together: the traced prompts' own seconds, summed
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 1),
     }
     run.write_summary(summary)
     print(json.dumps(summary["peaks"], indent=1))
