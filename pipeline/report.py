@@ -271,7 +271,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         for name, path in made.items():
             doc += [f"![{name}]({os.path.relpath(path, out)})", ""]
     else:
-        missing.append(f"causal trace: no `{trace_dir}/averages.json` (run `make trace`)")
+        missing.append(f"causal trace: no `{cfg.trace_dir}/averages.json` (run `make trace`)")
 
     rows = layer_sweep(sweep_dir, seed=int(cfg.seed)) if sweep_dir.exists() else []
     doc += ["## ROME by edited layer", ""]
@@ -299,7 +299,7 @@ def main(cfg: DictConfig, run: Run) -> None:
             doc.append(f"| {row['layer']} | {row['n']} | " + " | ".join(cells) + " |")
         doc.append("")
     else:
-        missing.append(f"layer sweep: no runs under `{sweep_dir}` (run `make sweep-layers`)")
+        missing.append(f"layer sweep: no runs under `{cfg.sweep_dir}` (run `make sweep-layers`)")
 
     table = [r for r in collect(runs_dir, seed=int(cfg.seed)) if r["model"] == model]
     doc += ["## CounterFact (Table 4 layout)", ""]
@@ -320,7 +320,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         doc.append("")
     else:
         missing.append(
-            f"CounterFact table: no runs of {model} under `{runs_dir}` (run `make evaluate`)"
+            f"CounterFact table: no runs of {model} under `{cfg.runs_dir}` (run `make evaluate`)"
         )
 
     curves = mass_curves(runs_dir / model / cfg.eval_data)
@@ -348,7 +348,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     else:
         missing.append(
             "mass editing: no `<editor>/mass/mass.json` under "
-            f"`{runs_dir / model / cfg.eval_data}` (python -m pipeline.evaluate eval.mode=mass)"
+            f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
+            "eval.mode=mass)"
         )
 
     if cfg.paper:
