@@ -335,7 +335,9 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
             run.path(f"mass-{n}.jsonl"), "".join(json.dumps(r) + "\n" for r in records)
         )
         summary = summarize_records(records, seed=int(cfg.seed))
-        point = {"size": n, "edit_seconds": round(edit_seconds, 2), **summary}
+        reused = sum(bool((r.info or {}).get("z_reused")) for r in edit.results)
+        point = {"size": n, "edit_seconds": round(edit_seconds, 2), "values_reused": reused}
+        point |= summary
         curve = sorted([*curve, point], key=lambda point: point["size"])
         files.write_json(saved, {"curve": curve})
         run.tracker.log(

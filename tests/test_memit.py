@@ -179,6 +179,8 @@ def test_stored_z_is_reused_by_reruns_and_editors_and_missed_on_an_edited_model(
     again.value_store = store
     b = again.independent(lm, indexed(REQUESTS))
     assert store.hits == 3
+    assert [r.info["z_reused"] for r in a] == [False] * 3
+    assert [r.info["z_reused"] for r in b] == [True] * 3
     for x, y in zip(a, b, strict=True):
         assert x.steps == y.steps and x.target_nll == y.target_nll
         assert all(

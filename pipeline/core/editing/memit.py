@@ -198,9 +198,10 @@ class Memit(Editor):
 
     def targets(
         self, lm: LoadedModel, prepared: Sequence[PreparedRequest]
-    ) -> tuple[torch.Tensor, list[float], list[int], torch.Tensor]:
+    ) -> tuple[torch.Tensor, list[float], list[int], torch.Tensor, list[bool]]:
         """z = h + δ for every request, (n, d) float64, with the NLLs, steps and δ; with a
-        `value_store`, the δ found there are reused and only the others optimised."""
+        `value_store`, the δ found there are reused (the last list says which) and only the
+        others optimised."""
         hp = self.hparams
         (h,) = read_states(
             lm,
@@ -215,6 +216,7 @@ class Memit(Editor):
             keys = [value_key(lm, p, options, weights) for p in prepared]
             found = [store.get(key) for key in keys]
         missing = [i for i, row in enumerate(found) if row is None]
+        reused = [row is not None for row in found]
         chunks = range(0, len(missing), self.batch_size)
         for start in tqdm(chunks, desc=f"z of {len(missing)} requests", disable=len(chunks) < 2):
             chunk = missing[start : start + self.batch_size]
@@ -233,7 +235,7 @@ class Memit(Editor):
         deltas = torch.tensor([row["delta"] for row in found], device=lm.device)
         nlls = [float(row["nll"]) for row in found]
         steps = [int(row["steps"]) for row in found]
-        return h.double() + deltas.double(), nlls, steps, deltas
+        return h.double() + deltas.double(), nlls, steps, deltas, reused
 
     def keys_and_states(
         self,
@@ -298,8 +300,12 @@ class Memit(Editor):
                 )
         return own
 
-    def _result(self, p, nll, steps, delta, updates=None) -> EditResult:
-        info = {"delta_norm": float(delta.norm()), "templates": len(self.templates)}
+    def _result(self, p, nll, steps, delta, reused, updates=None) -> EditResult:
+        info = {
+            "delta_norm": float(delta.norm()),
+            "templates": len(self.templates),
+            "z_reused": reused,  # from the value store, not optimised in this call
+        }
         return EditResult(
             p.index, p.request, update=updates, target_nll=nll, steps=steps, info=info
         )
@@ -308,10 +314,10 @@ class Memit(Editor):
         """Each request alone; z and the spread run for all of them in shared batches."""
         prepared, results = self._prepare(lm, requests)
         if prepared:
-            z, nlls, steps, deltas = self.targets(lm, prepared)
+            z, nlls, steps, deltas, reused = self.targets(lm, prepared)
             spreads = self.spread_each(lm, prepared, z)
             for i, (p, updates) in enumerate(zip(prepared, spreads, strict=True)):
-                results[p.index] = self._result(p, nlls[i], steps[i], deltas[i], updates)
+                results[p.index] = self._result(p, nlls[i], steps[i], deltas[i], reused[i], updates)
         return [results[index] for index, _ in requests]
 
     def joint(self, lm: LoadedModel, requests: Indexed) -> JointEdit:
@@ -320,12 +326,12 @@ class Memit(Editor):
         updates: list[LowRankUpdate] = []
         info: dict = {}
         if prepared:
-            z, nlls, steps, deltas = self.targets(lm, prepared)
+            z, nlls, steps, deltas, reused = self.targets(lm, prepared)
             with preserved_weights(lm, self.layers):
                 updates = self.spread(lm, prepared, z)
                 info = self.after_joint(lm, prepared)
             for i, p in enumerate(prepared):
-                results[p.index] = self._result(p, nlls[i], steps[i], deltas[i])
+                results[p.index] = self._result(p, nlls[i], steps[i], deltas[i], reused[i])
         return JointEdit(updates, [results[index] for index, _ in requests], info)
 
     def after_joint(self, lm: LoadedModel, prepared: Sequence[PreparedRequest]) -> dict:
