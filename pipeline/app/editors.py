@@ -228,8 +228,8 @@ def key_statistics(
     """C at each of `layers` from the cache, the missing ones computed (and cached) from the
     configured corpus in one pass; keyed by layer (counted from 0)."""
     layers = [layers] if isinstance(layers, int) else list(layers)
-    keys = [stats_key(cfg, lm, layer)[0] for layer in layers]
-    _, texts = stats_key(cfg, lm, layers[0])
+    keys, sources = zip(*(stats_key(cfg, lm, layer) for layer in layers), strict=True)
+    texts = sources[0]  # one corpus for every layer
     return cached_second_moments(
         lm,
         keys,

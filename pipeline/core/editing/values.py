@@ -299,12 +299,16 @@ class ValueStore(Protocol):
 
 
 def edited_weights_digest(lm: LoadedModel) -> str:
-    """sha256 of every layer's MLP output projection: the weights every editor here changes, so
-    a model carrying earlier edits (sequential editing) never matches the unedited one."""
+    """A fingerprint of every layer's MLP output projection (the weights every editor here
+    changes), so a model carrying earlier edits never matches the unedited one: each weight times
+    a fixed random vector, in float64 on its device, hashed. Any edit ΔW with ΔW r ≠ 0 changes
+    it, and only d numbers per layer leave the device (no copy of the weights, no hash of them)."""
+    generator = torch.Generator().manual_seed(0)
     digest = hashlib.sha256()
     for layer in range(lm.n_layers):
-        weight = lm.mlp_out_weight(layer).detach().cpu().contiguous()
-        digest.update(weight.view(torch.uint8).numpy().tobytes())
+        weight = lm.mlp_out_weight(layer).detach()
+        probe = torch.randn(weight.shape[1], generator=generator, dtype=torch.float64)
+        digest.update((weight.double() @ probe.to(weight.device)).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
