@@ -195,19 +195,42 @@ def peak_layer(averages: dict[str, Any], kind: str) -> tuple[int, float] | None:
     return int(np.nanargmax(row)), float(np.nanmax(row))
 
 
-def paper_comparison(paper: dict[str, Any], ours: dict[str, Any] | None, peak) -> list[str]:
-    """Markdown rows: the paper's number and ours, side by side."""
-    lines = ["| quantity | paper | this run |", "|---|---|---|"]
-    for name in ("S", "ES", "PS", "NS"):
-        if name in paper:
-            mine = f"{ours[name]['mean']:.1f}" if ours and name in ours else "not run"
-            lines.append(f"| ROME {name} | {paper[name]:.1f} | {mine} |")
+def paper_comparison(
+    paper: dict[str, Any], table: list[dict[str, Any]], peak: tuple[int, float] | None
+) -> list[str]:
+    """Markdown: the paper's Table 4 rows (`paper.table4`, editor -> {S, ES, PS, NS}) beside
+    ours, each as "paper / ours", and where the MLP effect peaks."""
+    ours = {row["editor"]: row for row in table}
+    if "none" not in ours and "none (pre)" in ours:  # unedited: the editors' own pre-edit scores
+        ours["none"] = ours["none (pre)"]
+    lines = []
+    rows = paper.get("table4") or {}
+    if rows:
+        lines += [
+            "| editor | " + " | ".join(f"{k} paper / ours" for k in PAPER_METRICS) + " | n ours |",
+            "|---|" + "---|" * (len(PAPER_METRICS) + 1),
+        ]
+        for editor, numbers in rows.items():
+            mine = ours.get(editor)
+            cells = [
+                f"{numbers[k]:.1f} / " + (f"{mine['metrics'][k]['mean']:.1f}" if mine else "not run")
+                for k in PAPER_METRICS
+            ]
+            lines.append(
+                f"| {editor} | " + " | ".join(cells) + f" | {mine['n'] if mine else '–'} |"
+            )
+        lines.append("")
     if "mlp_peak_layers" in paper:
         mine = f"layer {peak[0]} (AIE {peak[1]:.3f})" if peak else "not run"
-        lines.append(
-            f"| MLP effect peak at the last subject token | {paper['mlp_peak_layers']} | {mine} |"
-        )
+        lines += [
+            "| quantity | paper | this run |",
+            "|---|---|---|",
+            f"| MLP effect peak at the last subject token | {paper['mlp_peak_layers']} | {mine} |",
+        ]
     return lines
+
+
+PAPER_METRICS = ("S", "ES", "PS", "NS")
 
 
 @stage("report")
@@ -303,12 +326,10 @@ def main(cfg: DictConfig, run: Run) -> None:
 
     table = [r for r in collect(runs_dir, seed=int(cfg.seed)) if r["model"] == model]
     doc += ["## CounterFact (Table 4 layout)", ""]
-    rome = None
     if table:
         write_table(run, table)
         for directory in sorted({row["dir"] for row in table}):
             run.uses(Path(directory), "evaluate")
-        rome = next((r["metrics"] for r in table if r["editor"] == "rome"), None)
         doc += [
             "Percent, mean [95% interval: Wilson for ES, PS, NS; bootstrap for S; t for the "
             "rest]; n cases. "
@@ -353,8 +374,10 @@ def main(cfg: DictConfig, run: Run) -> None:
         )
 
     if cfg.paper:
+        paper = OmegaConf.to_container(cfg.paper, resolve=True)
+        same_data = [r for r in table if r["data"] == cfg.eval_data]
         peak = peak_layer(averages, "mlp") if averages else None
-        doc += ["## Beside the paper", "", *paper_comparison(dict(cfg.paper), rome, peak), ""]
+        doc += ["## Beside the paper", "", *paper_comparison(paper, same_data, peak), ""]
     if missing:
         doc += ["## Not yet run", "", *[f"- {m}" for m in missing], ""]
     files.atomic_write(out / "index.md", "\n".join(doc))

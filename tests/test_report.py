@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -104,7 +105,12 @@ def report(tmp_path, *overrides):
 
 def test_report_from_fixture_results(tmp_path):
     write_fixtures(tmp_path / "results")
-    done, out = report(tmp_path, "paper={S: 89.2, ES: 100.0, mlp_peak_layers: 'layers 15-17'}")
+    done, out = report(
+        tmp_path,
+        "paper={table4: {none: {S: 30.5, ES: 22.2, PS: 24.7, NS: 78.1}, "
+        "rome: {S: 89.2, ES: 100.0, PS: 96.4, NS: 75.4}, kn: {S: 35.6, ES: 28.7, PS: 28.0, "
+        "NS: 72.9}}, mlp_peak_layers: 'layers 15-17'}",
+    )
     assert "missing:" not in done.stdout
     names = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
@@ -121,7 +127,14 @@ def test_report_from_fixture_results(tmp_path):
     assert len(links) >= 12
     for link in links:
         assert (out / link).exists(), f"broken link {link}"
-    assert "| ROME S | 89.2 |" in index and "| MLP effect peak" in index
+    # The paper's Table 4 rows beside ours: "paper / ours" per metric, "not run" where we have none.
+    ours = {row["editor"]: row for row in csv.DictReader((out / "table.csv").open())}
+    rome_s = float(ours["rome"]["S_mean"])
+    assert f"| rome | 89.2 / {rome_s:.1f} | 100.0 / " in index
+    none_s = float(ours["none"]["S_mean"])
+    assert f"| none | 30.5 / {none_s:.1f} |" in index
+    assert "| kn | 35.6 / not run | 28.7 / not run |" in index
+    assert "| MLP effect peak" in index
     sweep = json.loads((out / "layer_sweep.json").read_text())
     assert [row["layer"] for row in sweep] == list(range(LAYERS))
     # Where the trace came from, how many, and a warning for both a sample and a small n.
