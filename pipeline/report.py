@@ -213,7 +213,8 @@ def paper_comparison(
         for editor, numbers in rows.items():
             mine = ours.get(editor)
             cells = [
-                f"{numbers[k]:.1f} / " + (f"{mine['metrics'][k]['mean']:.1f}" if mine else "not run")
+                f"{numbers[k]:.1f} / "
+                + (f"{mine['metrics'][k]['mean']:.1f}" if mine else "not run")
                 for k in PAPER_METRICS
             ]
             lines.append(
