@@ -42,7 +42,7 @@ from pipeline.app.tracking import RunningRates
 from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
 from pipeline.core.editing.updates import edited
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, peak_memory_gib
 from pipeline.core.scoring import score_cases, too_long
 from pipeline.data.records import (
     CounterfactCase,
@@ -337,6 +337,9 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
         summary = summarize_records(records, seed=int(cfg.seed))
         reused = sum(bool((r.info or {}).get("z_reused")) for r in edit.results)
         point = {"size": n, "edit_seconds": round(edit_seconds, 2), "values_reused": reused}
+        if "seconds" in edit.info:  # the editor's own split of edit_seconds (z, spread)
+            point["edit_seconds_by_step"] = edit.info["seconds"]
+        point["peak_memory_gib"] = round(peak_memory_gib(lm.device), 2)
         point |= summary
         curve = sorted([*curve, point], key=lambda point: point["size"])
         files.write_json(saved, {"curve": curve})

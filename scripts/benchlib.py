@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the pipeline, from a checkout that was never installed
 
-from pipeline.core.models import LoadedModel, load_model  # noqa: E402
+from pipeline.core.models import LoadedModel, load_model, peak_memory_gib  # noqa: E402, F401
 from pipeline.data.corpus import local_files, read_local  # noqa: E402
 
 
@@ -87,13 +86,6 @@ def write_json(args: argparse.Namespace, result: dict) -> None:
             "machine": machine(),
         }
         args.json.write_text(json.dumps(body, indent=1) + "\n")
-
-
-def peak_memory_gib(device: str) -> float:
-    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def machine() -> dict:

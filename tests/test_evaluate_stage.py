@@ -148,6 +148,25 @@ def test_sequential_edits_report_each_checkpoint(tmp_path):
     assert curve[-1]["ES"]["n"] == 3
 
 
+def test_mass_edits_report_each_size_and_a_rerun_adds_only_new_sizes(tmp_path):
+    evaluate(tmp_path, "eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,3]", editor="memit")
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/memit/mass"
+    curve = json.loads((out / "mass.json").read_text())["curve"]
+    assert [point["size"] for point in curve] == [1, 3]
+    assert len((out / "mass-3.jsonl").read_text().splitlines()) == 3
+    for point in curve:
+        assert point["post"]["ES"]["n"] == point["size"]
+        assert point["peak_memory_gib"] > 0
+        assert set(point["edit_seconds_by_step"]) == {"z", "spread"}
+    assert curve[1]["values_reused"] == 1  # the first case's z, from size 1
+    first = (out / "mass-3.jsonl").read_text()
+    evaluate(tmp_path, "eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,2,3]", editor="memit")
+    again = json.loads((out / "mass.json").read_text())["curve"]
+    assert [point["size"] for point in again] == [1, 2, 3]
+    assert again[0] == curve[0] and again[2] == curve[1]  # the sizes done are not redone
+    assert (out / "mass-3.jsonl").read_text() == first
+
+
 def test_summarize_builds_table_4(tmp_path):
     evaluate(tmp_path, "data.limit=2")
     evaluate(tmp_path, "data.limit=2", editor="none")

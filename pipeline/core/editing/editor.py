@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from pipeline.core.editing.requests import EditRequest, EditResult
 from pipeline.core.editing.updates import Update, apply_update, as_list, preserved_weights
 from pipeline.core.models import LoadedModel
@@ -47,8 +49,9 @@ class Editor:
         """Request after request, each computed on the model as edited by those before."""
         updates: list[Update] = []
         results: list[EditResult] = []
+        many = tqdm(requests, desc=f"{self.name}: one after another", disable=len(requests) < 10)
         with preserved_weights(lm, self.layers):
-            for pair in requests:
+            for pair in many:
                 (result,) = self.independent(lm, [pair])
                 apply_update(lm, result.update)
                 updates += as_list(result.update)
