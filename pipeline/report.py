@@ -11,9 +11,9 @@ where it reports them, and the commit and config that produced every input. Miss
 listed in the report with the command that makes them, not silently left out.
 
 With `snapshot_inputs` (the default) the inputs' small files are first copied to
-`reports/<experiment>/inputs/` (`app/snapshot.py`) and the report is read from that copy, so a
-committed report rebuilds from the repository alone:
-`python -m pipeline.report paths.results=reports/<experiment>/inputs`.
+`reports/<experiment>/inputs/` (`app/snapshot.py`) and the report is read from that copy. An
+input with no results on disk keeps the copy already there, so on a fresh clone `make figures`
+rebuilds the committed report from the repository alone.
 """
 
 from __future__ import annotations
@@ -242,10 +242,25 @@ def main(cfg: DictConfig, run: Run) -> None:
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
     inputs = out / "inputs"
-    if cfg.snapshot_inputs and not inside(Path(cfg.paths.results), inputs):
-        # The compact inputs beside the report, and the report read from them alone.
-        shutil.rmtree(inputs, ignore_errors=True)
-        placed = snapshot(Path(cfg.paths.results), [trace_dir, runs_dir / model, sweep_dir], inputs)
+    results = Path(cfg.paths.results)
+    if cfg.snapshot_inputs and not inside(results, inputs):
+        # The compact inputs beside the report, and the report read from them alone. An input
+        # with results here replaces its copy; one without keeps the copy already there (a
+        # fresh clone rebuilds the committed report from its committed inputs).
+        sources = [trace_dir, runs_dir / model, sweep_dir]
+        copies = {
+            s: inputs / s.resolve().relative_to(results.resolve())
+            for s in sources
+            if inside(s, results)
+        }
+        for source, copy in copies.items():
+            if source.exists():
+                shutil.rmtree(copy, ignore_errors=True)
+        placed = snapshot(results, sources, inputs)
+        for source, copy in copies.items():
+            if source not in placed and copy.exists():
+                log.info("no %s here: reading the report's own copy %s", source, copy)
+                placed[source] = copy
         trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
         if runs_dir / model in placed:
             runs_dir = placed[runs_dir / model].parent

@@ -202,3 +202,20 @@ def test_a_report_rebuilds_from_its_own_inputs_identically(tmp_path):
         if name == "index.md":  # its first lines name the report run itself (time, commit)
             text, again = (t.split("\n", 3)[3] for t in (text, again))
         assert again == text, name
+    # A fresh clone: no results at all, the default snapshot on. The report keeps its own
+    # inputs (none of them has results to replace it) and writes the same files again.
+    done = run_stage(
+        "report",
+        "model=tiny-gpt2",
+        "eval_data=cf",
+        f"paths.results={tmp_path / 'fresh-clone-results'}",
+        f"out_dir={moved}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "missing:" not in done.stdout
+    assert (moved / "inputs/evaluate/tiny-gpt2/cf/rome/mass/mass.json").exists()
+    for name, text in written.items():
+        again = (moved / name).read_text()
+        if name == "index.md":
+            text, again = (t.split("\n", 3)[3] for t in (text, again))
+        assert again == text, name
