@@ -69,6 +69,23 @@ def mass_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each editor's sequential-editing checkpoints (`<editor>/sequential/sequential.json`) as
+    curve points like the mass curves': {"size": edits so far, "failed", "post": metrics}."""
+    curves = {}
+    for path in sorted(data_dir.glob("*/sequential/sequential.json")):
+        points = files.read_json(path)["checkpoints"]
+        curves[path.parent.parent.name] = [
+            {
+                "size": point["edits"],
+                "failed": point.get("failed", 0),
+                "post": {k: v for k, v in point.items() if isinstance(v, dict)},
+            }
+            for point in points
+        ]
+    return curves
+
+
 def provenance(directory: Path, report_dir: Path) -> str:
     """Which commit and config made a results directory, as a Markdown line with links."""
     meta_path, config = directory / "run.json", directory / "config.yaml"
@@ -387,6 +404,38 @@ def main(cfg: DictConfig, run: Run) -> None:
             "mass editing: no `<editor>/mass/mass.json` under "
             f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
             "eval.mode=mass)"
+        )
+
+    sequences = sequential_curves(runs_dir / model / cfg.eval_data)
+    doc += ["## Sequential editing", ""]
+    if sequences:
+        made["sequential_scaling"] = figures.mass_scaling(
+            figure_dir, sequences, model, name="sequential_scaling"
+        )
+        doc += [
+            "Edits written one after another into one model, each computed on the model the "
+            "edits before left; at each checkpoint every case edited so far is scored; percent, "
+            "mean [95% interval]; failed: edits the editor could not make.",
+            "",
+            f"![sequential_scaling]({os.path.relpath(made['sequential_scaling'], out)})",
+            "",
+            "| editor | edits | " + " | ".join(SWEEP_METRICS) + " | failed |",
+            "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
+        ]
+        for editor, curve in sorted(sequences.items()):
+            for point in curve:
+                cells = [cell(point["post"].get(k)) for k in SWEEP_METRICS]
+                doc.append(
+                    f"| {editor} | {point['size']} | "
+                    + " | ".join(cells)
+                    + f" | {point['failed']} |"
+                )
+        doc.append("")
+    else:
+        missing.append(
+            "sequential editing: no `<editor>/sequential/sequential.json` under "
+            f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
+            "eval.mode=sequential)"
         )
 
     if cfg.paper:

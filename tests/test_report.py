@@ -83,6 +83,19 @@ def write_fixtures(results):
         files.write_json(
             results / f"evaluate/tiny-gpt2/cf/{editor}/mass/mass.json", {"curve": curve}
         )
+    for editor in ("memit", "rome"):  # sequential editing: checkpoints as the stage writes them
+        checkpoints = [
+            {
+                "edits": n,
+                "failed": 0,
+                **summarize_records([case_record(rng, i, True) for i in range(n)])["post"],
+            }
+            for n in (1, 4, 8)
+        ]
+        files.write_json(
+            results / f"evaluate/tiny-gpt2/cf/{editor}/sequential/sequential.json",
+            {"checkpoints": checkpoints},
+        )
     for layer in range(LAYERS):
         out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
         cases = [case_record(rng, i, layer < 3) for i in range(4)]
@@ -115,6 +128,7 @@ def test_report_from_fixture_results(tmp_path):
     names = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
     assert {"last_subject_aie", "severed", "layer_sweep", "mass_scaling"} <= names
+    assert "sequential_scaling" in names
     for png in (out / "figures").glob("*.png"):
         image = Image.open(png)
         assert image.size[0] > 300 and image.size[1] > 200, png.name
@@ -135,6 +149,10 @@ def test_report_from_fixture_results(tmp_path):
     assert f"| none | 30.5 / {none_s:.1f} |" in index
     assert "| kn | 35.6 / not run | 28.7 / not run |" in index
     assert "| MLP effect peak" in index
+    sequential = index.split("## Sequential editing")[1].split("\n## ")[0]
+    assert (
+        sum(line.startswith(("| memit | ", "| rome | ")) for line in sequential.splitlines()) == 6
+    )
     sweep = json.loads((out / "layer_sweep.json").read_text())
     assert [row["layer"] for row in sweep] == list(range(LAYERS))
     # Where the trace came from, how many, and a warning for both a sample and a small n.
@@ -167,7 +185,7 @@ def test_report_draws_the_papers_pooling_when_asked(tmp_path):
 def test_report_lists_what_has_not_been_run(tmp_path):
     (tmp_path / "results").mkdir()
     done, out = report(tmp_path)
-    assert done.stdout.count("missing:") == 4  # trace, layer sweep, table, mass editing
+    assert done.stdout.count("missing:") == 5  # trace, layer sweep, table, mass, sequential
     assert "run `make sweep-layers`" in (out / "index.md").read_text()
 
 

@@ -327,10 +327,30 @@ def layer_sweep(
     return _save(fig, out_dir, "layer_sweep")
 
 
-def mass_scaling(out_dir: Path, curves: dict[str, list[dict[str, Any]]], model: str) -> Path:
-    """S, ES, PS and NS against the number of edits written at once, one line per editor, with
-    95% intervals (the MEMIT paper's scaling figure). Editors are shifted a little sideways (a
-    few percent of N) so equal values stay visible; the legend sits under the axes."""
+SCALING = {  # figure name -> (x label, title)
+    "mass_scaling": (
+        "edits written at once",
+        "Mass editing: every edited case scored on the edited model",
+    ),
+    "sequential_scaling": (
+        "edits so far",
+        "Sequential editing: edits written one after another, every case so far scored",
+    ),
+}
+
+
+def mass_scaling(
+    out_dir: Path,
+    curves: dict[str, list[dict[str, Any]]],
+    model: str,
+    name: str = "mass_scaling",
+) -> Path:
+    """S, ES, PS and NS against the number of edits, one line per editor, with 95% intervals
+    (the MEMIT paper's scaling figure): edits written at once (`mass_scaling`) or one after
+    another (`sequential_scaling`); points are {"size", "post": {metric: interval}}. Editors are
+    shifted a little sideways (a few percent of N) so equal values stay visible; the legend sits
+    under the axes."""
+    xlabel, title = SCALING[name]
     names = ("S", "ES", "PS", "NS")
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), sharey=True)
     colours = plt.get_cmap("tab10")
@@ -340,10 +360,10 @@ def mass_scaling(out_dir: Path, curves: dict[str, list[dict[str, Any]]], model: 
         curve = curves[editor]
         shift = 1.05 ** (index - (len(editors) - 1) / 2)
         sizes = np.array([point["size"] for point in curve], dtype=float) * shift
-        for ax, name in zip(axes, names, strict=True):
-            mean = np.array([p["post"][name]["mean"] for p in curve], dtype=float)
-            low = np.array([p["post"][name]["low"] for p in curve], dtype=float)
-            high = np.array([p["post"][name]["high"] for p in curve], dtype=float)
+        for ax, metric in zip(axes, names, strict=True):
+            mean = np.array([p["post"][metric]["mean"] for p in curve], dtype=float)
+            low = np.array([p["post"][metric]["low"] for p in curve], dtype=float)
+            high = np.array([p["post"][metric]["high"] for p in curve], dtype=float)
             ax.errorbar(
                 sizes,
                 mean,
@@ -355,12 +375,12 @@ def mass_scaling(out_dir: Path, curves: dict[str, list[dict[str, Any]]], model: 
                 color=colours(index),
                 label=editor,
             )
-    for ax, name in zip(axes, names, strict=True):
+    for ax, metric in zip(axes, names, strict=True):
         ax.set_xscale("log")
         ax.set_xticks(all_sizes, [str(n) for n in all_sizes])
         ax.xaxis.set_minor_locator(plt.NullLocator())
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("edits written at once", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylim(-3, 106)
     axes[0].set_ylabel("after the edits (%)")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -374,8 +394,6 @@ def mass_scaling(out_dir: Path, curves: dict[str, list[dict[str, Any]]], model: 
         title="95% intervals: bootstrap (S), Wilson (ES, PS, NS)",
         title_fontsize=7,
     )
-    fig.suptitle(
-        f"Mass editing: every edited case scored on the edited model ({model})", fontsize=9
-    )
+    fig.suptitle(f"{title} ({model})", fontsize=9)
     fig.subplots_adjust(bottom=0.33, top=0.84, wspace=0.08)
-    return _save(fig, out_dir, "mass_scaling")
+    return _save(fig, out_dir, name)
