@@ -15,13 +15,15 @@ model and cached under `pre_dir`, for every editor. Each finished case is one li
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -32,6 +34,7 @@ from pipeline.app.results import (
     PreCache,
     append_jsonl,
     case_record,
+    edit_summary,
     headline,
     read_jsonl,
     scored,
@@ -41,7 +44,7 @@ from pipeline.app.stage import Run, require_complete, stage
 from pipeline.app.tracking import RunningRates
 from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
-from pipeline.core.editing.updates import edited
+from pipeline.core.editing.updates import apply_update, as_list, edited, preserved_weights
 from pipeline.core.models import LoadedModel, peak_memory_gib
 from pipeline.core.scoring import score_cases, too_long
 from pipeline.data.records import (
@@ -300,7 +303,8 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
 def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
     """For each N of `eval.mass_sizes`: the first N cases written in one joint edit, then all N
     scored on the edited model (`mass-<N>.jsonl`, and the curve in `mass.json`). A rerun skips
-    the sizes already done."""
+    the sizes already done. Editors that write requests one after another (ROME, KN) make the
+    whole curve in one resumable pass (`_mass_one_after_another`)."""
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("mass mode needs an editor (editor=memit, rome, ...)")
@@ -316,9 +320,27 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
     saved = run.path("mass.json")
     curve = files.read_json(saved)["curve"] if saved.exists() else []
     done = {point["size"] for point in curve}
-    for n in sizes:
-        if n in done:
-            continue
+    todo = [n for n in sizes if n not in done]
+
+    def add_point(n: int, records: list[dict], edit_seconds: float, info: dict) -> None:
+        nonlocal curve
+        files.atomic_write(
+            run.path(f"mass-{n}.jsonl"), "".join(json.dumps(r) + "\n" for r in records)
+        )
+        summary = summarize_records(records, seed=int(cfg.seed))
+        point = {"size": n, "edit_seconds": round(edit_seconds, 2), **info}
+        point["peak_memory_gib"] = round(peak_memory_gib(lm.device), 2)
+        point |= summary
+        curve = sorted([*curve, point], key=lambda point: point["size"])
+        files.write_json(saved, {"curve": curve})
+        run.tracker.log(
+            {f"mass/{k}": summary["post"][k]["mean"] for k in ("S", "ES", "PS", "NS")}, step=n
+        )
+        print(f"{n} edits at once ({edit_seconds:.0f} s): " + headline(summary).split("\n")[1])
+
+    if todo and not editor.editor.joint_solve:
+        _mass_one_after_another(run, lm, editor, cases, todo, pre_cache, rows_per_pass, add_point)
+    for n in todo if editor.editor.joint_solve else []:
         batch = cases[:n]
         started = time.perf_counter()
         edit = editor.mass(batch)
@@ -331,22 +353,11 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
             case_record(c, p, q, r, seconds / n)
             for c, p, q, r in zip(batch, pre, post, edit.results, strict=True)
         ]
-        files.atomic_write(
-            run.path(f"mass-{n}.jsonl"), "".join(json.dumps(r) + "\n" for r in records)
-        )
-        summary = summarize_records(records, seed=int(cfg.seed))
         reused = sum(bool((r.info or {}).get("z_reused")) for r in edit.results)
-        point = {"size": n, "edit_seconds": round(edit_seconds, 2), "values_reused": reused}
+        info: dict[str, Any] = {"values_reused": reused}
         if "seconds" in edit.info:  # the editor's own split of edit_seconds (z, spread)
-            point["edit_seconds_by_step"] = edit.info["seconds"]
-        point["peak_memory_gib"] = round(peak_memory_gib(lm.device), 2)
-        point |= summary
-        curve = sorted([*curve, point], key=lambda point: point["size"])
-        files.write_json(saved, {"curve": curve})
-        run.tracker.log(
-            {f"mass/{k}": summary["post"][k]["mean"] for k in ("S", "ES", "PS", "NS")}, step=n
-        )
-        print(f"{n} edits at once ({edit_seconds:.0f} s): " + headline(summary).split("\n")[1])
+            info["edit_seconds_by_step"] = edit.info["seconds"]
+        add_point(n, records, edit_seconds, info)
     run.write_summary(
         {
             "mode": "mass",
@@ -356,6 +367,89 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
             "curve": curve,
         }
     )
+
+
+PROGRESS_EVERY = 10  # edits between saves of a one-after-another mass pass
+
+
+def _mass_one_after_another(
+    run: Run,
+    lm: LoadedModel,
+    editor: CaseEditor,
+    cases: Sequence[CounterfactCase],
+    sizes: Sequence[int],
+    pre_cache: PreCache,
+    rows_per_pass: int,
+    add_point: Callable[[int, list[dict], float, dict], None],
+) -> None:
+    """The mass curve of an editor whose joint edit writes requests one after another: the
+    joint edit of N passes through that of every smaller N, so one pass writes the cases in
+    order, in place, and scores the first n at each size n. Each case's updates are saved to
+    `mass-progress.pt` every `PROGRESS_EVERY` edits and after each size; a rerun re-applies them
+    in the same order (the same weights, bit for bit) and goes on, a larger size later starts
+    where the pass stopped, and a smaller one replays the first n. Each chunk is the editor's
+    own `joint`, so the edits are those a single joint edit of N makes."""
+    last = max(sizes)
+    pre = pre_cache.get(cases[:last], rows_per_pass)  # on the unedited model, before any edit
+    progress_path = run.path("mass-progress.pt")
+    ids = [c.id for c in cases[:last]]
+    state: dict[str, Any] = {"ids": [], "updates": [], "edits": [], "edit_seconds": []}
+    if progress_path.exists():
+        state = torch.load(progress_path, weights_only=False)
+        have = state["ids"][: len(ids)]
+        if have != ids[: len(have)]:
+            differing = next(a for a, b in zip(have, ids, strict=False) if a != b)
+            raise SystemExit(
+                f"{progress_path} holds edits of other cases than these (first differing case "
+                f"{differing!r}); remove it to start the pass over."
+            )
+        log.info("one-after-another mass pass: %d edits saved", len(state["ids"]))
+
+    def score(n: int) -> None:
+        batch = cases[:n]
+        post = [scored(p) for p in score_cases(lm, batch, batch_size=rows_per_pass)]
+        seconds = sum(state["edit_seconds"][:n])
+        records = [
+            {**case_record(c, p, q, None, seconds / n), "edit": e}
+            for c, p, q, e in zip(batch, pre[:n], post, state["edits"][:n], strict=True)
+        ]
+        add_point(n, records, seconds, {"values_reused": 0})
+
+    def save() -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        files.atomic_write(progress_path, buffer.getvalue())
+
+    with preserved_weights(lm, editor.editor.layers):
+        applied = 0
+        for n in sorted(sizes):
+            if n <= len(state["ids"]):  # saved edits reach this size: replay, then score
+                for updates in state["updates"][applied:n]:
+                    apply_update(lm, updates)
+                applied = n
+                score(n)
+        for updates in state["updates"][applied:]:
+            apply_update(lm, updates)
+        done = len(state["ids"])
+        stops = sorted(
+            {n for n in sizes if n > done} | set(range(done + PROGRESS_EVERY, last, PROGRESS_EVERY))
+        )
+        bar = tqdm(total=last, initial=min(done, last), desc=f"{editor.name}: one after another")
+        for stop in stops:
+            chunk = cases[len(state["ids"]) : stop]
+            started = time.perf_counter()
+            edit = editor.mass(chunk)
+            apply_update(lm, edit.updates)
+            seconds = (time.perf_counter() - started) / len(chunk)
+            state["ids"] += [c.id for c in chunk]
+            state["updates"] += [as_list(r.update) for r in edit.results]
+            state["edits"] += [edit_summary(r) for r in edit.results]
+            state["edit_seconds"] += [seconds] * len(chunk)
+            bar.update(len(chunk))
+            if stop in sizes:
+                score(stop)  # before saving: a crash in between redoes the chunk, then scores
+            save()
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -167,6 +167,29 @@ def test_mass_edits_report_each_size_and_a_rerun_adds_only_new_sizes(tmp_path):
     assert (out / "mass-3.jsonl").read_text() == first
 
 
+def test_a_one_after_another_mass_curve_is_one_resumable_pass_equal_to_each_size_alone(tmp_path):
+    """ROME writes a mass edit request after request, so the curve is one pass: sizes 1 and 2,
+    then 3 resumed from the saved edits, score the same as each size written alone."""
+
+    def mass(results, sizes):
+        evaluate(
+            tmp_path, "eval.mode=mass", "data.limit=3", f"eval.mass_sizes={sizes}", results=results
+        )
+        out = tmp_path / results / "evaluate/tiny-gpt2/counterfact-easyedit/rome/mass"
+        return out, {p["size"]: p for p in json.loads((out / "mass.json").read_text())["curve"]}
+
+    out, _ = mass("pass", "[1,2]")
+    assert (out / "mass-progress.pt").exists()
+    out, curve = mass("pass", "[1,2,3]")  # resumes after the two saved edits
+    for n in (1, 3):
+        alone, alone_curve = mass(f"alone-{n}", f"[{n}]")
+        ours = read_jsonl([out / f"mass-{n}.jsonl"])
+        theirs = read_jsonl([alone / f"mass-{n}.jsonl"])
+        assert [r["post"]["probs"] for r in ours] == [r["post"]["probs"] for r in theirs]
+        assert [r["edit"] for r in ours] == [r["edit"] for r in theirs]
+        assert curve[n]["post"] == alone_curve[n]["post"]
+
+
 def test_summarize_builds_table_4(tmp_path):
     evaluate(tmp_path, "data.limit=2")
     evaluate(tmp_path, "data.limit=2", editor="none")

@@ -72,14 +72,19 @@ def case_record(
         "seconds": round(seconds, 3),
     }
     if result is not None:
-        record["edit"] = {
-            "ok": result.ok,
-            "error": None if result.ok else result.error.reason,
-            "steps": result.steps,
-            "target_nll": result.target_nll,
-            "update_norm": result.info.get("update_norm"),
-        }
+        record["edit"] = edit_summary(result)
     return record
+
+
+def edit_summary(result: EditResult) -> dict[str, Any]:
+    """What a case's record keeps of its edit."""
+    return {
+        "ok": result.ok,
+        "error": None if result.ok else result.error.reason,
+        "steps": result.steps,
+        "target_nll": result.target_nll,
+        "update_norm": result.info.get("update_norm"),
+    }
 
 
 def scored(probs: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:

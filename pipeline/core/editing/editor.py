@@ -41,6 +41,9 @@ class Editor:
 
     name = "editor"
     layers: tuple[int, ...] = ()  # the layers whose MLP output projection an edit may change
+    # False: `joint` writes the requests one after another (the base class's), so a joint edit
+    # of N requests passes through the joint edit of each first n; True: one solve for all.
+    joint_solve = False
 
     def independent(self, lm: LoadedModel, requests: Indexed) -> list[EditResult]:
         raise NotImplementedError

@@ -164,6 +164,8 @@ def fine_tune(
 class FineTune(Editor):
     """FT (or FT-L, with `norm_constraint`) at one layer's MLP output projection."""
 
+    joint_solve = True
+
     def __init__(self, lm: LoadedModel, hparams: FtHparams):
         self.hparams = hparams
         self.name = "ft" if hparams.norm_constraint is None else "ft-l"

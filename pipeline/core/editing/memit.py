@@ -128,6 +128,7 @@ class Memit(Editor):
     """MEMIT bound to C at each layer of its range and to its context templates."""
 
     name = "memit"
+    joint_solve = True
     value_store: ValueStore | None = None  # z kept between runs and editors (`values.py`)
 
     def __init__(
