@@ -261,7 +261,10 @@ def _run_independent(
 
 
 def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
-    """Edits accumulate; after each checkpoint every case edited so far is scored again."""
+    """Edits accumulate; after each checkpoint every case edited so far is scored again. The
+    model's edited weights and the editor's state are saved to `sequential-progress.pt` every
+    `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it stopped
+    (with the same weights, bit for bit) and a run over more cases extends a finished one."""
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("sequential mode needs an editor (editor=rome, memit, ...)")
@@ -271,24 +274,44 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
         {int(n) for n in cfg.eval.checkpoints if int(n) <= len(cases)} | {len(cases)}
     )
     rows_per_pass = int(cfg.eval.rows_per_pass)
-    curve = []
+    progress_path = run.path("sequential-progress.pt")
+    ids = [c.id for c in cases]
+    resume = torch.load(progress_path, weights_only=False) if progress_path.exists() else None
+    if resume and (resume["ids"] != ids[: len(resume["ids"])] or resume["done"] > len(cases)):
+        raise SystemExit(
+            f"{progress_path} holds {resume['done']} edits of other cases than these first "
+            f"{len(cases)}; remove it (or the directory) to start over."
+        )
+    curve = [point for point in resume["curve"]] if resume else []
+    failed = list(resume["failed"]) if resume else []
+    if resume:
+        log.info("sequential editing resumes after %d edits", resume["done"])
 
     def on_checkpoint(done: int, results: list[EditResult]) -> None:
-        if done not in checkpoints:
-            return
-        probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
-        summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
-        curve.append({"edits": done, "failed": sum(not r.ok for r in results), **summary})
-        run.tracker.log(
-            {f"sequential/{k}": summary[k]["mean"] for k in ("S", "ES", "PS", "NS")}, step=done
-        )
-        run.write_json("sequential.json", {"checkpoints": curve})
-        print(
-            f"after {done} edits: "
-            + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
-        )
+        failed.extend(not r.ok for r in results[len(failed) - (done - len(results)) :])
+        if done in checkpoints and all(point["edits"] != done for point in curve):
+            probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
+            summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
+            curve.append({"edits": done, "failed": sum(failed[:done]), **summary})
+            run.tracker.log(
+                {f"sequential/{k}": summary[k]["mean"] for k in ("S", "ES", "PS", "NS")},
+                step=done,
+            )
+            run.write_json("sequential.json", {"checkpoints": curve})
+            print(
+                f"after {done} edits: "
+                + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
+            )
+        if done in checkpoints or done % PROGRESS_EVERY == 0:
+            state = editor.snapshot(done) | {"ids": ids[:done], "failed": failed[:done]}
+            state["curve"] = curve
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            files.atomic_write(progress_path, buffer.getvalue())
 
-    editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch))
+    if not resume or resume["done"] < len(cases):
+        editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch), resume)
+    run.write_json("sequential.json", {"checkpoints": curve})
     run.write_summary(
         {
             "mode": "sequential",
@@ -298,6 +321,9 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
             "checkpoints": curve,
         }
     )
+
+
+PROGRESS_EVERY = 10  # edits between saves of a sequential run or a one-after-another mass pass
 
 
 def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
@@ -367,9 +393,6 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
             "curve": curve,
         }
     )
-
-
-PROGRESS_EVERY = 10  # edits between saves of a one-after-another mass pass
 
 
 def _mass_one_after_another(

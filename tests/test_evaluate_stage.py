@@ -148,6 +148,31 @@ def test_sequential_edits_report_each_checkpoint(tmp_path):
     assert curve[-1]["ES"]["n"] == 3
 
 
+def test_sequential_editing_resumes_from_its_saved_edits_as_if_never_stopped(tmp_path):
+    """AlphaEdit carries state from edit to edit (the keys it preserves): two edits, then a run
+    over three cases going on from the saved weights and state, equals three in one go."""
+
+    def sequential(results, limit):
+        evaluate(
+            tmp_path,
+            "eval.mode=sequential",
+            f"data.limit={limit}",
+            "eval.checkpoints=[1,2]",
+            results=results,
+            editor="alphaedit",
+        )
+        out = tmp_path / results / "evaluate/tiny-gpt2/counterfact-easyedit/alphaedit/sequential"
+        return out, json.loads((out / "sequential.json").read_text())["checkpoints"]
+
+    out, first = sequential("resumed", 2)
+    assert [point["edits"] for point in first] == [1, 2]
+    assert (out / "sequential-progress.pt").exists()
+    _, resumed = sequential("resumed", 3)
+    _, whole = sequential("whole", 3)
+    assert [point["edits"] for point in resumed] == [1, 2, 3]
+    assert resumed == whole
+
+
 def test_mass_edits_report_each_size_and_a_rerun_adds_only_new_sizes(tmp_path):
     evaluate(tmp_path, "eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,3]", editor="memit")
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/memit/mass"

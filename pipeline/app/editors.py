@@ -332,17 +332,39 @@ class CaseEditor:
         cases: Sequence[CounterfactCase],
         on_checkpoint: Callable[[int, list[EditResult]], None],
         batch_size: int = 1,
+        resume: dict | None = None,
     ) -> list[EditResult]:
         """Write the cases into the model `batch_size` at a time, calling
-        `on_checkpoint(done, results)` after each; the weights are restored exactly after."""
+        `on_checkpoint(done, results)` after each (done counts every case in the model, results
+        are this call's); the weights are restored exactly after. `resume` (a `snapshot()`
+        taken after the first `resume["done"]` cases) puts that model and editor state back and
+        goes on from there."""
         if self.editor is None:
             raise ValueError("sequential mode needs an editor")
+        start = resume["done"] if resume else 0
         with preserved_weights(self.lm, self.editor.layers):
+            if resume:
+                with torch.no_grad():
+                    for layer, weight in resume["weights"].items():
+                        self.lm.mlp_out_weight(layer).copy_(weight)
+                self.editor.load_state_dict(resume["editor"])
             return sequential.edit_sequentially(
                 self.lm,
-                self.requests(cases),
+                self.requests(cases[start:]),
                 self.editor,
                 batch_size=batch_size,
                 checkpoint_every=1,
-                on_checkpoint=on_checkpoint,
+                on_checkpoint=lambda done, results: on_checkpoint(start + done, results),
             )
+
+    def snapshot(self, done: int) -> dict:
+        """The model's edited weights and the editor's state after `done` sequential cases."""
+        assert self.editor is not None
+        return {
+            "done": done,
+            "weights": {
+                layer % self.lm.n_layers: self.lm.mlp_out_weight(layer).detach().clone()
+                for layer in self.editor.layers
+            },
+            "editor": self.editor.state_dict(),
+        }

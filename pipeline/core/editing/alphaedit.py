@@ -104,3 +104,13 @@ class AlphaEdit(Memit):
         for layer, gram in edit.info.get("key_grams", {}).items():
             self.preserved[layer] += gram
             self.committed = True
+
+    def state_dict(self) -> dict:
+        return {
+            "preserved": {k: v.clone() for k, v in self.preserved.items()},
+            "committed": self.committed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.preserved = {k: v.clone() for k, v in state["preserved"].items()}
+        self.committed = state["committed"]

@@ -63,3 +63,10 @@ class Editor:
 
     def commit(self, lm: LoadedModel, edit: JointEdit) -> None:
         """Called after `edit` has been applied to the model for good (sequential editing)."""
+
+    def state_dict(self) -> dict:
+        """What `commit` has accumulated (none here), to resume sequential editing from."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to a `state_dict` (with the weights of that moment put back by the caller)."""
