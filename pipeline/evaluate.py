@@ -305,9 +305,7 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
         if done in checkpoints or done % PROGRESS_EVERY == 0:
             state = editor.snapshot(done) | {"ids": ids[:done], "failed": failed[:done]}
             state["curve"] = curve
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            files.atomic_write(progress_path, buffer.getvalue())
+            save_progress(progress_path, state)
 
     if not resume or resume["done"] < len(cases):
         editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch), resume)
@@ -321,6 +319,13 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
             "checkpoints": curve,
         }
     )
+
+
+def save_progress(path: Path, state: dict[str, Any]) -> None:
+    """A resumable run's state (tensors and plain values), written atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files.atomic_write(path, buffer.getvalue())
 
 
 PROGRESS_EVERY = 10  # edits between saves of a sequential run or a one-after-another mass pass
@@ -438,11 +443,6 @@ def _mass_one_after_another(
         ]
         add_point(n, records, seconds, {"values_reused": 0})
 
-    def save() -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        files.atomic_write(progress_path, buffer.getvalue())
-
     with preserved_weights(lm, editor.editor.layers):
         applied = 0
         for n in sorted(sizes):
@@ -471,7 +471,7 @@ def _mass_one_after_another(
             bar.update(len(chunk))
             if stop in sizes:
                 score(stop)  # before saving: a crash in between redoes the chunk, then scores
-            save()
+            save_progress(progress_path, state)
         bar.close()
 
 

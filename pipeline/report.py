@@ -377,66 +377,54 @@ def main(cfg: DictConfig, run: Run) -> None:
             f"CounterFact table: no runs of {model} under `{cfg.runs_dir}` (run `make evaluate`)"
         )
 
-    curves = mass_curves(runs_dir / model / cfg.eval_data)
-    doc += ["## Editing at scale", ""]
-    if curves:
-        made["mass_scaling"] = figures.mass_scaling(figure_dir, curves, model)
-        doc += [
+    data_dir = runs_dir / model / cfg.eval_data
+    for heading, name, curves, intro, last, value, mode in (
+        (
+            "Editing at scale",
+            "mass_scaling",
+            mass_curves(data_dir),
             "N requests written into the model in one edit (ROME, FT and KN: one after another),"
             " then all N cases scored on the edited model; percent, mean [95% interval].",
+            "seconds to edit",
+            lambda point: point.get("edit_seconds", "–"),
+            "mass",
+        ),
+        (
+            "Sequential editing",
+            "sequential_scaling",
+            sequential_curves(data_dir),
+            "Edits written one after another into one model, each computed on the model the "
+            "edits before left; at each checkpoint every case edited so far is scored; percent, "
+            "mean [95% interval]; failed: edits the editor could not make.",
+            "failed",
+            lambda point: point["failed"],
+            "sequential",
+        ),
+    ):
+        doc += [f"## {heading}", ""]
+        if not curves:
+            missing.append(
+                f"{mode} editing: no `<editor>/{mode}/{mode}.json` under "
+                f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
+                f"eval.mode={mode})"
+            )
+            continue
+        made[name] = figures.edit_scaling(figure_dir, curves, model, name=name)
+        doc += [
+            intro,
             "",
-            f"![mass_scaling]({os.path.relpath(made['mass_scaling'], out)})",
+            f"![{name}]({os.path.relpath(made[name], out)})",
             "",
-            "| editor | edits | " + " | ".join(SWEEP_METRICS) + " | seconds to edit |",
+            "| editor | edits | " + " | ".join(SWEEP_METRICS) + f" | {last} |",
             "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
         ]
         for editor, curve in sorted(curves.items()):
             for point in curve:
-                cells = [cell(point["post"][k]) for k in SWEEP_METRICS]
-                doc.append(
-                    f"| {editor} | {point['size']} | "
-                    + " | ".join(cells)
-                    + f" | {point.get('edit_seconds', '–')} |"
-                )
-        doc.append("")
-    else:
-        missing.append(
-            "mass editing: no `<editor>/mass/mass.json` under "
-            f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
-            "eval.mode=mass)"
-        )
-
-    sequences = sequential_curves(runs_dir / model / cfg.eval_data)
-    doc += ["## Sequential editing", ""]
-    if sequences:
-        made["sequential_scaling"] = figures.mass_scaling(
-            figure_dir, sequences, model, name="sequential_scaling"
-        )
-        doc += [
-            "Edits written one after another into one model, each computed on the model the "
-            "edits before left; at each checkpoint every case edited so far is scored; percent, "
-            "mean [95% interval]; failed: edits the editor could not make.",
-            "",
-            f"![sequential_scaling]({os.path.relpath(made['sequential_scaling'], out)})",
-            "",
-            "| editor | edits | " + " | ".join(SWEEP_METRICS) + " | failed |",
-            "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
-        ]
-        for editor, curve in sorted(sequences.items()):
-            for point in curve:
                 cells = [cell(point["post"].get(k)) for k in SWEEP_METRICS]
                 doc.append(
-                    f"| {editor} | {point['size']} | "
-                    + " | ".join(cells)
-                    + f" | {point['failed']} |"
+                    f"| {editor} | {point['size']} | " + " | ".join(cells) + f" | {value(point)} |"
                 )
         doc.append("")
-    else:
-        missing.append(
-            "sequential editing: no `<editor>/sequential/sequential.json` under "
-            f"`{Path(cfg.runs_dir) / model / cfg.eval_data}` (python -m pipeline.evaluate "
-            "eval.mode=sequential)"
-        )
 
     if cfg.paper:
         paper = OmegaConf.to_container(cfg.paper, resolve=True)

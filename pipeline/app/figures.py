@@ -339,7 +339,7 @@ SCALING = {  # figure name -> (x label, title)
 }
 
 
-def mass_scaling(
+def edit_scaling(
     out_dir: Path,
     curves: dict[str, list[dict[str, Any]]],
     model: str,
