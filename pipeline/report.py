@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import figures
+from pipeline.app import figures, findings
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
-from pipeline.app.stage import Run, stage
+from pipeline.app.stage import Run, describe_machine, stage
 from pipeline.app.tables import cell, collect, markdown, write_table
 from pipeline.core import files
 from pipeline.core.patching import BUCKETS
@@ -94,13 +94,33 @@ def provenance(directory: Path, report_dir: Path) -> str:
     seconds = (files.read_json(summary_path) if summary_path.exists() else {}).get("seconds")
     commit = (meta.get("git") or {}).get("commit") or "unknown"
     dirty = " (uncommitted changes)" if (meta.get("git") or {}).get("dirty") else ""
-    link = os.path.relpath(config, report_dir)
+    link = f"[config]({os.path.relpath(config, report_dir)})" if config.exists() else "no config"
     took = f", {seconds / 60:.1f} min" if seconds is not None else ""
+    sittings = meta.get("sittings") or []
+    if len(sittings) > 1:  # a resumed run: every commit that wrote part of it
+        commits = dict.fromkeys(f"`{(s.get('commit') or 'unknown')[:10]}`" for s in sittings)
+        took += f"; resumed over {len(sittings)} sittings (commits {', '.join(commits)})"
     return (
         f"from `{os.path.relpath(directory, report_dir)}`, commit `{commit[:10]}`{dirty}, "
-        f"[config]({link}), started {meta.get('started', '?')} on `{meta.get('host', '?')}`"
+        f"{link}, started {meta.get('started', '?')} on {describe_machine(meta)}"
         f"{took}"
     )
+
+
+def data_files(inputs: dict[str, Path]) -> list[str]:
+    """Markdown: every data file the inputs (label -> results directory) read, from their
+    run.json, with its sha256 and the inputs that read it: a rerun can check its records."""
+    readers: dict[tuple[str, str], list[str]] = {}
+    for label, directory in inputs.items():
+        meta_path = directory / "run.json"
+        data = (files.read_json(meta_path) if meta_path.exists() else {}).get("data") or {}
+        if data.get("path"):
+            key = (Path(data["path"]).name, data.get("sha256") or "not recorded")
+            readers.setdefault(key, []).append(label)
+    lines = ["| file | sha256 | read by |", "|---|---|---|"]
+    for (name, digest), labels in sorted(readers.items()):
+        lines.append(f"| `{name}` | `{digest}` | {', '.join(labels)} |")
+    return lines if readers else []
 
 
 SMALL_N = 30  # fewer traced prompts than this: the report says the averages are not reliable
@@ -378,11 +398,12 @@ def main(cfg: DictConfig, run: Run) -> None:
         )
 
     data_dir = runs_dir / model / cfg.eval_data
+    mass = mass_curves(data_dir)
     for heading, name, curves, intro, last, value, mode in (
         (
             "Editing at scale",
             "mass_scaling",
-            mass_curves(data_dir),
+            mass,
             "N requests written into the model in one edit (ROME, FT and KN: one after another),"
             " then all N cases scored on the edited model; percent, mean [95% interval].",
             "seconds to edit",
@@ -425,12 +446,40 @@ def main(cfg: DictConfig, run: Run) -> None:
                     f"| {editor} | {point['size']} | " + " | ".join(cells) + f" | {value(point)} |"
                 )
         doc.append("")
+        doc += [f"- {editor}: {provenance(data_dir / editor / mode, out)}" for editor in curves]
+        doc.append("")
 
     if cfg.paper:
         paper = OmegaConf.to_container(cfg.paper, resolve=True)
         same_data = [r for r in table if r["data"] == cfg.eval_data]
         peak = peak_layer(averages, "mlp") if averages else None
         doc += ["## Beside the paper", "", *paper_comparison(paper, same_data, peak), ""]
+    inputs_read = {"trace": trace_dir}
+    inputs_read |= {f"layer {r['layer']}": Path(r["dir"]) for r in rows}
+    inputs_read |= {
+        r["editor"]: Path(r["dir"]) for r in table if not r["editor"].startswith("none (")
+    }
+    inputs_read |= {f"{e} mass": data_dir / e / "mass" for e in mass}
+    inputs_read |= {
+        f"{e} sequential": data_dir / e / "sequential" for e in sequential_curves(data_dir)
+    }
+    digests = data_files(inputs_read)
+    if digests:
+        doc += ["## Data", "", *digests, ""]
+    found = findings.read_results(
+        averages, rows, [r for r in table if r["data"] == cfg.eval_data], mass
+    )
+    if found:
+        doc += [
+            "## What the runs show",
+            "",
+            "Each of the paper's findings these results speak to, with a verdict by the rule in "
+            "`pipeline/app/findings.py`: agrees when the effect goes the paper's way beyond the "
+            "95% intervals (or by a significant rank test).",
+            "",
+            *findings.markdown(found),
+            "",
+        ]
     if missing:
         doc += ["## Not yet run", "", *[f"- {m}" for m in missing], ""]
     files.atomic_write(out / "index.md", "\n".join(doc))

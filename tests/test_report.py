@@ -141,6 +141,9 @@ def test_report_from_fixture_results(tmp_path):
     assert len(links) >= 12
     for link in links:
         assert (out / link).exists(), f"broken link {link}"
+    findings = index.split("## What the runs show")[1]
+    assert "**Early site: MLP at the last subject token**" in findings
+    assert "**MEMIT holds up where ROME's edits pile up**" in findings
     # The paper's Table 4 rows beside ours: "paper / ours" per metric, "not run" where we have none.
     ours = {row["editor"]: row for row in csv.DictReader((out / "table.csv").open())}
     rome_s = float(ours["rome"]["S_mean"])

@@ -233,6 +233,12 @@ def test_a_resume_over_other_records_is_refused_naming_the_file_and_both_digests
     # another data root (paths may change between runs) with the same records: continues
     moved = run_stage("evaluate", *args, f"paths.data={tmp_path / 'b'}", "data.limit=3")
     assert moved.returncode == 0, moved.stderr[-3000:]
+    # each sitting of a resumed run is kept, with its commit and its own time
+    meta = json.loads((out_dir / "run.json").read_text())
+    assert [set(s) for s in meta["sittings"]] == [{"started", "commit", "dirty", "seconds"}] * 2
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert meta["sittings"][-1]["seconds"] == summary["seconds"] > 0
+    assert meta["machine"]["cpus"] >= 1 and meta["machine"]["torch_threads"] >= 1
     records[2]["target_new"] = "Klingon"  # edited in place
     second.write_text(json.dumps(records))
     refused = run_stage("evaluate", *args, f"paths.data={tmp_path / 'b'}", "data.limit=3")

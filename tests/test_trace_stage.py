@@ -38,6 +38,9 @@ def test_sharded_trace_equals_unsharded_and_reruns_skip(tmp_path):
     assert "4 already traced" in again.stdout
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["traced"] == 4 and summary["complete"]
+    # the time of the trace is the prompts' own, summed over sittings, not this rerun's
+    prompts = [json.loads(p.read_text()) for p in (out_dir / "prompts").glob("*.json")]
+    assert summary["seconds"] == round(sum(p["seconds"] for p in prompts), 1) > 0
     first = averages(whole)
     assert first["kinds"]["mlp"]["count"][2] == 4  # every prompt has a last subject token
     for name in ("average_mlp", "last_subject_aie", "severed", "example_0_hidden"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import os
 import platform
 import random
 import subprocess
@@ -93,6 +94,57 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def machine() -> dict[str, Any]:
+    """What ran the stage, for a report's "how long on which machine": CPU model and count,
+    memory, the threads torch uses and the GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory: float | None = round(pages / 2**30, 1)
+    except (OSError, ValueError, AttributeError):
+        memory = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": memory,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+    }
+
+
+def describe_machine(meta: Mapping[str, Any]) -> str:
+    """A run.json's machine in a few words: `host (GPU | n CPUs, m GiB)`."""
+    host, spec = meta.get("host", "?"), meta.get("machine")
+    if not spec:
+        return f"`{host}`"
+    if spec.get("gpu"):
+        return f"`{host}` ({spec['gpu']})"
+    memory = f", {spec['memory_gib']:g} GiB" if spec.get("memory_gib") else ""
+    threads = spec.get("torch_threads")
+    return (
+        f"`{host}` ({spec.get('cpus')} CPUs{memory}, "
+        f"{threads} torch thread{'s' if threads != 1 else ''}, no GPU)"
+    )
+
+
+def _sittings(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sittings recorded in an earlier run.json (one written before sittings were recorded
+    counts as one sitting of unknown length)."""
+    if not meta:
+        return []
+    if "sittings" in meta:
+        return list(meta["sittings"])
+    git = meta.get("git") or {}
+    return [
+        {"started": meta.get("started"), "commit": git.get("commit"), "dirty": git.get("dirty")}
+    ]
+
+
 def _sweep_group() -> str | None:
     """In a `--multirun`, one W&B group per sweep, named by the sweep's overrides (as Hydra saved
     them in the sweep's multirun.yaml), so the same sweep started again keeps its group."""
@@ -163,23 +215,29 @@ class Run:
         # The data the directory's results came from (`check_data`), carried over from the run
         # before so that a run killed before it checks its data does not forget it.
         previous = self.out_dir / "run.json"
-        self.data: dict[str, Any] | None = (
-            files.read_json(previous).get("data") if resumable and previous.exists() else None
-        )
+        before = files.read_json(previous) if resumable and previous.exists() else {}
+        self.data: dict[str, Any] | None = before.get("data")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self.headline: float | None = None  # the stage's one number (`headline`)
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        git = git_state()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
+        # A resumed run's sittings, each with its commit and (once it finishes) its seconds:
+        # which code wrote which part, and the time of the whole run, not just the last sitting.
+        sitting = {"started": started, "commit": git.get("commit"), "dirty": git.get("dirty")}
         self.meta = {
             "stage": stage,
             "command": [sys.executable, *sys.argv],
             "seed": int(cfg.seed),
-            "git": git_state(),
+            "git": git,
             "packages": package_versions(),
             "host": platform.node(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "machine": machine(),
+            "started": started,
+            "sittings": [*_sittings(before), sitting],
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
             "data": self.data,
@@ -255,7 +313,10 @@ class Run:
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """`summary.json` holds the headline numbers; the tracker gets the same."""
-        body = {"stage": self.stage, **summary, "seconds": round(time.time() - self.started, 3)}
+        wall = round(time.time() - self.started, 3)
+        body = {"stage": self.stage, "seconds": wall, **summary}  # a stage may count its own
+        self.meta["sittings"][-1]["seconds"] = wall
+        files.write_json(self.out_dir / "run.json", self.meta)
         self.headline = headline(self.stage, body)
         self.tracker.summary(body)
         return self.write_json("summary.json", body)

@@ -1,0 +1,123 @@
+"""The report's verdicts on the paper's findings follow their stated rules, both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.app import findings
+from pipeline.core.patching import BUCKETS
+
+LAYERS = 12
+
+
+def averages(mlp_subject_peak: int, attn_last_peak: int, mlp_last_height: float = 0.05):
+    """Trace averages with one bump per (kind, bucket) at the given layers."""
+
+    def bump(peak: int, height: float) -> list[float]:
+        return list(height * np.exp(-0.5 * (np.arange(LAYERS) - peak) ** 2))
+
+    rows = {kind: [[0.0] * LAYERS for _ in BUCKETS] for kind in ("mlp", "attn")}
+    rows["mlp"][BUCKETS.index("last_subject")] = bump(mlp_subject_peak, 0.2)
+    rows["mlp"][BUCKETS.index("last")] = bump(LAYERS - 1, mlp_last_height)
+    rows["attn"][BUCKETS.index("last")] = bump(attn_last_peak, 0.15)
+    rows["attn"][BUCKETS.index("last_subject")] = bump(2, 0.02)
+    return {"kinds": {kind: {"mean": value} for kind, value in rows.items()}}
+
+
+def metric(mean: float, half_width: float) -> dict[str, float]:
+    return {"mean": mean, "low": mean - half_width, "high": mean + half_width}
+
+
+def test_the_trace_sites_agree_when_the_mlp_peaks_early_and_attention_late():
+    found = findings.read_results(averages(3, 9), [], [], {})
+    verdicts = {f.name: f.verdict for f in found}
+    assert verdicts["Early site: MLP at the last subject token"] == findings.AGREES
+    assert verdicts["Late site: attention at the last token"] == findings.AGREES
+    assert "layer 3 of 12" in found[0].evidence
+
+
+def test_the_trace_sites_disagree_when_the_peaks_are_swapped():
+    found = findings.read_results(averages(9, 3), [], [], {})
+    assert [f.verdict for f in found] == [findings.DISAGREES, findings.DISAGREES]
+    # an MLP effect at the last token above the subject's is not the paper's early site either
+    found = findings.read_results(averages(3, 9, mlp_last_height=0.5), [], [], {})
+    assert found[0].verdict == findings.DISAGREES
+
+
+def test_severed_paths_compare_the_drop_in_the_lower_half_of_the_layers():
+    none = np.linspace(0.3, 0.0, LAYERS)
+    trace = averages(3, 9)
+    trace["severed"] = {
+        "none": {"mean": list(none)},
+        "mlp": {"mean": list(none * 0.3)},
+        "attn": {"mean": list(none * 0.9)},
+    }
+    assert findings.severed_mlp(trace).verdict == findings.AGREES
+    trace["severed"]["mlp"], trace["severed"]["attn"] = (
+        trace["severed"]["attn"],
+        trace["severed"]["mlp"],
+    )
+    assert findings.severed_mlp(trace).verdict == findings.DISAGREES
+
+
+def sweep(scores):
+    return [{"layer": layer, "post": {"S": {"mean": s}}} for layer, s in enumerate(scores)]
+
+
+def test_editing_follows_the_trace_by_a_rank_correlation():
+    trace = averages(4, 9)
+    mlp = np.asarray(trace["kinds"]["mlp"]["mean"][BUCKETS.index("last_subject")])
+    found = findings.edit_where_trace_peaks(sweep(50 + 100 * mlp), trace)
+    assert found.verdict == findings.AGREES and "S peaks at layer 4" in found.evidence
+    assert (
+        findings.edit_where_trace_peaks(sweep(50 - 100 * mlp), trace).verdict == findings.DISAGREES
+    )
+    # three layers cannot reach significance: the right direction, but not established
+    three = findings.edit_where_trace_peaks(sweep(50 + 100 * mlp)[3:6], trace)
+    assert three.verdict == findings.WITHIN
+    assert findings.edit_where_trace_peaks(sweep([1, 2]), trace) is None
+
+
+def curve(*points):
+    return [{"size": size, "post": {"S": metric(s, width)}} for size, s, width in points]
+
+
+def test_memit_against_rome_at_the_largest_common_number_of_edits():
+    mass = {
+        "memit": curve((1, 100, 0), (1000, 79, 1.5)),
+        "rome": curve((1, 100, 0), (100, 69, 6), (1000, 40, 2)),
+    }
+    found = findings.memit_holds_where_rome_collapses(mass)
+    assert found.verdict == findings.AGREES and "N = 1,000" in found.evidence
+    mass["rome"][-1]["post"]["S"] = metric(78, 2)
+    assert findings.memit_holds_where_rome_collapses(mass).verdict == findings.WITHIN
+    mass["rome"][-1]["post"]["S"] = metric(85, 2)
+    assert findings.memit_holds_where_rome_collapses(mass).verdict == findings.DISAGREES
+    assert findings.memit_holds_where_rome_collapses({"memit": mass["memit"]}) is None
+
+
+def table(**editors):
+    return [{"editor": name, "metrics": metrics} for name, metrics in editors.items()]
+
+
+def test_the_table_findings():
+    none = {"ES": metric(30, 5), "PS": metric(30, 5), "NS": metric(75, 4)}
+    ft = {"ES": metric(99, 1), "PS": metric(70, 5), "NS": metric(55, 5)}
+    rome = {"ES": metric(99, 1), "PS": metric(90, 4), "NS": metric(70, 5)}
+    weak = {"ES": metric(40, 5), "PS": metric(35, 5), "NS": metric(70, 5)}
+    rows = table(none=none, ft=ft, rome=rome, **{"ft-l": weak, "kn": weak})
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.AGREES
+    assert findings.rome_generalizes(rows).verdict == findings.AGREES
+    ft["NS"] = metric(72, 5)  # lower, but inside the unedited model's interval
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.WITHIN
+    ft["ES"] = metric(20, 5)  # fine-tuning that does not reach its target
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.DISAGREES
+    rome["PS"] = metric(30, 4)
+    assert findings.rome_generalizes(rows).verdict == findings.DISAGREES
+
+
+def test_markdown_names_claim_evidence_and_verdict():
+    found = findings.read_results(averages(3, 9), [], [], {})
+    lines = findings.markdown(found)
+    assert len(lines) == 2 and lines[0].startswith("- **Early site")
+    assert "*agrees*" in lines[0] and "Paper:" in lines[0] and "Here:" in lines[0]
