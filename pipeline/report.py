@@ -47,11 +47,16 @@ def layer_sweep(sweep_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         records = read_jsonl(sorted(job.glob("cases-*.jsonl")))
         if not records:
             continue
-        layer = OmegaConf.load(job / "config.yaml").editor.layer
+        config = OmegaConf.load(job / "config.yaml")
         summary = summarize_records(records, seed=seed)
+        mom2 = OmegaConf.select(config, "editor.mom2", default={}) or {}
         rows.append(
             {
-                "layer": int(layer),
+                "layer": int(config.editor.layer),
+                "statistics": {  # the budget of each layer's key statistics
+                    "corpus": OmegaConf.select(config, "corpus.name"),
+                    **{k: mom2.get(k) for k in ("max_tokens", "max_samples", "max_length")},
+                },
                 "n": summary["n_cases"],
                 "post": {k: summary["post"][k] for k in SWEEP_METRICS},
                 "pre": {k: summary["pre"][k] for k in SWEEP_METRICS},
@@ -59,6 +64,22 @@ def layer_sweep(sweep_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: r["layer"])
+
+
+def budgets(rows: list[dict[str, Any]]) -> list[str]:
+    """The statistics budgets of a layer sweep's jobs in words, one per distinct budget."""
+    found = []
+    for row in rows:
+        stats = row.get("statistics") or {}
+        tokens = stats.get("max_tokens")
+        words = (
+            (f"{tokens:,} tokens" if tokens else "no token limit")
+            + f" (at most {stats.get('max_samples') or 'all'} texts"
+            + f" of up to {stats.get('max_length')} tokens) of the `{stats.get('corpus')}` corpus"
+        )
+        if words not in found:
+            found.append(words)
+    return found
 
 
 def mass_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -361,6 +382,8 @@ def main(cfg: DictConfig, run: Run) -> None:
         doc += [
             f"{len(rows)} layers, {min(r['n'] for r in rows)}-{max(r['n'] for r in rows)} "
             f"cases each; {provenance(Path(rows[0]['dir']), out)}.",
+            "",
+            *[f"Key statistics of each edited layer: {budget}." for budget in budgets(rows)],
             "",
             f"![layer_sweep]({os.path.relpath(made['layer_sweep'], out)})",
             "",

@@ -100,7 +100,8 @@ def write_fixtures(results):
         out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
         cases = [case_record(rng, i, layer < 3) for i in range(4)]
         files.atomic_write(out / "cases-0of1.jsonl", "".join(json.dumps(c) + "\n" for c in cases))
-        run_dir(out, {"editor": {"layer": layer}})
+        mom2 = {"max_tokens": 100000, "max_samples": 100000, "max_length": 256}
+        run_dir(out, {"editor": {"layer": layer, "mom2": mom2}, "corpus": {"name": "wikipedia"}})
 
 
 def report(tmp_path, *overrides):
@@ -158,6 +159,10 @@ def test_report_from_fixture_results(tmp_path):
     )
     sweep = json.loads((out / "layer_sweep.json").read_text())
     assert [row["layer"] for row in sweep] == list(range(LAYERS))
+    assert (
+        "Key statistics of each edited layer: 100,000 tokens (at most 100000 texts of up to 256 "
+        "tokens) of the `wikipedia` corpus." in index
+    )
     # Where the trace came from, how many, and a warning for both a sample and a small n.
     assert "- **data**: `samples/known.json` (bundled sample)" in index
     assert "**n = 5** traced prompts of 5 facts" in index
