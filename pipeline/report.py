@@ -498,7 +498,8 @@ def main(cfg: DictConfig, run: Run) -> None:
             "",
             "Each of the paper's findings these results speak to, with a verdict by the rule in "
             "`pipeline/app/findings.py`: agrees when the effect goes the paper's way beyond the "
-            "95% intervals (or by a significant rank test).",
+            "95% intervals (of the paired change where both sides are the same cases) or by a "
+            "significant rank test.",
             "",
             *findings.markdown(found),
             "",

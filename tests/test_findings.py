@@ -121,3 +121,18 @@ def test_markdown_names_claim_evidence_and_verdict():
     lines = findings.markdown(found)
     assert len(lines) == 2 and lines[0].startswith("- **Early site")
     assert "*agrees*" in lines[0] and "Paper:" in lines[0] and "Here:" in lines[0]
+
+
+def test_fine_tuning_is_judged_by_the_paired_change_when_the_row_has_it():
+    ft = {"ES": metric(98, 2), "PS": metric(70, 5), "NS": metric(60, 7)}
+    none = {"ES": metric(33, 6), "PS": metric(31, 6), "NS": metric(69, 7)}
+    rows = table(none=none, ft=ft)
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.WITHIN  # unpaired: overlap
+    change = {"ES": {**metric(65, 6), "n": 200}, "NS": {**metric(-9.5, 4), "n": 200}}
+    rows[1]["change"] = change
+    found = findings.fine_tuning_tradeoff(rows)
+    assert found.verdict == findings.AGREES and "paired: ES +65.0" in found.evidence
+    change["NS"] = {**metric(-2, 4), "n": 200}  # down, but the interval reaches zero
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.WITHIN
+    change["NS"] = {**metric(3, 2), "n": 200}
+    assert findings.fine_tuning_tradeoff(rows).verdict == findings.DISAGREES

@@ -72,3 +72,18 @@ def test_value_cache_keeps_values_exactly_across_runs(tmp_path):
     row = second.get("k")
     assert row["steps"] == 9 and row["nll"] == 0.01
     assert torch.equal(torch.tensor(row["delta"]), torch.tensor(delta))
+
+
+def test_the_paired_change_is_post_minus_pre_case_by_case():
+    def record(pre, post):
+        return {"pre": {"metrics": {"NS": pre}}, "post": {"metrics": {"NS": post}}}
+
+    nan = float("nan")
+    records = [record(1.0, 0.5), record(0.5, 0.5), record(1.0, 0.0), record(nan, 1.0)]
+    change = results.paired_change(records, "NS")
+    assert change["n"] == 3 and abs(change["mean"] - (-50.0)) < 1e-9  # the NaN case left out
+    assert change["low"] < change["mean"] < change["high"] <= 100
+    # every case moved by the same amount: an interval of zero width, however far the cases lie
+    same = results.paired_change([record(p, p - 0.1) for p in (0.2, 0.9, 0.5)], "NS")
+    assert abs(same["mean"] + 10) < 1e-9 and abs(same["high"] - same["low"]) < 1e-6
+    assert results.paired_change([record(1.0, 0.0)], "NS")["n"] == 1  # too few for an interval

@@ -196,21 +196,47 @@ def memit_holds_where_rome_collapses(mass: dict[str, list[dict[str, Any]]]) -> F
     )
 
 
+def _change(change: dict[str, Any], sign: float) -> str:
+    """Verdict for a paired change expected to have `sign` (+1 up, -1 down)."""
+    mean, low, high = (sign * change[k] for k in ("mean", "low", "high"))
+    if not mean > 0:
+        return DISAGREES
+    return AGREES if min(low, high) > 0 else WITHIN
+
+
 def fine_tuning_tradeoff(table: list[dict[str, Any]]) -> Finding | None:
-    """Unconstrained fine-tuning reaches its target (ES) at the neighbours' cost (NS below the
-    unedited model's)."""
-    rows = {r["editor"]: r["metrics"] for r in table}
-    if "ft" not in rows or "none" not in rows:
+    """Unconstrained fine-tuning reaches its target (ES up) at the neighbours' cost (NS down):
+    the change each case's scores make from before the edit to after it, paired case by case
+    where the row has it, else the unedited row's interval against FT's."""
+    rows = {r["editor"]: r for r in table}
+    if "ft" not in rows:
         return None
-    ft, none = rows["ft"], rows["none"]
-    efficacy = _compare(ft["ES"], none["ES"])
-    forgets = _compare(none["NS"], ft["NS"])
-    verdict = efficacy if efficacy == DISAGREES or forgets == DISAGREES else forgets
+    ft = rows["ft"]["metrics"]
+    change = rows["ft"].get("change") or {}
+    if {"ES", "NS"} <= set(change) and change["NS"].get("n", 0) >= 2:
+        es, ns = change["ES"], change["NS"]
+        verdicts = (_change(es, +1), _change(ns, -1))
+        evidence = (
+            f"FT: ES {_pct(ft['ES'])}, NS {_pct(ft['NS'])}; the edit's change on the same "
+            f"{ns['n']} cases, paired: ES {es['mean']:+.1f} [{es['low']:+.1f}, {es['high']:+.1f}],"
+            f" NS {ns['mean']:+.1f} [{ns['low']:+.1f}, {ns['high']:+.1f}] points"
+        )
+    elif "none" in rows:
+        none = rows["none"]["metrics"]
+        verdicts = (_compare(ft["ES"], none["ES"]), _compare(none["NS"], ft["NS"]))
+        evidence = (
+            f"FT: ES {_pct(ft['ES'])}, NS {_pct(ft['NS'])}; unedited: ES {_pct(none['ES'])}, "
+            f"NS {_pct(none['NS'])}"
+        )
+    else:
+        return None
+    verdict = (
+        DISAGREES if DISAGREES in verdicts else AGREES if set(verdicts) == {AGREES} else WITHIN
+    )
     return Finding(
         "Fine-tuning: efficacy at the neighbours' cost",
         "FT reaches high efficacy but lowers neighbourhood success (Table 4)",
-        f"FT: ES {_pct(ft['ES'])}, NS {_pct(ft['NS'])}; unedited: ES {_pct(none['ES'])}, "
-        f"NS {_pct(none['NS'])}",
+        evidence,
         verdict,
     )
 

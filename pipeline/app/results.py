@@ -176,6 +176,21 @@ def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[
     return out
 
 
+def paired_change(records: Sequence[dict[str, Any]], name: str) -> dict[str, float]:
+    """The edit's change of one case metric, post minus pre, paired case by case (percentage
+    points, mean with a t interval over the cases that have the metric both times). Pairing
+    removes the spread between cases that two unpaired intervals both carry."""
+    pairs = np.array(
+        [[r["pre"]["metrics"].get(name, math.nan), r["post"]["metrics"].get(name, math.nan)]
+         for r in records],
+        dtype=np.float64,
+    ).reshape(-1, 2)  # fmt: skip
+    pairs = pairs[~np.isnan(pairs).any(axis=1)]
+    if len(pairs) < 2:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": len(pairs)}
+    return {k: v * 100 if k != "n" else v for k, v in mean_ci(pairs[:, 1] - pairs[:, 0]).items()}
+
+
 def headline(summary: dict[str, Any]) -> str:
     def row(phase):
         s = summary[phase]

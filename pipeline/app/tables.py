@@ -11,7 +11,7 @@ import io as text_io
 from pathlib import Path
 from typing import Any
 
-from pipeline.app.results import read_jsonl, summarize_records
+from pipeline.app.results import paired_change, read_jsonl, summarize_records
 from pipeline.app.stage import Run
 from pipeline.core import files
 
@@ -47,7 +47,8 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         records = {r["id"]: r for r in read_jsonl(sorted(run_dir.glob("cases-*.jsonl")))}
         summary = summarize_records(list(records.values()), seed=seed)
         base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
-        rows.append({**base, "editor": editor, "metrics": summary["post"]})
+        change = {k: paired_change(list(records.values()), k) for k in ("ES", "PS", "NS")}
+        rows.append({**base, "editor": editor, "metrics": summary["post"], "change": change})
         if editor != "none":
             rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
     table = []
