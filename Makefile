@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-eval bench-stats clean-results
+.PHONY: setup demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -180,6 +180,10 @@ bench-edit: setup
 ## MEMIT: the reference protocol (one request at a time, whole rows) against ours, batched.
 bench-memit: setup
 	$(PY) scripts/bench_memit.py $(BENCH_ARGS)
+
+## KN: whole prompts per integrated-gradients row (the reference) against the last token only.
+bench-kn: setup
+	$(PY) scripts/bench_kn.py $(BENCH_ARGS)
 
 bench-stats: setup
 	$(PY) scripts/bench_stats.py $(BENCH_ARGS)

@@ -71,3 +71,16 @@ def test_memory_benchmark_measures_each_stage_and_estimates_a_larger_model(tmp_p
     assert (xl["layers"], xl["width"]) == (48, 1600) and 1.5e9 < xl["parameters"] < 1.6e9
     weights = xl["parameters"] * 4 / 2**30
     assert all(memory["estimated_gib"]["gpt2-xl"][s] > weights for s in stages)
+
+
+def test_kn_benchmark_times_both_ways_and_finds_the_same_scores(tmp_path):
+    out = tmp_path / "kn.json"
+    argv = [sys.executable, "scripts/bench_kn.py", "--model", "tiny-llama", "--requests", "2"]
+    argv += ["--json", str(out)]
+    env = {**os.environ, "ROME_CACHE": str(CACHE)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] == 2 and result["max_relative_difference"] < 1e-4
+    assert result["whole_prompt_seconds_per_request"] > 0 and result["speedup"] > 0
+    assert "speed-up:" in done.stdout

@@ -193,3 +193,15 @@ def test_kn_has_no_layer_and_the_stage_builds_it_without_statistics(tmp_path, mo
     case_editor = editors.CaseEditor(tiny, lm)
     assert isinstance(case_editor.editor, KnowledgeNeurons)
     assert case_editor.editor.layers == tuple(range(lm.n_layers))
+
+
+def test_rows_on_the_clean_prefix_score_as_whole_prompts(lm):
+    request = REQUESTS[1]
+    prompt = encode(lm.tokenizer, request.filled)
+    answer = target_ids(lm.tokenizer, request.target_true, request.filled)
+    cached, top = neuron_scores(lm, prompt, answer, hparams(answer_tokens="all"))
+    whole, top_whole = neuron_scores(
+        lm, prompt, answer, hparams(answer_tokens="all", reuse_prefix=False)
+    )
+    assert top == top_whole and len(prompt) > 2
+    torch.testing.assert_close(cached, whole, rtol=1e-4, atol=1e-6 * whole.abs().max())

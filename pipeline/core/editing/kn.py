@@ -18,8 +18,12 @@ where t_top is the unedited model's top prediction after the prompt and E the un
 The columns of one layer moving by one v is ΔW_l = v ⊗ 1_S (S: the layer's selected neurons),
 so the edit is held exactly as one `RankOneUpdate` per layer touched (a list).
 
-The reference scores layer by layer, one pass of m scaled copies each; here the (layer, α) rows
-are packed `batch_size` to a pass, several layers per pass (the scores are the same). KN has no
+The reference scores layer by layer, one pass of m scaled copies each over the whole prompt; here
+the (layer, α) rows are packed `batch_size` to a pass, several layers per pass, and each row runs
+only the last token on the clean pass's keys and values of the tokens before it (a replacement at
+the last token cannot change them: attention is causal). The scores are the same to float
+rounding (tests/test_kn.py checks them against a loop over α on whole prompts);
+`reuse_prefix=False` runs whole prompts as the reference does, for `scripts/bench_edit.py`. KN has no
 joint solve: `joint` writes requests one after another (`Editor.joint`), as the reference's
 mass-editing runs would.
 
@@ -45,7 +49,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from pipeline.core import kvcache
 from pipeline.core.editing.editor import Editor, Indexed
 from pipeline.core.editing.requests import EditRequest, EditRequestError, EditResult, prepare_all
 from pipeline.core.editing.updates import RankOneUpdate
@@ -70,6 +76,7 @@ class KnHparams:
     erase_scale: float = 2.0  # v subtracts this times the current top prediction's embedding
     write_scale: float = 1.0  # and adds this times each new target token's embedding
     reject_already_predicted: bool = True
+    reuse_prefix: bool = True  # False: every row runs the whole prompt (the reference; slower)
 
     def __post_init__(self):
         if self.neurons not in NEURONS:
@@ -120,6 +127,7 @@ def neuron_scores(
     unedited model's top prediction there."""
     sites = neuron_sites(lm, hp.neurons)
     last = len(prompt) - 1
+    body = lm.model.base_model
     ids = torch.tensor([list(prompt)], device=lm.device)
     captured: dict[int, torch.Tensor] = {}
 
@@ -130,13 +138,17 @@ def neuron_scores(
         return grab
 
     handles = [site.register_forward_pre_hook(capture(i)) for i, site in enumerate(sites)]
+    clean_cache = DynamicCache()
     try:
         with torch.no_grad():
-            hidden = lm.model.base_model(input_ids=ids).last_hidden_state[0, last]
-            top = int(lm.module("unembed")(hidden).float().argmax())
+            hidden = body(input_ids=ids, **kvcache.with_cache(body, clean_cache))
+            top = int(lm.module("unembed")(hidden.last_hidden_state[0, last]).float().argmax())
     finally:
         for handle in handles:
             handle.remove()
+    # Replacing an activation at the last token leaves every earlier position as it was
+    # (attention is causal): the scaled rows run that one token, on the clean keys and values.
+    prefix = [(k[:, :, :last], v[:, :, :last]) for k, v in kvcache.pairs(clean_cache)]
     base = torch.stack([captured[layer] for layer in range(lm.n_layers)])  # (L, d_k)
     alphas = torch.linspace(0, 1, hp.steps, device=lm.device)
     pairs = torch.cartesian_prod(
@@ -146,18 +158,27 @@ def neuron_scores(
     gradient_sums = torch.zeros(base.shape, dtype=torch.float32, device=lm.device)
     for start in range(0, len(pairs), hp.batch_size):
         layers, steps = pairs[start : start + hp.batch_size].unbind(-1)
+        rows = len(layers)
         scaled = (base[layers] * alphas[steps, None].to(base.dtype)).requires_grad_(True)
+        start_at = last if hp.reuse_prefix else 0  # the first position the rows compute
         hooks = []
         for layer in layers.unique().tolist():
-            rows = (layers == layer).nonzero().squeeze(-1)
-            hooks.append((sites[layer], _replacer(rows, last, scaled[rows])))
+            members = (layers == layer).nonzero().squeeze(-1)
+            hooks.append((sites[layer], _replacer(members, last - start_at, scaled[members])))
+        inputs = {}
+        if hp.reuse_prefix:
+            cache = kvcache.from_pairs(
+                [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
+            )
+            positions = torch.full((rows, 1), last, device=lm.device)
+            inputs = {"position_ids": positions, **kvcache.with_cache(body, cache)}
         handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
         try:
-            hidden = lm.model.base_model(input_ids=ids.expand(len(layers), -1)).last_hidden_state
+            hidden = body(input_ids=ids[:, start_at:].expand(rows, -1), **inputs)
         finally:
             for handle in handles:
                 handle.remove()
-        probs = lm.module("unembed")(hidden[:, last]).float().softmax(-1)
+        probs = lm.module("unembed")(hidden.last_hidden_state[:, -1]).float().softmax(-1)
         objective = probs[:, answer_ids].mean(-1).sum()  # rows are independent: one backward
         (grad,) = torch.autograd.grad(objective, [scaled])
         gradient_sums.index_add_(0, layers, grad.float())
