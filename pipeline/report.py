@@ -421,7 +421,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         )
 
     data_dir = runs_dir / model / cfg.eval_data
-    mass = mass_curves(data_dir)
+    mass, sequential = mass_curves(data_dir), sequential_curves(data_dir)
     for heading, name, curves, intro, last, value, mode in (
         (
             "Editing at scale",
@@ -436,7 +436,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         (
             "Sequential editing",
             "sequential_scaling",
-            sequential_curves(data_dir),
+            sequential,
             "Edits written one after another into one model, each computed on the model the "
             "edits before left; at each checkpoint every case edited so far is scored; percent, "
             "mean [95% interval]; failed: edits the editor could not make.",
@@ -483,9 +483,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         r["editor"]: Path(r["dir"]) for r in table if not r["editor"].startswith("none (")
     }
     inputs_read |= {f"{e} mass": data_dir / e / "mass" for e in mass}
-    inputs_read |= {
-        f"{e} sequential": data_dir / e / "sequential" for e in sequential_curves(data_dir)
-    }
+    inputs_read |= {f"{e} sequential": data_dir / e / "sequential" for e in sequential}
     digests = data_files(inputs_read)
     if digests:
         doc += ["## Data", "", *digests, ""]
