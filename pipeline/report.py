@@ -488,7 +488,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     if digests:
         doc += ["## Data", "", *digests, ""]
     found = findings.read_results(
-        averages, rows, [r for r in table if r["data"] == cfg.eval_data], mass
+        averages, rows, [r for r in table if r["data"] == cfg.eval_data], mass, sequential
     )
     if found:
         doc += [

@@ -96,6 +96,24 @@ def test_memit_against_rome_at_the_largest_common_number_of_edits():
     assert findings.memit_holds_where_rome_collapses({"memit": mass["memit"]}) is None
 
 
+def test_r_rome_against_rome_on_the_neighbours_after_the_most_common_sequential_edits():
+    sequential = {
+        "r-rome": curve((1, 100, 0), (200, 81, 3)),
+        "rome": curve((1, 100, 0), (200, 75, 4)),
+    }
+    sequential["rome"].append({"size": 500, "post": {"S": metric(50, 2), "NS": metric(40, 2)}})
+    for name, ns in (("r-rome", metric(69, 6)), ("rome", metric(57.5, 6.5))):
+        sequential[name][1]["post"]["NS"] = ns
+    found = findings.read_results(None, [], [], {}, sequential)[-1]
+    assert found.name.startswith("r-ROME") and "after 200 sequential edits" in found.evidence
+    assert found.verdict == findings.WITHIN  # the intervals overlap (62.5-75 and 51-64)
+    sequential["rome"][1]["post"]["NS"] = metric(50, 5)
+    assert findings.r_rome_keeps_the_neighbours(sequential).verdict == findings.AGREES
+    sequential["rome"][1]["post"]["NS"] = metric(72, 5)
+    assert findings.r_rome_keeps_the_neighbours(sequential).verdict == findings.DISAGREES
+    assert findings.r_rome_keeps_the_neighbours({"rome": sequential["rome"]}) is None
+
+
 def table(**editors):
     return [{"editor": name, "metrics": metrics} for name, metrics in editors.items()]
 

@@ -1,6 +1,6 @@
 """The report's reading of its results against the paper's findings.
 
-Each finding names a claim of Meng et al. 2022 (or, for editing at scale, of the MEMIT paper),
+Each finding names a claim of Meng et al. 2022 (or, for editing at scale, of the MEMIT and r-ROME papers),
 the numbers this run gives for it, and a verdict by a rule stated beside it, so that any rerun
 is read by the same rules rather than by a sentence written for one set of numbers:
 
@@ -196,6 +196,30 @@ def memit_holds_where_rome_collapses(mass: dict[str, list[dict[str, Any]]]) -> F
     )
 
 
+def r_rome_keeps_the_neighbours(sequential: dict[str, list[dict[str, Any]]]) -> Finding | None:
+    """After the most edits both were run with, one after another, r-ROME's NS is above ROME's.
+
+    The claim is about damage beyond the edited facts, which NS measures; S is shown beside it."""
+    if "r-rome" not in sequential or "rome" not in sequential:
+        return None
+    r_rome = {p["size"]: p["post"] for p in sequential["r-rome"]}
+    rome = {p["size"]: p["post"] for p in sequential["rome"]}
+    common = sorted(set(r_rome) & set(rome))
+    if not common:
+        return None
+    size = common[-1]
+    return Finding(
+        "r-ROME keeps the neighbours where sequential ROME does not",
+        "ROME's edits made one after another damage the model beyond the edited facts; r-ROME, "
+        "whose key is the same in the update's numerator and denominator, does not (Gupta et "
+        "al. 2024)",
+        f"after {size:,} sequential edits NS is {_pct(r_rome[size]['NS'])} for r-ROME and "
+        f"{_pct(rome[size]['NS'])} for ROME (S {_pct(r_rome[size]['S'])} and "
+        f"{_pct(rome[size]['S'])})",
+        _compare(r_rome[size]["NS"], rome[size]["NS"]),
+    )
+
+
 def _change(change: dict[str, Any], sign: float) -> str:
     """Verdict for a paired change expected to have `sign` (+1 up, -1 down)."""
     mean, low, high = (sign * change[k] for k in ("mean", "low", "high"))
@@ -262,8 +286,10 @@ def read_results(
     sweep: list[dict[str, Any]],
     table: list[dict[str, Any]],
     mass: dict[str, list[dict[str, Any]]],
+    sequential: dict[str, list[dict[str, Any]]] | None = None,
 ) -> list[Finding]:
-    """Every finding the given results can speak to, in the paper's order."""
+    """Every finding the given results can speak to, in the paper's order (then the later
+    papers': MEMIT at scale, r-ROME in sequence)."""
     found = []
     if averages:
         found += [early_mlp_site(averages), late_attention_site(averages), severed_mlp(averages)]
@@ -272,6 +298,7 @@ def read_results(
         rome_generalizes(table),
         fine_tuning_tradeoff(table),
         memit_holds_where_rome_collapses(mass),
+        r_rome_keeps_the_neighbours(sequential or {}),
     ]
     return [f for f in found if f is not None]
 
