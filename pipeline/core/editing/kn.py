@@ -23,7 +23,7 @@ the (layer, α) rows are packed `batch_size` to a pass, several layers per pass,
 only the last token on the clean pass's keys and values of the tokens before it (a replacement at
 the last token cannot change them: attention is causal). The scores are the same to float
 rounding (tests/test_kn.py checks them against a loop over α on whole prompts);
-`reuse_prefix=False` runs whole prompts as the reference does, for `scripts/bench_edit.py`. KN has no
+`reuse_prefix=False` runs whole prompts as the reference does, for `scripts/bench_kn.py`. KN has no
 joint solve: `joint` writes requests one after another (`Editor.joint`), as the reference's
 mass-editing runs would.
 
