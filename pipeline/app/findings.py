@@ -1,8 +1,9 @@
 """The report's reading of its results against the paper's findings.
 
 Each finding names a claim of Meng et al. 2022 (or, for editing at scale and in sequence, of
-the MEMIT and r-ROME papers), the numbers this run gives for it, and a verdict by a rule stated beside it, so that any rerun
-is read by the same rules rather than by a sentence written for one set of numbers:
+the MEMIT and r-ROME papers), the numbers this run gives for it, and a verdict by a rule stated
+beside it, so that any rerun is read by the same rules rather than by a sentence written for one
+set of numbers:
 
 - **agrees**: the effect goes the paper's way and, where the numbers carry 95% intervals, the
   intervals of the two things compared do not overlap (or the rank test is significant);
