@@ -112,6 +112,24 @@ def main():
         ratios = benchlib.print_modes("edit", n, original_seconds, alone_seconds, batched_seconds)
         print("  (v* here: z reusing the prefix, and the spread with λC factored once per layer)")
         print(f"max relative difference of the updates: {difference:.1e}")
+        # The work each way does, forward and backward: its ratio bounds what any speed-up can
+        # reach where the device runs both at the same rate (matmul-bound, as a CPU is).
+        _, original_flops = benchlib.counted_flops(
+            lambda: [reference.independent(lm, [(i, r)]) for i, r in enumerate(requests)]
+        )
+        _, batched_flops = benchlib.counted_flops(
+            lambda: ours.independent(lm, list(enumerate(requests)))
+        )
+        rate = benchlib.matmul_rate(str(lm.device), lm.model.dtype)
+        print(
+            f"work: original {original_flops / 1e9:.0f} GFLOP, batched {batched_flops / 1e9:.0f}"
+            f" GFLOP, ratio {original_flops / batched_flops:.2f}x (the speed-up at equal rates)"
+        )
+        for name, flops, seconds in (
+            ("original", original_flops, original_seconds),
+            ("batched", batched_flops, batched_seconds),
+        ):
+            print(f"  {name}: {benchlib.floor_line(flops, rate, seconds)}")
         result |= {
             "requests": n,
             "original_seconds_per_edit": original_seconds / n,
@@ -119,6 +137,10 @@ def main():
             "batched_seconds_per_edit": batched_seconds / n,
             **ratios,
             "max_relative_difference": difference,
+            "original_flops": original_flops,
+            "batched_flops": batched_flops,
+            "work_ratio": original_flops / batched_flops,
+            "matmul_flops_per_second": rate,
         }
 
     if args.sizes:
