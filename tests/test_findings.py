@@ -10,8 +10,11 @@ from pipeline.core.patching import BUCKETS
 LAYERS = 12
 
 
-def averages(mlp_subject_peak: int, attn_last_peak: int, mlp_last_height: float = 0.05):
-    """Trace averages with one bump per (kind, bucket) at the given layers."""
+def averages(
+    mlp_subject_peak: int, attn_last_peak: int, mlp_last_height: float = 0.05, half: float = 0.01
+):
+    """Trace averages with one bump per (kind, bucket) at the given layers, each value with a
+    95% interval of half-width `half`."""
 
     def bump(peak: int, height: float) -> list[float]:
         return list(height * np.exp(-0.5 * (np.arange(LAYERS) - peak) ** 2))
@@ -21,7 +24,16 @@ def averages(mlp_subject_peak: int, attn_last_peak: int, mlp_last_height: float 
     rows["mlp"][BUCKETS.index("last")] = bump(LAYERS - 1, mlp_last_height)
     rows["attn"][BUCKETS.index("last")] = bump(attn_last_peak, 0.15)
     rows["attn"][BUCKETS.index("last_subject")] = bump(2, 0.02)
-    return {"kinds": {kind: {"mean": value} for kind, value in rows.items()}}
+    return {
+        "kinds": {
+            kind: {
+                "mean": value,
+                "low": [[v - half for v in row] for row in value],
+                "high": [[v + half for v in row] for row in value],
+            }
+            for kind, value in rows.items()
+        }
+    }
 
 
 def metric(mean: float, half_width: float) -> dict[str, float]:
@@ -44,15 +56,41 @@ def test_the_trace_sites_disagree_when_the_peaks_are_swapped():
     assert found[0].verdict == findings.DISAGREES
 
 
+def test_the_trace_sites_are_not_significant_when_the_peaks_intervals_overlap():
+    """The paper's way on the means, but the two compared peaks' intervals overlap."""
+    found = findings.read_results(averages(3, 9, mlp_last_height=0.15, half=0.03), [], [], {})
+    assert found[0].verdict == findings.WITHIN  # MLP: 0.2 ± 0.03 against 0.15 ± 0.03
+    assert "0.200 [0.170, 0.230]" in found[0].evidence
+    assert findings.read_results(averages(3, 9, half=0.07), [], [], {})[1].verdict == (
+        findings.WITHIN  # attention: 0.15 ± 0.07 at the last token against 0.02 ± 0.07
+    )
+    # no intervals (one prompt): nothing can be significant
+    no_intervals = averages(3, 9)
+    for stats in no_intervals["kinds"].values():
+        stats["low"] = stats["high"] = None
+    assert [f.verdict for f in findings.read_results(no_intervals, [], [], {})] == [
+        findings.WITHIN,
+        findings.WITHIN,
+    ]
+
+
 def test_severed_paths_compare_the_drop_in_the_lower_half_of_the_layers():
     none = np.linspace(0.3, 0.0, LAYERS)
     trace = averages(3, 9)
+
+    def curve(values: np.ndarray, half: float) -> dict[str, list[float]]:
+        return {"mean": list(values), "low": list(values - half), "high": list(values + half)}
+
     trace["severed"] = {
-        "none": {"mean": list(none)},
-        "mlp": {"mean": list(none * 0.3)},
-        "attn": {"mean": list(none * 0.9)},
+        "none": curve(none, 0.01),
+        "mlp": curve(none * 0.3, 0.01),
+        "attn": curve(none * 0.9, 0.01),
     }
     assert findings.severed_mlp(trace).verdict == findings.AGREES
+    # lower half (layers 0-5): none averages 0.232, MLPs severed 0.070, attention 0.209
+    assert "0.070 [0.060, 0.080] with the MLPs severed" in findings.severed_mlp(trace).evidence
+    trace["severed"]["attn"] = curve(none * 0.9, 0.15)  # overlaps the MLP-severed curve
+    assert findings.severed_mlp(trace).verdict == findings.WITHIN
     trace["severed"]["mlp"], trace["severed"]["attn"] = (
         trace["severed"]["attn"],
         trace["severed"]["mlp"],

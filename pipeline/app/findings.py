@@ -63,64 +63,99 @@ def _pct(metric: dict[str, Any]) -> str:
     return f"{metric['mean']:.1f} [{low:.1f}, {high:.1f}]"
 
 
+def _peak(averages: dict[str, Any], kind: str, bucket: str) -> dict[str, Any] | None:
+    """The {layer, mean, low, high} of a (kind, bucket) row at its highest mean."""
+    row = _row(averages, kind, bucket)
+    if row is None:
+        return None
+    layer, stats, index = int(np.nanargmax(row)), averages["kinds"][kind], BUCKETS.index(bucket)
+
+    def at(key: str) -> float | None:
+        values = stats.get(key)
+        return None if values is None or values[index][layer] is None else values[index][layer]
+
+    return {"layer": layer, "mean": float(row[layer]), "low": at("low"), "high": at("high")}
+
+
+def _effect(summary: dict[str, Any]) -> str:
+    low, high = summary.get("low"), summary.get("high")
+    if low is None or high is None:
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
     """The MLP effect at the last subject token peaks in the lower half of the network and
-    above the MLP effect at the last token."""
-    subject, last = _row(averages, "mlp", "last_subject"), _row(averages, "mlp", "last")
+    above the MLP effect at the last token (the two peaks' intervals compared)."""
+    subject, last = _peak(averages, "mlp", "last_subject"), _peak(averages, "mlp", "last")
     if subject is None or last is None:
         return None
-    peak, layers = int(np.nanargmax(subject)), len(subject)
-    lower_half = peak < layers / 2
-    above = np.nanmax(subject) > np.nanmax(last)
-    verdict = AGREES if lower_half and above else DISAGREES
+    layers = len(_row(averages, "mlp", "last_subject"))
+    lower_half = subject["layer"] < layers / 2
     return Finding(
         "Early site: MLP at the last subject token",
         "in GPT-2 XL the MLP's indirect effect peaks at the last subject token in the middle "
         "layers (about 15-20 of 48), far above the MLP's effect at the last token",
-        f"the MLP's AIE at the last subject token peaks at layer {peak} of {layers} "
-        f"({'lower' if lower_half else 'upper'} half) at {np.nanmax(subject):.3f}; at the last "
-        f"token its peak is {np.nanmax(last):.3f} (layer {int(np.nanargmax(last))})",
-        verdict,
+        f"the MLP's AIE at the last subject token peaks at layer {subject['layer']} of {layers} "
+        f"({'lower' if lower_half else 'upper'} half) at {_effect(subject)}; at the last "
+        f"token its peak is {_effect(last)} (layer {last['layer']})",
+        _compare(subject, last) if lower_half else DISAGREES,
     )
 
 
 def late_attention_site(averages: dict[str, Any]) -> Finding | None:
-    """Attention's effect is largest at the last token, above the MLP's early-site peak layer."""
-    last, subject = _row(averages, "attn", "last"), _row(averages, "attn", "last_subject")
-    mlp = _row(averages, "mlp", "last_subject")
+    """Attention's effect is largest at the last token, above the MLP's early-site peak layer
+    (attention's peaks at the last token and at the last subject token compared)."""
+    last, subject = _peak(averages, "attn", "last"), _peak(averages, "attn", "last_subject")
+    mlp = _peak(averages, "mlp", "last_subject")
     if last is None or subject is None or mlp is None:
         return None
-    peak, mlp_peak = int(np.nanargmax(last)), int(np.nanargmax(mlp))
-    later = peak > mlp_peak
-    above = np.nanmax(last) > np.nanmax(subject)
+    later = last["layer"] > mlp["layer"]
     return Finding(
         "Late site: attention at the last token",
         "attention's indirect effect is concentrated at the last token, in layers above the "
         "MLP's early site",
-        f"attention's AIE at the last token peaks at layer {peak} at {np.nanmax(last):.3f} "
-        f"(MLP early-site peak: layer {mlp_peak}); at the last subject token attention peaks at "
-        f"{np.nanmax(subject):.3f}",
-        AGREES if later and above else DISAGREES,
+        f"attention's AIE at the last token peaks at layer {last['layer']} at {_effect(last)} "
+        f"(MLP early-site peak: layer {mlp['layer']}); at the last subject token attention "
+        f"peaks at {_effect(subject)}",
+        _compare(last, subject) if later else DISAGREES,
     )
 
 
 def severed_mlp(averages: dict[str, Any]) -> Finding | None:
     """With the MLPs above a restored state frozen, the last subject token's hidden state loses
-    more of its effect in the lower half of the layers than with attention frozen."""
+    more of its effect in the lower half of the layers than with attention frozen.
+
+    Each curve is averaged over the lower half, its interval as the average of the layers'
+    bounds: no narrower than the interval of the average itself (the half-width of a mean of
+    estimates is at most the mean of their half-widths), so the verdict errs towards "not
+    significant". The three curves come from the same prompts, so a paired interval would be
+    narrower still; the per-prompt values it needs are not in the averages the report reads."""
     severed = averages.get("severed") or {}
     if not {"none", "mlp", "attn"} <= set(severed):
         return None
-    none, mlp, attn = (np.asarray(severed[k]["mean"], dtype=float) for k in ("none", "mlp", "attn"))
-    lower = slice(0, len(none) // 2)
-    drop_mlp = float(np.nanmean(none[lower] - mlp[lower]))
-    drop_attn = float(np.nanmean(none[lower] - attn[lower]))
+    half = len(severed["none"]["mean"]) // 2
+
+    def lower_half(curve: dict[str, Any]) -> dict[str, Any]:
+        def mean(key: str) -> float | None:
+            values = curve.get(key)
+            if values is None or any(v is None for v in values[:half]):
+                return None
+            return float(np.mean(np.asarray(values[:half], dtype=float)))
+
+        return {"mean": mean("mean"), "low": mean("low"), "high": mean("high")}
+
+    none, mlp, attn = (lower_half(severed[k]) for k in ("none", "mlp", "attn"))
+    drop_mlp, drop_attn = none["mean"] - mlp["mean"], none["mean"] - attn["mean"]
     return Finding(
         "Severed paths: the early site works through the MLPs",
         "severing the MLPs above a restored last-subject state removes much of its effect in "
         "the lower layers; severing attention removes far less",
-        f"over layers 0-{len(none) // 2 - 1}, the hidden state's AIE falls by {drop_mlp:.3f} "
-        f"on average with the MLPs severed and by {drop_attn:.3f} with attention severed",
-        AGREES if drop_mlp > max(drop_attn, 0.0) else DISAGREES,
+        f"averaged over layers 0-{half - 1}, the hidden state's AIE is {_effect(none)} with "
+        f"nothing severed, {_effect(mlp)} with the MLPs severed (a drop of {drop_mlp:.3f}) and "
+        f"{_effect(attn)} with attention severed (a drop of {drop_attn:.3f}); each interval is "
+        "the average of the layers' own",
+        _compare(attn, mlp) if drop_mlp > 0 else DISAGREES,
     )
 
 
