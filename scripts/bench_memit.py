@@ -8,9 +8,10 @@ The reference protocol (kmeng01/memit) optimises each request's z alone, every r
 step, and spreads it over the layers with a dense (in, in) solve of λC + K Kᵀ per layer; ours
 optimises all of them in one batch, running at each step only what δ changes (`values.py`,
 `prefixes.py`), and spreads every request's z in shared passes with λC factored once per layer
-(`memit.py`). Requests are
-CounterFact records from the data root (EasyEdit schema), else the bundled sample. C at each
-layer comes from the local corpus under $ROME_DATA/wikipedia when there is one.
+(`memit.py`). It also counts each way's work with torch's FLOP counter: their ratio is the speed-up
+at equal rates, the most a matmul-bound device can show. Requests are CounterFact records from the
+data root (EasyEdit schema), else the bundled sample. C at each layer comes from the local corpus
+under $ROME_DATA/wikipedia when there is one.
 """
 
 from __future__ import annotations
