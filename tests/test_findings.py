@@ -64,14 +64,15 @@ def test_the_trace_sites_are_not_significant_when_the_peaks_intervals_overlap():
     assert findings.read_results(averages(3, 9, half=0.07), [], [], {})[1].verdict == (
         findings.WITHIN  # attention: 0.15 ± 0.07 at the last token against 0.02 ± 0.07
     )
-    # no intervals (one prompt): nothing can be significant
-    no_intervals = averages(3, 9)
-    for stats in no_intervals["kinds"].values():
-        stats["low"] = stats["high"] = None
-    assert [f.verdict for f in findings.read_results(no_intervals, [], [], {})] == [
-        findings.WITHIN,
-        findings.WITHIN,
-    ]
+    # no intervals (one prompt: missing, or NaN as the trace writes them): nothing can be
+    # significant, and the evidence gives the bare means
+    for missing in (None, float("nan")):
+        no_intervals = averages(3, 9)
+        for stats in no_intervals["kinds"].values():
+            stats["low"] = stats["high"] = [[missing] * LAYERS for _ in BUCKETS]
+        found = findings.read_results(no_intervals, [], [], {})
+        assert [f.verdict for f in found] == [findings.WITHIN, findings.WITHIN]
+        assert "at 0.200; at the last token" in found[0].evidence
 
 
 def test_severed_paths_compare_the_drop_in_the_lower_half_of_the_layers():
@@ -91,6 +92,11 @@ def test_severed_paths_compare_the_drop_in_the_lower_half_of_the_layers():
     assert "0.070 [0.060, 0.080] with the MLPs severed" in findings.severed_mlp(trace).evidence
     trace["severed"]["attn"] = curve(none * 0.9, 0.15)  # overlaps the MLP-severed curve
     assert findings.severed_mlp(trace).verdict == findings.WITHIN
+    one_prompt = {
+        k: curve(np.asarray(v["mean"]), float("nan")) for k, v in trace["severed"].items()
+    }
+    assert findings.severed_mlp({"severed": one_prompt}).verdict == findings.WITHIN
+    assert "0.070 with the MLPs severed" in findings.severed_mlp({"severed": one_prompt}).evidence
     trace["severed"]["mlp"], trace["severed"]["attn"] = (
         trace["severed"]["attn"],
         trace["severed"]["mlp"],

@@ -70,9 +70,10 @@ def _peak(averages: dict[str, Any], kind: str, bucket: str) -> dict[str, Any] | 
         return None
     layer, stats, index = int(np.nanargmax(row)), averages["kinds"][kind], BUCKETS.index(bucket)
 
-    def at(key: str) -> float | None:
+    def at(key: str) -> float | None:  # None where there is no interval (one prompt: NaN)
         values = stats.get(key)
-        return None if values is None or values[index][layer] is None else values[index][layer]
+        value = None if values is None else values[index][layer]
+        return None if value is None or not np.isfinite(value) else float(value)
 
     return {"layer": layer, "mean": float(row[layer]), "low": at("low"), "high": at("high")}
 
@@ -141,7 +142,8 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
             values = curve.get(key)
             if values is None or any(v is None for v in values[:half]):
                 return None
-            return float(np.mean(np.asarray(values[:half], dtype=float)))
+            value = float(np.mean(np.asarray(values[:half], dtype=float)))
+            return value if np.isfinite(value) else None  # one prompt: no interval
 
         return {"mean": mean("mean"), "low": mean("low"), "high": mean("high")}
 
@@ -153,8 +155,8 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
         "the lower layers; severing attention removes far less",
         f"averaged over layers 0-{half - 1}, the hidden state's AIE is {_effect(none)} with "
         f"nothing severed, {_effect(mlp)} with the MLPs severed (a drop of {drop_mlp:.3f}) and "
-        f"{_effect(attn)} with attention severed (a drop of {drop_attn:.3f}); each interval is "
-        "the average of the layers' own",
+        f"{_effect(attn)} with attention severed (a drop of {drop_attn:.3f})"
+        + ("; each interval is the average of the layers' own" if none["low"] is not None else ""),
         _compare(attn, mlp) if drop_mlp > 0 else DISAGREES,
     )
 
