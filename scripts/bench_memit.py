@@ -114,7 +114,8 @@ def main():
         print("  (v* here: z reusing the prefix, and the spread with λC factored once per layer)")
         print(f"max relative difference of the updates: {difference:.1e}")
         # The work each way does, forward and backward: its ratio bounds what any speed-up can
-        # reach where the device runs both at the same rate (matmul-bound, as a CPU is).
+        # reach where the device runs both at the same rate (matmul-bound, as a CPU is). Counted
+        # in runs of their own, since the counter's overhead would distort the timed ones.
         _, original_flops = benchlib.counted_flops(
             lambda: [reference.independent(lm, [(i, r)]) for i, r in enumerate(requests)]
         )

@@ -56,15 +56,16 @@ def _compare(higher: dict[str, Any], lower: dict[str, Any]) -> str:
     return AGREES if _bound(higher["low"]) > _bound(lower["high"]) else WITHIN
 
 
-def _pct(metric: dict[str, Any]) -> str:
+def _pct(metric: dict[str, Any], digits: int = 1) -> str:
+    """`mean [low, high]`, or the mean alone where there is no interval."""
     low, high = metric.get("low"), metric.get("high")
     if low is None or high is None:
-        return f"{metric['mean']:.1f}"
-    return f"{metric['mean']:.1f} [{low:.1f}, {high:.1f}]"
+        return f"{metric['mean']:.{digits}f}"
+    return f"{metric['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _peak(averages: dict[str, Any], kind: str, bucket: str) -> dict[str, Any] | None:
-    """The {layer, mean, low, high} of a (kind, bucket) row at its highest mean."""
+    """The {layer, layers, mean, low, high} of a (kind, bucket) row at its highest mean."""
     row = _row(averages, kind, bucket)
     if row is None:
         return None
@@ -75,14 +76,13 @@ def _peak(averages: dict[str, Any], kind: str, bucket: str) -> dict[str, Any] | 
         value = None if values is None else values[index][layer]
         return None if value is None or not np.isfinite(value) else float(value)
 
-    return {"layer": layer, "mean": float(row[layer]), "low": at("low"), "high": at("high")}
-
-
-def _effect(summary: dict[str, Any]) -> str:
-    low, high = summary.get("low"), summary.get("high")
-    if low is None or high is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]"
+    return {
+        "layer": layer,
+        "layers": len(row),
+        "mean": float(row[layer]),
+        "low": at("low"),
+        "high": at("high"),
+    }
 
 
 def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
@@ -91,15 +91,15 @@ def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
     subject, last = _peak(averages, "mlp", "last_subject"), _peak(averages, "mlp", "last")
     if subject is None or last is None:
         return None
-    layers = len(_row(averages, "mlp", "last_subject"))
+    layers = subject["layers"]
     lower_half = subject["layer"] < layers / 2
     return Finding(
         "Early site: MLP at the last subject token",
         "in GPT-2 XL the MLP's indirect effect peaks at the last subject token in the middle "
         "layers (about 15-20 of 48), far above the MLP's effect at the last token",
         f"the MLP's AIE at the last subject token peaks at layer {subject['layer']} of {layers} "
-        f"({'lower' if lower_half else 'upper'} half) at {_effect(subject)}; at the last "
-        f"token its peak is {_effect(last)} (layer {last['layer']})",
+        f"({'lower' if lower_half else 'upper'} half) at {_pct(subject, 3)}; at the last "
+        f"token its peak is {_pct(last, 3)} (layer {last['layer']})",
         _compare(subject, last) if lower_half else DISAGREES,
     )
 
@@ -116,9 +116,9 @@ def late_attention_site(averages: dict[str, Any]) -> Finding | None:
         "Late site: attention at the last token",
         "attention's indirect effect is concentrated at the last token, in layers above the "
         "MLP's early site",
-        f"attention's AIE at the last token peaks at layer {last['layer']} at {_effect(last)} "
+        f"attention's AIE at the last token peaks at layer {last['layer']} at {_pct(last, 3)} "
         f"(MLP early-site peak: layer {mlp['layer']}); at the last subject token attention "
-        f"peaks at {_effect(subject)}",
+        f"peaks at {_pct(subject, 3)}",
         _compare(last, subject) if later else DISAGREES,
     )
 
@@ -153,9 +153,9 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
         "Severed paths: the early site works through the MLPs",
         "severing the MLPs above a restored last-subject state removes much of its effect in "
         "the lower layers; severing attention removes far less",
-        f"averaged over layers 0-{half - 1}, the hidden state's AIE is {_effect(none)} with "
-        f"nothing severed, {_effect(mlp)} with the MLPs severed (a drop of {drop_mlp:.3f}) and "
-        f"{_effect(attn)} with attention severed (a drop of {drop_attn:.3f})"
+        f"averaged over layers 0-{half - 1}, the hidden state's AIE is {_pct(none, 3)} with "
+        f"nothing severed, {_pct(mlp, 3)} with the MLPs severed (a drop of {drop_mlp:.3f}) and "
+        f"{_pct(attn, 3)} with attention severed (a drop of {drop_attn:.3f})"
         + ("; each interval is the average of the layers' own" if none["low"] is not None else ""),
         _compare(attn, mlp) if drop_mlp > 0 else DISAGREES,
     )
