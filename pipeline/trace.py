@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from metrics.intervals import column_mean_ci
+from metrics.intervals import column_mean_ci, mean_ci
 from pipeline.app import figures
 from pipeline.app.stage import Run, require_complete, stage
 from pipeline.core import files
@@ -35,6 +35,7 @@ from pipeline.core.patching import (
     TraceOptions,
     average_by_bucket,
     embedding_std,
+    prompt_bucket_row,
     trace_all_kinds,
     trace_severed,
 )
@@ -204,7 +205,59 @@ def aggregate(
             out["severed"][name] = _mean_ci(effects)
     out["clean"] = _mean_ci(np.array([[r["clean"]] for r in records]))
     out["corrupted"] = _mean_ci(np.array([[r["corrupted"]] for r in records]))
+    out["paired"] = paired_contrasts(records, out)
     return out
+
+
+def paired_contrasts(records: list[dict[str, Any]], averages: dict[str, Any]) -> dict[str, Any]:
+    """The differences the report's trace verdicts rest on, per prompt, with paired 95% t
+    intervals (`mean_ci` of the per-prompt differences; n counts the prompts that have both).
+
+    Both sides of each comparison come from the same prompts, so the interval of the
+    per-prompt difference is the one that answers "is A above B"; the two averages' own
+    intervals ignore the pairing and can only be wider. Each is A minus B:
+      - `mlp_site`: the MLP effect at the last subject token minus that at the last token;
+      - `attn_site`: attention's effect at the last token minus that at the last subject token;
+        (each side at the layer where its average, in `averages["kinds"]`, peaks: chosen on
+        the same prompts, which lifts both sides of the difference a little);
+      - `severed`: the last subject token's hidden-state effect with attention severed minus
+        with the MLPs severed, averaged over the lower half of the layers.
+    """
+    pooling, paired = averages["pooling"], {}
+    sides = {
+        "mlp_site": ("mlp", "last_subject", "last"),
+        "attn_site": ("attn", "last", "last_subject"),
+    }
+    for name, (kind, high, low) in sides.items():
+        stats_ = averages["kinds"].get(kind)
+        if stats_ is None:
+            continue
+        rows = {b: np.asarray(stats_["mean"][BUCKETS.index(b)], dtype=float) for b in (high, low)}
+        if not all(np.isfinite(row).any() for row in rows.values()):
+            continue
+        layer = {b: int(np.nanargmax(row)) for b, row in rows.items()}
+        differences = []
+        for record in records:
+            effect = np.asarray(record["kinds"][kind]) - record["corrupted"]
+            span = tuple(record["subject_span"])
+            a, b = (prompt_bucket_row(effect, span, BUCKETS.index(x), pooling) for x in (high, low))
+            if a is not None and b is not None:
+                differences.append(a[layer[high]] - b[layer[low]])
+        if differences:
+            paired[name] = {
+                "kind": kind,
+                "minus": [[high, layer[high]], [low, layer[low]]],
+                **mean_ci(differences),
+            }
+    with_severed = [r for r in records if {"mlp", "attn"} <= set(r.get("severed", {}))]
+    if with_severed:
+        half = len(with_severed[0]["severed"]["mlp"]) // 2
+        differences = [
+            float(np.mean(np.asarray(r["severed"]["attn"][:half]) - r["severed"]["mlp"][:half]))
+            for r in with_severed
+        ]
+        paired["severed"] = {"minus": ["attn", "mlp"], "layers": [0, half], **mean_ci(differences)}
+    return paired
 
 
 def _mean_ci(rows: np.ndarray) -> dict[str, Any]:

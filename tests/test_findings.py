@@ -198,3 +198,43 @@ def test_fine_tuning_is_judged_by_the_paired_change_when_the_row_has_it():
     assert findings.fine_tuning_tradeoff(rows).verdict == findings.WITHIN
     change["NS"] = {**metric(3, 2), "n": 200}
     assert findings.fine_tuning_tradeoff(rows).verdict == findings.DISAGREES
+
+
+def test_a_paired_difference_decides_where_the_trace_keeps_one():
+    """Overlapping intervals of the two sides, but the per-prompt difference clears zero (and
+    the other way round); a difference of other layers than the peaks is not used."""
+    trace = averages(3, 9, mlp_last_height=0.15, half=0.03)  # unpaired: not significant
+    trace["paired"] = {
+        "mlp_site": {"minus": [["last_subject", 3], ["last", 11]], **metric(0.05, 0.02), "n": 50}
+    }
+    found = findings.early_mlp_site(trace)
+    assert found.verdict == findings.AGREES
+    assert "paired over the same 50 prompts" in found.evidence
+    assert "is 0.050 [0.030, 0.070]" in found.evidence
+    trace["paired"]["mlp_site"].update(metric(0.05, 0.08))
+    assert findings.early_mlp_site(trace).verdict == findings.WITHIN
+    trace["paired"]["mlp_site"].update(low=float("nan"), high=float("nan"))
+    assert findings.early_mlp_site(trace).verdict == findings.WITHIN
+    trace["paired"]["mlp_site"].update(metric(-0.01, 0.005))
+    assert findings.early_mlp_site(trace).verdict == findings.DISAGREES
+    trace["paired"]["mlp_site"]["minus"] = [["last_subject", 4], ["last", 11]]  # stale
+    assert findings.early_mlp_site(trace).verdict == findings.WITHIN
+    assert "paired" not in findings.early_mlp_site(trace).evidence
+    # attention, and the severed paths the same way
+    wide = averages(3, 9, half=0.07)
+    wide["paired"] = {
+        "attn_site": {"minus": [["last", 9], ["last_subject", 2]], **metric(0.1, 0.05), "n": 9}
+    }
+    assert findings.late_attention_site(wide).verdict == findings.AGREES
+    none = np.linspace(0.3, 0.0, LAYERS)
+    curve = {"mean": list(none), "low": list(none - 0.2), "high": list(none + 0.2)}
+    wide["severed"] = {"none": curve, "mlp": {**curve, "mean": list(none * 0.3)}, "attn": curve}
+    assert findings.severed_mlp(wide).verdict == findings.WITHIN
+    wide["paired"]["severed"] = {
+        "minus": ["attn", "mlp"],
+        "layers": [0, 6],
+        **metric(0.1, 0.02),
+        "n": 9,
+    }
+    assert findings.severed_mlp(wide).verdict == findings.AGREES
+    assert "attention severed minus MLPs severed is 0.100" in findings.severed_mlp(wide).evidence

@@ -16,12 +16,14 @@ from pipeline.core.models import load_model
 from pipeline.core.patching import (
     BUCKETS,
     KINDS,
+    POOLINGS,
     Readout,
     average_by_bucket,
     bucket_positions,
     embedding_std,
     make_noise,
     paper_bucket_rows,
+    prompt_bucket_row,
     reference,
     resolve_noise,
     trace,
@@ -347,3 +349,24 @@ def test_smollm2_corrupting_the_subject_hides_the_fact(smollm2):
     # Restoring the whole final state at the last token gives back the clean prediction.
     assert result.restored[-1, -1].item() == pytest.approx(result.clean, abs=TOLERANCE)
     assert not math.isnan(result.effect.max().item()) and result.effect.max() > 0.1
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_prompt_bucket_rows_average_to_the_bucket_average(pooling):
+    """One prompt's row per bucket is the sample `average_by_bucket` pools (for the paper's
+    pooling, in the buckets that take one row per prompt)."""
+    generator = np.random.default_rng(0)
+    spans = [(0, 1), (1, 3), (2, 5), (1, 6)]  # one-token subject, ..., subject ending the prompt
+    effects = [generator.normal(size=(6, 3)) for _ in spans]
+    average = average_by_bucket(effects, spans, pooling=pooling)
+    buckets = range(len(BUCKETS)) if pooling == "prompt" else (2, 5)  # last subject, last
+    for bucket in buckets:
+        rows = [
+            prompt_bucket_row(e, s, bucket, pooling) for e, s in zip(effects, spans, strict=True)
+        ]
+        rows = [r for r in rows if r is not None]
+        assert len(rows) == average.count[bucket]
+        if rows:
+            np.testing.assert_allclose(np.mean(rows, axis=0), average.mean[bucket])
+    # the prompt pooling gives a subject that ends the prompt no last-token row
+    assert prompt_bucket_row(effects[3], (1, 6), BUCKETS.index("last")) is None

@@ -126,3 +126,41 @@ def test_bad_records_of_the_data_trace_loads_itself_are_counted_and_listed(tmp_p
     assert summary["skipped"] == 2 and summary["data"]["total"] == 6
     assert [r["index"] for r in summary["data"]["skipped_records"]] == [2, 4]
     assert "skipped a bad record" in done.stdout + done.stderr
+
+
+def test_paired_contrasts_are_per_prompt_differences_at_the_average_peaks():
+    """The differences the report's trace verdicts rest on, computed prompt by prompt."""
+    import numpy as np
+
+    from pipeline.trace import aggregate
+
+    generator = np.random.default_rng(0)
+    spans = [(1, 3), (0, 2), (2, 4), (1, 5)]  # the last subject ends the prompt: no last token
+    records = [
+        {
+            "subject_span": list(span),
+            "clean": 0.5,
+            "corrupted": 0.1,
+            "kinds": {k: generator.uniform(size=(5, 6)).tolist() for k in ("mlp", "attn")},
+            "severed": {k: generator.uniform(size=6).tolist() for k in ("none", "mlp", "attn")},
+        }
+        for span in spans
+    ]
+    out = aggregate(records, ["mlp", "attn"])
+    mlp = np.asarray(out["kinds"]["mlp"]["mean"])
+    subject_layer, last_layer = int(np.argmax(mlp[2])), int(np.argmax(mlp[5]))
+    site = out["paired"]["mlp_site"]
+    assert site["minus"] == [["last_subject", subject_layer], ["last", last_layer]]
+    expected = [
+        np.asarray(r["kinds"]["mlp"])[s[1] - 1, subject_layer]
+        - np.asarray(r["kinds"]["mlp"])[-1, last_layer]
+        for r, s in zip(records[:3], spans[:3], strict=True)
+    ]
+    assert site["n"] == 3 and np.isclose(site["mean"], np.mean(expected))
+    assert site["low"] < site["mean"] < site["high"]
+    severed = out["paired"]["severed"]
+    expected = [
+        np.mean(np.subtract(r["severed"]["attn"], r["severed"]["mlp"])[:3]) for r in records
+    ]
+    assert severed["layers"] == [0, 3] and severed["n"] == 4
+    assert np.isclose(severed["mean"], np.mean(expected))

@@ -6,9 +6,11 @@ beside it, so that any rerun is read by the same rules rather than by a sentence
 set of numbers:
 
 - **agrees**: the effect goes the paper's way and, where the numbers carry 95% intervals, the
-  intervals of the two things compared do not overlap (or the rank test is significant);
-- **the paper's direction, not significant at this n**: the paper's way, but the intervals
-  overlap (or the rank test is not significant);
+  interval of the two things' paired difference excludes zero where both come from the same
+  prompts or cases and the result files keep that difference, else the two things' own
+  intervals do not overlap (or the rank test is significant);
+- **the paper's direction, not significant at this n**: the paper's way, but that interval
+  holds zero, or the two intervals overlap (or the rank test is not significant);
 - **does not agree**: the other way.
 
 Layers are counted from 0; MLP and attention effects are placed at the centre of their window.
@@ -56,6 +58,24 @@ def _compare(higher: dict[str, Any], lower: dict[str, Any]) -> str:
     return AGREES if _bound(higher["low"]) > _bound(lower["high"]) else WITHIN
 
 
+def _paired(difference: dict[str, Any]) -> str:
+    """Verdict for "A is above B" from the {mean, low, high} of their per-prompt difference."""
+    if difference["mean"] <= 0:
+        return DISAGREES
+    return AGREES if _bound(difference["low"]) > 0 else WITHIN
+
+
+def _contrast(averages: dict[str, Any], name: str, **expected: Any) -> dict[str, Any] | None:
+    """The trace's paired difference `name` (see `pipeline.trace.paired_contrasts`), where it
+    has one and it compares what the caller does (`expected`: its fields); NaN bounds -> None."""
+    contrast = (averages.get("paired") or {}).get(name)
+    if contrast is None or any(contrast.get(k) != v for k, v in expected.items()):
+        return None
+    bounds = {k: contrast.get(k) for k in ("low", "high")}
+    finite = all(v is not None and np.isfinite(v) for v in bounds.values())
+    return {**contrast, **(bounds if finite else {"low": None, "high": None})}
+
+
 def _pct(metric: dict[str, Any], digits: int = 1) -> str:
     """`mean [low, high]`, or the mean alone where there is no interval."""
     low, high = metric.get("low"), metric.get("high")
@@ -93,15 +113,25 @@ def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
         return None
     layers = subject["layers"]
     lower_half = subject["layer"] < layers / 2
+    paired = _contrast(
+        averages, "mlp_site", minus=[["last_subject", subject["layer"]], ["last", last["layer"]]]
+    )
     return Finding(
         "Early site: MLP at the last subject token",
         "in GPT-2 XL the MLP's indirect effect peaks at the last subject token in the middle "
         "layers (about 15-20 of 48), far above the MLP's effect at the last token",
         f"the MLP's AIE at the last subject token peaks at layer {subject['layer']} of {layers} "
         f"({'lower' if lower_half else 'upper'} half) at {_pct(subject, 3)}; at the last "
-        f"token its peak is {_pct(last, 3)} (layer {last['layer']})",
-        _compare(subject, last) if lower_half else DISAGREES,
+        f"token its peak is {_pct(last, 3)} (layer {last['layer']})"
+        + _paired_note(paired, "the last subject token's peak minus the last token's"),
+        DISAGREES if not lower_half else _paired(paired) if paired else _compare(subject, last),
     )
+
+
+def _paired_note(paired: dict[str, Any] | None, difference: str) -> str:
+    if paired is None:
+        return ""
+    return f"; paired over the same {paired['n']} prompts, {difference} is {_pct(paired, 3)}"
 
 
 def late_attention_site(averages: dict[str, Any]) -> Finding | None:
@@ -112,14 +142,18 @@ def late_attention_site(averages: dict[str, Any]) -> Finding | None:
     if last is None or subject is None or mlp is None:
         return None
     later = last["layer"] > mlp["layer"]
+    paired = _contrast(
+        averages, "attn_site", minus=[["last", last["layer"]], ["last_subject", subject["layer"]]]
+    )
     return Finding(
         "Late site: attention at the last token",
         "attention's indirect effect is concentrated at the last token, in layers above the "
         "MLP's early site",
         f"attention's AIE at the last token peaks at layer {last['layer']} at {_pct(last, 3)} "
         f"(MLP early-site peak: layer {mlp['layer']}); at the last subject token attention "
-        f"peaks at {_pct(subject, 3)}",
-        _compare(last, subject) if later else DISAGREES,
+        f"peaks at {_pct(subject, 3)}"
+        + _paired_note(paired, "the last token's peak minus the last subject token's"),
+        DISAGREES if not later else _paired(paired) if paired else _compare(last, subject),
     )
 
 
@@ -129,9 +163,10 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
 
     Each curve is averaged over the lower half, its interval as the average of the layers'
     bounds: no narrower than the interval of the average itself (the half-width of a mean of
-    estimates is at most the mean of their half-widths), so the verdict errs towards "not
-    significant". The three curves come from the same prompts, so a paired interval would be
-    narrower still; the per-prompt values it needs are not in the averages the report reads."""
+    estimates is at most the mean of their half-widths), so that comparison errs towards "not
+    significant". The three curves come from the same prompts: where the trace keeps the paired
+    difference (attention severed minus MLPs severed over the same layers, per prompt), its
+    interval decides instead."""
     severed = averages.get("severed") or {}
     if not {"none", "mlp", "attn"} <= set(severed):
         return None
@@ -149,6 +184,8 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
 
     none, mlp, attn = (lower_half(severed[k]) for k in ("none", "mlp", "attn"))
     drop_mlp, drop_attn = none["mean"] - mlp["mean"], none["mean"] - attn["mean"]
+    paired = _contrast(averages, "severed", minus=["attn", "mlp"], layers=[0, half])
+    verdict = _compare(attn, mlp) if paired is None else _paired(paired)
     return Finding(
         "Severed paths: the early site works through the MLPs",
         "severing the MLPs above a restored last-subject state removes much of its effect in "
@@ -156,8 +193,9 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
         f"averaged over layers 0-{half - 1}, the hidden state's AIE is {_pct(none, 3)} with "
         f"nothing severed, {_pct(mlp, 3)} with the MLPs severed (a drop of {drop_mlp:.3f}) and "
         f"{_pct(attn, 3)} with attention severed (a drop of {drop_attn:.3f})"
-        + ("; each interval is the average of the layers' own" if none["low"] is not None else ""),
-        _compare(attn, mlp) if drop_mlp > 0 else DISAGREES,
+        + ("; each interval is the average of the layers' own" if none["low"] is not None else "")
+        + _paired_note(paired, "attention severed minus MLPs severed"),
+        verdict if drop_mlp > 0 else DISAGREES,
     )
 
 

@@ -28,6 +28,7 @@ from pipeline.core.patching.aggregate import (
     average_by_bucket,
     bucket_positions,
     paper_bucket_rows,
+    prompt_bucket_row,
 )
 from pipeline.core.patching.common import (
     DISTRIBUTIONS,
@@ -60,6 +61,7 @@ __all__ = [
     "average_by_bucket",
     "bucket_positions",
     "paper_bucket_rows",
+    "prompt_bucket_row",
     "POOLINGS",
     "embedding_std",
     "make_noise",

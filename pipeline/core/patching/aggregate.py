@@ -94,6 +94,22 @@ def paper_bucket_rows(n_tokens: int, subject_span: tuple[int, int]) -> list[list
     ]
 
 
+def prompt_bucket_row(
+    effect: np.ndarray, subject_span: tuple[int, int], bucket: int, pooling: str = "prompt"
+) -> np.ndarray | None:
+    """One prompt's (layers,) sample for `bucket`: the mean over the bucket's positions, as
+    `average_by_bucket` pools them; None where the prompt has no such position."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    grid = np.asarray(effect, dtype=np.float64)
+    if pooling == "paper":
+        positions = paper_bucket_rows(grid.shape[0], subject_span)[bucket]
+    else:
+        buckets = bucket_positions(grid.shape[0], subject_span)
+        positions = [p for p, b in enumerate(buckets) if b == bucket]
+    return grid[positions].mean(axis=0) if positions else None
+
+
 @dataclass
 class BucketAverage:
     """Per bucket and layer: mean effect and confidence interval over the bucket's samples."""
