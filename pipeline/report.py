@@ -128,6 +128,27 @@ def provenance(directory: Path, report_dir: Path) -> str:
     )
 
 
+def sweep_provenance(jobs: list[Path], cases: list[int], report_dir: Path) -> str:
+    """A sweep's jobs in one line: cases per job, every commit that ran them, their time in
+    all, then the first job's provenance in full."""
+    metas = [files.read_json(j / "run.json") if (j / "run.json").exists() else {} for j in jobs]
+    commits = dict.fromkeys(
+        f"`{((m.get('git') or {}).get('commit') or 'unknown')[:10]}`" for m in metas
+    )
+    seconds = [
+        files.read_json(j / "summary.json").get("seconds")
+        if (j / "summary.json").exists()
+        else None
+        for j in jobs
+    ]
+    took = f", {sum(seconds) / 60:.0f} min of job time in all" if None not in seconds else ""
+    counts = f"{min(cases)}" if min(cases) == max(cases) else f"{min(cases)}-{max(cases)}"
+    return (
+        f"{len(jobs)} layers, {counts} cases each; jobs at commit{'s' if len(commits) > 1 else ''} "
+        f"{', '.join(commits)}{took}. The first job: {provenance(jobs[0], report_dir)}."
+    )
+
+
 def data_files(inputs: dict[str, Path]) -> list[str]:
     """Markdown: every data file the inputs (label -> results directory) read, from their
     run.json, with its sha256 and the inputs that read it: a rerun can check its records."""
@@ -380,8 +401,7 @@ def main(cfg: DictConfig, run: Run) -> None:
             run.uses(Path(row["dir"]), "evaluate")
         made["layer_sweep"] = figures.layer_sweep(figure_dir, rows, averages, model)
         doc += [
-            f"{len(rows)} layers, {min(r['n'] for r in rows)}-{max(r['n'] for r in rows)} "
-            f"cases each; {provenance(Path(rows[0]['dir']), out)}.",
+            sweep_provenance([Path(r["dir"]) for r in rows], [r["n"] for r in rows], out),
             "",
             *[f"Key statistics of each edited layer: {budget}." for budget in budgets(rows)],
             "",
