@@ -106,8 +106,9 @@ editors: setup
 	for e in $(filter-out none,$(EDITORS)); do $(PY) -m pipeline.evaluate experiment=$(EXPERIMENT) data=$(EVAL_DATA) editor=$$e eval.mode=sequential data.limit=$(SEQUENTIAL_CASES) $(OVERRIDES) || exit 1; done
 
 ## ROME at every layer of the embedded default, SWEEP_CASES cases each: one sweep directory
-## (results/sweeps/layers) and one W&B group. SmolLM2 on 2 CPU cores: ~10 min per layer with 20
-## cases; on a cluster add OVERRIDES=hydra/launcher=slurm to run the layers as parallel jobs.
+## (results/sweeps/layers) and one W&B group. SmolLM2, 20 cases, one CPU thread: 2-4 min per
+## layer (70 min of job time for all 30; two processes on 2 cores took 38 min), after the
+## statistics (22 min); on a cluster add OVERRIDES=hydra/launcher=slurm to run layers in parallel.
 ## The statistics of every swept layer come first, in one pass over the corpus (SWEEP_STATS: the
 ## same layers as a list; SWEEP_STATS_TOKENS: the budget conf/sweep/layers.yaml sets).
 SWEEP_LAYERS ?= range(0,30)
@@ -129,8 +130,9 @@ figures: setup
 	$(PY) -m pipeline.report experiment=$(EXPERIMENT) $(OVERRIDES)
 
 ## The paper's figures and tables for EXPERIMENT: runs each stage, which skips what is already on
-## disk, then the report. SmolLM2 on 2 CPU cores from nothing: about 10 hours (trace ~4 h, evaluate
-## ~1.5 h, layer sweep ~5 h). For experiment=paper_gpt2xl: EVAL_DATA=counterfact
+## disk, then the report. SmolLM2 on 2 CPU cores from nothing: about 10 hours (trace ~6 h: 12 h
+## of single-thread sittings for its 279 facts, run as two shards; evaluate ~1.5 h; layer sweep
+## ~1 h with its statistics). For experiment=paper_gpt2xl: EVAL_DATA=counterfact
 ## SWEEP_LAYERS='range(0,48)' and a GPU cluster (OVERRIDES=hydra/launcher=slurm for the sweep).
 EVAL_DATA ?= counterfact-easyedit
 paper: setup
