@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.core.models import LoadedModel, load_model
@@ -19,8 +20,8 @@ def model_spec(name: str) -> dict:
     return yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
 
 
-def tiny_model(name: str, seed: int = 0) -> LoadedModel:
-    return load_model(model_spec(name), cache_dir=CACHE, seed=seed)
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    return load_model(model_spec(name), cache_dir=CACHE, seed=seed, dtype=dtype)
 
 
 @pytest.fixture(scope="session")

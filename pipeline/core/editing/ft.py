@@ -21,8 +21,9 @@ Departures from the reference code, named:
   - `loss="teacher_forced"` (default) is the paper's NLL of the target, as the pre-refactor code
     computed it. `loss="last_token"` reproduces the final code: every target token's
     log-probability is read at the last prompt position (a bag of tokens, no teacher forcing).
-  - Adam updates a float32 copy of W, written into the model after each step (identical for a
-    float32 model; in bf16/fp16, steps of lr 5e-4 would otherwise round away).
+  - Adam updates a float32 copy of W (float64 for a float64 model), written into the model after
+    each step (identical for a float32 model; in bf16/fp16, steps of lr 5e-4 would otherwise
+    round away).
   - A request whose target already is the greedy answer is refused, as every editor here does.
 """
 
@@ -99,14 +100,14 @@ def _batch(lm: LoadedModel, prepared: Sequence[PreparedRequest], loss: str) -> _
 
 
 def _losses(lm: LoadedModel, batch: _Batch) -> torch.Tensor:
-    """Each request's mean NLL over its target tokens, (n,) float32, differentiable."""
+    """Each request's mean NLL over its target tokens, (n,) in float32 or wider, differentiable."""
     hidden = lm.model.base_model(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
-    logits = lm.module("unembed")(hidden[batch.rows, batch.cols]).float()
+    logits = lm.module("unembed")(hidden[batch.rows, batch.cols])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     nll = -logits.log_softmax(-1)[torch.arange(len(batch.tokens)), batch.tokens]
-    sums = torch.zeros(batch.n, device=nll.device).index_add(0, batch.owners, nll)
-    counts = torch.zeros(batch.n, device=nll.device).index_add(
-        0, batch.owners, torch.ones_like(nll)
-    )
+    zeros = torch.zeros(batch.n, device=nll.device, dtype=nll.dtype)
+    sums = zeros.index_add(0, batch.owners, nll)
+    counts = zeros.index_add(0, batch.owners, torch.ones_like(nll))
     return sums / counts
 
 
@@ -124,8 +125,11 @@ def fine_tune(
     trained = weight.requires_grad
     with preserved_weights(lm, [hp.layer]):
         original = lm.mlp_out_weight(hp.layer).detach().clone()
-        start = weight.detach().float().clone()  # W0 (a copy even when float32)
-        master = start.clone()  # float32 copy of W that Adam updates
+        # Adam updates a master copy of W in float32, or wider for a float64 model (the tests'
+        # exact comparisons run in float64).
+        master_dtype = torch.promote_types(weight.dtype, torch.float32)
+        start = weight.detach().to(master_dtype, copy=True)  # W0
+        master = start.clone()
         optimiser = torch.optim.Adam([master], lr=hp.lr, weight_decay=hp.weight_decay)
         try:
             weight.requires_grad_(True)
@@ -140,7 +144,7 @@ def fine_tune(
                         # autograd.grad touches no .grad but master's: nothing else in the
                         # model changes, whatever else requires grad.
                         (grad,) = torch.autograd.grad(loss, [weight])
-                        master.grad = grad.float()
+                        master.grad = grad.to(master_dtype)
                         optimiser.step()
                         master.grad = None
                         steps += 1
