@@ -4,6 +4,7 @@ hooks against weights written in place, exact restore, and the errors every edit
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -44,12 +45,21 @@ SMALL = dict(v_num_grad_steps=5, mom2_update_weight=2.0)  # λ small: visible ed
 Z_RTOL, SOLVE_RTOL = 1e-5, 1e-9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
+    """One torch thread: the tiny models run fastest so on the shared 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
@@ -59,7 +69,8 @@ def tiny(request):
     tests/test_editors.py runs these editors on float32 models."""
     lm = tiny_model(request.param, dtype=torch.float64)
     texts = [r["prompt"] for r in SAMPLES] + [r["rephrase_prompt"] for r in SAMPLES]
-    return lm, {layer: second_moment(lm, layer, texts, progress=False) for layer in LAYERS}
+    with single_thread():  # module fixtures start before `one_thread`; C is 10x faster so
+        return lm, {layer: second_moment(lm, layer, texts, progress=False) for layer in LAYERS}
 
 
 def assert_close_to(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:

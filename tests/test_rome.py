@@ -68,17 +68,21 @@ def one_thread():
 @pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
 def tiny(request):
     """A tiny model (GPT-2's transposed Conv1D and Llama's Linear) with C at LAYER."""
-    lm = tiny_model(request.param)
-    texts = [r["prompt"] for r in SAMPLES] + [r["rephrase_prompt"] for r in SAMPLES]
-    return lm, second_moment(lm, LAYER, texts, progress=False)
+    return with_moment(tiny_model(request.param))
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
 def tiny64(request):
     """The same in float64, for the comparisons of two ways to compute an update (UPDATE_RTOL)."""
-    lm = tiny_model(request.param, dtype=torch.float64)
+    return with_moment(tiny_model(request.param, dtype=torch.float64))
+
+
+def with_moment(lm):
+    """The model and its C at LAYER, on one thread (module fixtures start before `one_thread`;
+    C took 5-18 s on two threads of the shared machine, under 1 s on one)."""
     texts = [r["prompt"] for r in SAMPLES] + [r["rephrase_prompt"] for r in SAMPLES]
-    return lm, second_moment(lm, LAYER, texts, progress=False)
+    with single_thread():
+        return lm, second_moment(lm, LAYER, texts, progress=False)
 
 
 def hparams(variant="rome", **overrides):
