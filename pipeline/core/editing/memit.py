@@ -51,6 +51,7 @@ from pipeline.core.editing.values import (
     ValueStore,
     edited_weights_digest,
     optimise_values,
+    optimised_dtype,
     value_key,
 )
 from pipeline.core.models import LoadedModel
@@ -225,7 +226,7 @@ class Memit(Editor):
             subset = [prepared[i] for i in chunk]
             rows = Rows.build(subset, hp.v_whole_rows, hp.kl_at_subject)
             frozen = None if hp.v_whole_rows else Frozen.compute(lm, rows, self.z_layer)
-            deltas, nlls, steps = optimise_values(lm, rows, frozen, h[chunk].float(), options)
+            deltas, nlls, steps = optimise_values(lm, rows, frozen, h[chunk], options)
             fresh = {
                 i: {"delta": delta.tolist(), "nll": nll, "steps": step}
                 for i, delta, nll, step in zip(chunk, deltas, nlls, steps, strict=True)
@@ -234,7 +235,9 @@ class Memit(Editor):
                 store.put({keys[i]: row for i, row in fresh.items()})
             for i, row in fresh.items():
                 found[i] = row
-        deltas = torch.tensor([row["delta"] for row in found], device=lm.device)
+        deltas = torch.tensor(
+            [row["delta"] for row in found], device=lm.device, dtype=optimised_dtype(lm)
+        )
         nlls = [float(row["nll"]) for row in found]
         steps = [int(row["steps"]) for row in found]
         return h.double() + deltas.double(), nlls, steps, deltas, reused

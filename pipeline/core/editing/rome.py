@@ -43,7 +43,7 @@ from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.requests import EditRequest, EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import RankOneUpdate
-from pipeline.core.editing.values import Rows, ValueOptions, optimise_values
+from pipeline.core.editing.values import Rows, ValueOptions, optimise_values, optimised_dtype
 from pipeline.core.models import LoadedModel
 from pipeline.core.second_moment import SecondMoment
 
@@ -162,11 +162,12 @@ def _rank_one_updates(
     bias = getattr(projection, "bias", None)
     reference_outputs = base if bias is None else base + bias.detach().double()
 
-    deltas, nlls, steps = optimise_values(lm, rows, frozen, reference_outputs.float(), options)
+    deltas, nlls, steps = optimise_values(lm, rows, frozen, reference_outputs, options)
     values = base + deltas.double()  # v* (its linear part)
     u = solver(mean_keys)
     alignment = (u * ref_keys).sum(-1, keepdim=True)  # uᵀk_ref: small means a huge ΔW
     lefts = (values - linear) / alignment
+    dtype = optimised_dtype(lm)  # of the key and value reported: float32 or wider
     results = {}
     for row, p in enumerate(prepared):
         update = RankOneUpdate(hp.layer % lm.n_layers, lefts[row].to(lm.dtype), u[row].to(lm.dtype))
@@ -174,8 +175,8 @@ def _rank_one_updates(
             p.index,
             p.request,
             update=update,
-            key=ref_keys[row].float(),
-            value=values[row].float(),
+            key=ref_keys[row].to(dtype),
+            value=values[row].to(dtype),
             target_nll=nlls[row],
             steps=steps[row],
             info={

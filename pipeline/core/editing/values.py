@@ -9,7 +9,8 @@ keeps what the subject is:
     ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖   (v₀: the module's original output for the reference key)
 
 Requests in a batch are independent (own δ, own Adam state, own early stop); only what δ changes
-is computed at each step (`pipeline.core.editing.prefixes`).
+is computed at each step (`pipeline.core.editing.prefixes`). δ and the loss are float32, or
+float64 for a float64 model (`optimised_dtype`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,13 @@ def _run_rows(
         handle.remove()
 
 
+def optimised_dtype(lm: LoadedModel) -> torch.dtype:
+    """Where δ, the logits and the losses are computed: float32, or wider for a wider model (a
+    float64 model is optimised in float64, as the tests' exact comparisons need; a bf16/fp16
+    model's logits are read in float32)."""
+    return torch.promote_types(lm.dtype, torch.float32)
+
+
 def optimise_values(
     lm: LoadedModel,
     rows: Rows,
@@ -201,8 +209,12 @@ def optimise_values(
     """
     n_req = len(rows.context_rows)
     device = lm.device
+    dtype = optimised_dtype(lm)
+    reference_outputs = reference_outputs.to(dtype)
     dim = reference_outputs.shape[1]
-    deltas = [torch.zeros(dim, device=device, requires_grad=True) for _ in range(n_req)]
+    deltas = [
+        torch.zeros(dim, device=device, dtype=dtype, requires_grad=True) for _ in range(n_req)
+    ]
     optimisers = [torch.optim.Adam([d], lr=opts.lr) for d in deltas]
     max_norms = opts.clamp_norm_factor * reference_outputs.norm(dim=-1)
     ref_sq = reference_outputs.norm(dim=-1) ** 2
@@ -240,20 +252,21 @@ def optimise_values(
             states.append(hidden[place[r], c - split[r]])
             order.append(in_group)
         states = torch.cat(states)[torch.argsort(torch.cat(order))]
-        logits = lm.logits(states).float()
+        logits = lm.logits(states).to(dtype)
 
         owner = slot[reads[:, 2]]
         n_active, n_nll = len(active), int(nll_mask.sum())
         # Fused log-softmax + NLL: no (reads, vocab) log-probabilities to keep for backward.
         token_nll = F.cross_entropy(logits[:n_nll], nll_tokens[nll_mask], reduction="none")
-        per_request = torch.zeros(n_active, device=device).index_add(0, owner[:n_nll], token_nll)
+        zeros = torch.zeros(n_active, device=device, dtype=dtype)
+        per_request = zeros.index_add(0, owner[:n_nll], token_nll)
         nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
         kl_log_probs, kl_owner = logits[n_nll:].log_softmax(-1), owner[n_nll:]
         if kl_init is None:  # iteration 0: δ is still zero, the original distributions
             kl_init = kl_log_probs.detach()
         # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
         kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_mask])).sum(-1)
-        kl = torch.zeros(n_active, device=device).index_add(0, kl_owner, kl_terms)
+        kl = zeros.index_add(0, kl_owner, kl_terms)
         kl = kl / torch.bincount(kl_owner, minlength=n_active)
         norms = torch.stack([deltas[r].norm() for r in active])
         decay = opts.weight_decay * norms / ref_sq[active]
