@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.files import file_lock
+from pipeline.core.files import file_lock, follow_umask
 from pipeline.core.models import ModelNotAvailableError, files_identity
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
         (staging / "SOURCE.json").write_text(
             json.dumps({**record, "sha256": checksums(staging)}, indent=2)
         )
+        follow_umask(staging)  # the weights come 0600 from safetensors
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     return target
