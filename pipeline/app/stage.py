@@ -196,6 +196,10 @@ class Run:
 
     def __init__(self, cfg: DictConfig, stage: str, resumable: bool = False):
         validate_config(cfg)  # before any file or W&B run exists
+        # The W&B mode used (an explicit tracking.mode beats an exported WANDB_MODE), recorded
+        # in config.yaml, run.json and the W&B config instead of the setting that chose it.
+        mode, mode_from = tracking.chosen_mode(cfg.tracking)
+        cfg.tracking.mode = mode
         self.cfg = cfg
         self.stage = stage
         self.out_dir = Path(cfg.out_dir).resolve()
@@ -241,6 +245,7 @@ class Run:
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
             "data": self.data,
+            "tracking": {"mode": mode, "from": mode_from},
         }
         files.write_json(self.out_dir / "run.json", self.meta)
         self.tracker = tracking.from_config(
