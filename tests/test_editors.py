@@ -7,7 +7,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from pipeline.app import editors
-from pipeline.core.editing.rome import RomeHparams
+from pipeline.app.schema import ConfigError
+from pipeline.core.editing.ft import FineTune, FtHparams
+from pipeline.core.editing.memit import Memit, MemitHparams
+from pipeline.core.editing.rome import Rome, RomeHparams
 from tests.conftest import ROOT, tiny_model
 
 
@@ -130,3 +133,78 @@ def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_
     monkeypatch.setattr(editors, "templates_for", lambda *a, **k: calls.append(1) or real(*a, **k))
     editors.context_templates(tmp_path, tiny_model("tiny-gpt2", seed=1), hp)
     assert calls == [1]  # not the seed-0 model's text
+
+
+def evaluate_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=["model=tiny-gpt2", *overrides])
+
+
+ONE_LAYER = ["ft", "ft-l", "rome", "rome-reference", "r-rome"]
+LAYER_LISTS = ["memit", "emmet", "alphaedit"]
+
+
+@pytest.mark.parametrize(
+    ("editor", "layer"),
+    [*((e, "4") for e in ONE_LAYER), *((e, "[0,4]") for e in LAYER_LISTS), ("kn", "4")],
+)
+def test_every_editor_refuses_a_layer_outside_the_model_before_loading_it(editor, layer):
+    """MEMIT's [0, 4] on a 4-layer model edited layer 0 alone (4 mod 4) under a config and a
+    results directory saying [0, 4]; now every editor stops on the setting, from the model's
+    spec (tiny-gpt2's `arch`), before any weights, statistics or results directory."""
+    editors.check_settings(evaluate_config(f"editor={editor}"))  # the presets are in range
+    with pytest.raises(ConfigError, match=r"editor.layer.*(outside the model's 4 layers|apply)"):
+        editors.check_settings(evaluate_config(f"editor={editor}", f"editor.layer={layer}"))
+
+
+def test_negative_layers_count_from_the_end_but_may_not_name_a_block_twice():
+    editors.check_settings(evaluate_config("editor=memit", "editor.layer=[-2,-1]"))
+    with pytest.raises(ConfigError, match="names one of the model's 4 layers twice"):
+        editors.check_settings(evaluate_config("editor=memit", "editor.layer=[3,-1]"))
+    with pytest.raises(ConfigError, match=r"editor.v_loss_layer=4: layer 4 is outside"):
+        editors.check_settings(evaluate_config("editor=rome", "editor.v_loss_layer=4"))
+    with pytest.raises(ConfigError, match=r"^invalid.*\n  layers=\[1, -5\]: layer -5 is outside"):
+        editors.check_settings(config("model=tiny-llama", "layers=[1,-5]"))  # the stats stage
+
+
+def test_the_loaded_models_depth_is_checked_where_the_spec_cannot_tell_it(tmp_path):
+    cfg = evaluate_config("editor=rome", "editor.layer=4", "model.arch.n_layer=6")
+    editors.check_settings(cfg)  # the spec says 6 layers
+    with pytest.raises(ConfigError, match="outside the model's 4 layers"):
+        editors.check_settings(cfg, n_layers=tiny_model("tiny-gpt2").n_layers)
+
+
+def test_the_editors_themselves_refuse_layers_outside_the_model():
+    lm = tiny_model("tiny-gpt2")
+    with pytest.raises(ValueError, match=r"layers=\(0, 4\): layer 4 is outside"):
+        Memit(lm, MemitHparams(layers=(0, 4)), second_moments={})
+    with pytest.raises(ValueError, match="layer=4: layer 4 is outside"):
+        Rome(lm, RomeHparams(layer=4), second_moment=None, context_templates=["{}"])
+    with pytest.raises(ValueError, match="layer=-5: layer -5 is outside"):
+        FineTune(lm, FtHparams(layer=-5))
+
+
+@pytest.mark.parametrize(
+    ("editor", "setting"),
+    [("memit", "editor.layer=[0,4]")],
+)
+def test_a_bad_setting_stops_the_run_before_any_side_effect(tmp_path, editor, setting):
+    """Both used to fail (or not) after the model loaded, the wrapped layer's statistics were
+    computed and cached and the results directory was written; ROME's λ = 0 died in
+    linalg.cholesky naming no setting."""
+    from tests.test_stages import run_stage
+
+    done = run_stage(
+        "evaluate",
+        "model=tiny-gpt2",
+        f"editor={editor}",
+        setting,
+        "data.limit=2",
+        f"paths.results={tmp_path / 'results'}",
+        f"paths.cache={tmp_path / 'cache'}",
+        "editor.mom2.max_tokens=2000",
+    )
+    assert done.returncode != 0
+    assert setting.split("=")[0].removeprefix("editor.") in done.stderr
+    assert not (tmp_path / "cache").exists()  # no statistics, templates, nor the model's files
+    assert {p.name for p in (tmp_path / "results").iterdir()} == {"logs"}  # Hydra's own log

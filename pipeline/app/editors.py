@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.app.results import ValueCache
+from pipeline.app.schema import ConfigError
 from pipeline.core import files
 from pipeline.core.editing import sequential
 from pipeline.core.editing.alphaedit import AlphaEdit, AlphaEditHparams
@@ -33,7 +34,7 @@ from pipeline.core.editing.rome import Rome, RomeHparams
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import preserved_weights
 from pipeline.core.files import file_lock
-from pipeline.core.models import LoadedModel, identity_of
+from pipeline.core.models import LoadedModel, declared_layers, identity_of, layer_problems
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moments
 from pipeline.core.tokens import encode
 from pipeline.data import corpus
@@ -154,6 +155,52 @@ def editor_hparams(editor: DictConfig, model_name: str):
         layers if kind.layer_field == "layers" else edit_layer(editor, model_name)
     )
     return kind.hparams(**values)
+
+
+def layer_settings(cfg: DictConfig) -> dict[str, int | list[int]]:
+    """Every layer a stage's config names, by the setting that names it: the statistics stage's
+    `layers`, else the editor's edit layer(s) (`editor.layer`, or its preset for the model,
+    `editor.layers.<model>`); and the layer `editor.v_loss_layer` reads the loss after."""
+    found: dict[str, int | list[int]] = {}
+    if cfg.get("layers") is not None:
+        found["layers"] = [int(x) for x in cfg.layers]
+    editor = cfg.get("editor")
+    if editor is None or editor.name == "none":
+        return found
+    if spec(editor).layer_field is not None and "layers" not in found:
+        model, given = cfg.model.name, editor.get("layer") is not None
+        value = editor.layer if given else (editor.get("layers") or {}).get(model)
+        if value is not None:  # no preset: `editor_hparams` says so
+            name = "editor.layer" if given else f"editor.layers.{model}"
+            found[name] = [int(x) for x in value] if isinstance(value, ListConfig) else int(value)
+    if editor.get("v_loss_layer") is not None:
+        found["editor.v_loss_layer"] = int(editor.v_loss_layer)
+    return found
+
+
+def check_settings(cfg: DictConfig, n_layers: int | None = None) -> None:
+    """The editor's settings and every layer the config names, checked before anything is
+    loaded or written (`Run` calls this before the results directory exists): the
+    hyperparameters as their classes check them, and each layer inside the model. `n_layers` is
+    the model's; None reads it from the model's spec without loading the weights
+    (`declared_layers`), and where that cannot tell, the loaded model is checked (`Run.
+    load_model`), still before any statistics or templates are computed."""
+    problems = []
+    editor = cfg.get("editor")
+    if editor is not None and editor.name != "none":
+        try:
+            editor_hparams(editor, cfg.model.name)
+        except (ValueError, TypeError) as error:
+            problems.append(f"editor '{editor.name}': {error}")
+    layers = layer_settings(cfg) if not problems else {}
+    if layers and n_layers is None:
+        n_layers = declared_layers(cfg.model, cfg.paths.cache)
+    if layers and n_layers is not None:
+        problems += layer_problems(n_layers, layers)
+    if problems:
+        raise ConfigError(
+            f"invalid configuration for model '{cfg.model.name}':\n  " + "\n  ".join(problems)
+        )
 
 
 def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:

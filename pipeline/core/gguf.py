@@ -38,6 +38,19 @@ def gguf_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
     return files_identity(_package_dir(package) / filename)
 
 
+def gguf_layers(spec: Mapping[str, Any], cache_dir: Path) -> int:
+    """The packaged model's number of blocks: its conversion's config.json where one exists,
+    else the GGUF header's `<architecture>.block_count` (read without the weights)."""
+    converted = cache_dir / "models" / spec.get("name", Path(spec["gguf"]["file"]).stem)
+    if (converted / "config.json").exists():
+        return int(json.loads((converted / "config.json").read_text())["num_hidden_layers"])
+    from gguf import GGUFReader
+
+    reader = GGUFReader(_package_dir(spec["gguf"]["package"]) / spec["gguf"]["file"])
+    architecture = reader.fields["general.architecture"].contents()
+    return int(reader.fields[f"{architecture}.block_count"].contents())
+
+
 def _file_sha256(path: Path) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:

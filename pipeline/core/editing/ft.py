@@ -36,7 +36,7 @@ import torch
 from pipeline.core.editing.editor import Editor, Indexed, JointEdit
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.updates import DenseUpdate, preserved_weights
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.tokens import right_pad
 
 LOSSES = ("teacher_forced", "last_token")
@@ -167,6 +167,7 @@ class FineTune(Editor):
     joint_solve = True
 
     def __init__(self, lm: LoadedModel, hparams: FtHparams):
+        check_layers(lm.n_layers, layer=hparams.layer)
         self.hparams = hparams
         self.name = "ft" if hparams.norm_constraint is None else "ft-l"
         self.layer = hparams.layer % lm.n_layers

@@ -53,7 +53,7 @@ from pipeline.core.editing.values import (
     optimise_values,
     value_key,
 )
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.second_moment import SecondMoment
 
 Moment = torch.Tensor | SecondMoment | None
@@ -142,6 +142,7 @@ class Memit(Editor):
     ):
         self.hparams = hparams
         self.batch_size = batch_size  # requests whose z share forward passes (memory bound)
+        check_layers(lm.n_layers, layers=hparams.layers, v_loss_layer=hparams.v_loss_layer)
         self.layers = tuple(sorted({layer % lm.n_layers for layer in hparams.layers}))
         self.z_layer = self.layers[-1]
         if hparams.v_loss_layer % lm.n_layers < self.z_layer:

@@ -44,7 +44,7 @@ from pipeline.core.editing.requests import EditRequest, EditResult, PreparedRequ
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import RankOneUpdate
 from pipeline.core.editing.values import Rows, ValueOptions, optimise_values
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.second_moment import SecondMoment
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ def _rank_one_updates(
 
 
 def _setup(lm, hparams, second_moment, context_templates) -> tuple[list[str], KeySolver]:
+    check_layers(lm.n_layers, layer=hparams.layer, v_loss_layer=hparams.v_loss_layer)
     layer, loss_layer = lm.path("mlp_out", hparams.layer), hparams.v_loss_layer % lm.n_layers
     if loss_layer < hparams.layer % lm.n_layers:
         raise ValueError(
