@@ -11,6 +11,8 @@ from pipeline.app.schema import ConfigError
 from pipeline.core.editing.ft import FineTune, FtHparams
 from pipeline.core.editing.memit import Memit, MemitHparams
 from pipeline.core.editing.rome import Rome, RomeHparams
+from pipeline.core.editing.updates import NonFiniteUpdate
+from pipeline.data.records import load_counterfact
 from tests.conftest import ROOT, tiny_model
 
 
@@ -186,7 +188,7 @@ def test_the_editors_themselves_refuse_layers_outside_the_model():
 
 @pytest.mark.parametrize(
     ("editor", "setting"),
-    [("memit", "editor.layer=[0,4]")],
+    [("memit", "editor.layer=[0,4]"), ("rome", "editor.mom2_update_weight=0")],
 )
 def test_a_bad_setting_stops_the_run_before_any_side_effect(tmp_path, editor, setting):
     """Both used to fail (or not) after the model loaded, the wrapped layer's statistics were
@@ -208,3 +210,50 @@ def test_a_bad_setting_stops_the_run_before_any_side_effect(tmp_path, editor, se
     assert setting.split("=")[0].removeprefix("editor.") in done.stderr
     assert not (tmp_path / "cache").exists()  # no statistics, templates, nor the model's files
     assert {p.name for p in (tmp_path / "results").iterdir()} == {"logs"}  # Hydra's own log
+
+
+@pytest.mark.parametrize(
+    ("editor", "setting", "why"),
+    [
+        ("alphaedit", "l2=0", "singular at 0"),  # every update NaN, the run scored S=0 exit 0
+        ("alphaedit", "nullspace_threshold=0", "P = 0 and every update is 0"),
+        ("memit", "mom2_update_weight=0", "singular at 0"),  # update norms up to 3e18
+        ("emmet", "mom2_update_weight=-1", "singular at 0"),
+        ("emmet", "emmet_lambda=-0.1", "ridge"),
+        ("memit", "clamp_norm_factor=0", "clamped to 0"),
+        ("rome", "mom2_update_weight=0", "positive definite"),  # died in linalg.cholesky
+        ("rome", "v_num_grad_steps=1", "δ = 0"),
+        ("r-rome", "v_lr=0", "never moves"),
+        ("rome-reference", "kl_factor=-0.5", "unbounded"),
+        ("kn", "adaptive_threshold=1.5", "none is"),  # updates exactly zero, reported ok
+        ("ft", "lr=0", "never moves"),
+        ("ft-l", "norm_constraint=0", "every step is undone"),
+    ],
+)
+def test_settings_that_break_the_algebra_are_refused_with_the_reason(editor, setting, why):
+    name, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"editor '{editor}': {name}={value}\S* must be .*{why}"):
+        editors.check_settings(evaluate_config(f"editor={editor}", f"editor.{setting}"))
+
+
+SAMPLE_CASES = load_counterfact(ROOT / "data/samples/counterfact-edit_sample.json", limit=3).records
+
+
+def test_a_non_finite_update_is_an_error_naming_the_case_and_the_settings(tmp_path):
+    """AlphaEdit with α = 0 made every update NaN, and the run scored them (S=0.0, exit 0).
+    The range check refuses α = 0 now; set behind its back, the NaN is still never scored."""
+    cfg = evaluate_config(
+        "editor=alphaedit",
+        f"paths.cache={tmp_path}",
+        "corpus.source=sample",
+        "editor.mom2.max_tokens=3000",
+        "editor.v_num_grad_steps=2",
+        "editor.context_templates=[[3,1]]",
+    )
+    case_editor = editors.CaseEditor(cfg, tiny_model("tiny-gpt2"))
+    case_editor.hparams.l2 = 0.0  # the editor's own hparams object
+    first = SAMPLE_CASES[0].id
+    with pytest.raises(NonFiniteUpdate, match=rf"alphaedit', case {first}: its update .*l2=0.0"):
+        case_editor.updates(SAMPLE_CASES[:1])
+    with pytest.raises(NonFiniteUpdate, match=r"the 2 cases written at once .*l2=0.0"):
+        case_editor.mass(SAMPLE_CASES[:2])
