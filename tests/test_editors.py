@@ -224,7 +224,7 @@ def test_a_bad_setting_stops_the_run_before_any_side_effect(tmp_path, editor, se
         ("rome", "mom2_update_weight=0", "positive definite"),  # died in linalg.cholesky
         ("rome", "v_num_grad_steps=1", "δ = 0"),
         ("r-rome", "v_lr=0", "never moves"),
-        ("rome-reference", "kl_factor=-0.5", "unbounded"),
+        ("rome-reference", "clamp_norm_factor=-1", "clamped to 0"),
         ("kn", "adaptive_threshold=1.5", "none is"),  # updates exactly zero, reported ok
         ("ft", "lr=0", "never moves"),
         ("ft-l", "norm_constraint=0", "every step is undone"),

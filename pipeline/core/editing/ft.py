@@ -63,7 +63,6 @@ class FtHparams:
     RANGES: ClassVar[dict[str, Range]] = {
         "steps": at_least(1, "passes over the requests: 0 trains nothing (no edit)"),
         "lr": positive("Adam's step size: at 0 the weight never moves (no edit)"),
-        "weight_decay": at_least(0, "a negative decay grows the weight without bound"),
         "norm_constraint": positive("ε of the box |W − W0| ≤ ε: at 0 every step is undone"),
     }
 
