@@ -7,7 +7,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from pipeline.app import editors
-from pipeline.core.editing.rome import RomeHparams
+from pipeline.app.schema import ConfigError
+from pipeline.core.editing.ft import FineTune, FtHparams
+from pipeline.core.editing.memit import Memit, MemitHparams
+from pipeline.core.editing.rome import Rome, RomeHparams
+from pipeline.core.editing.updates import NonFiniteUpdate
+from pipeline.data.records import load_counterfact
 from tests.conftest import ROOT, tiny_model
 
 
@@ -130,3 +135,125 @@ def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_
     monkeypatch.setattr(editors, "templates_for", lambda *a, **k: calls.append(1) or real(*a, **k))
     editors.context_templates(tmp_path, tiny_model("tiny-gpt2", seed=1), hp)
     assert calls == [1]  # not the seed-0 model's text
+
+
+def evaluate_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=["model=tiny-gpt2", *overrides])
+
+
+ONE_LAYER = ["ft", "ft-l", "rome", "rome-reference", "r-rome"]
+LAYER_LISTS = ["memit", "emmet", "alphaedit"]
+
+
+@pytest.mark.parametrize(
+    ("editor", "layer"),
+    [*((e, "4") for e in ONE_LAYER), *((e, "[0,4]") for e in LAYER_LISTS), ("kn", "4")],
+)
+def test_every_editor_refuses_a_layer_outside_the_model_before_loading_it(editor, layer):
+    """MEMIT's [0, 4] on a 4-layer model edited layer 0 alone (4 mod 4) under a config and a
+    results directory saying [0, 4]; now every editor stops on the setting, from the model's
+    spec (tiny-gpt2's `arch`), before any weights, statistics or results directory."""
+    editors.check_settings(evaluate_config(f"editor={editor}"))  # the presets are in range
+    with pytest.raises(ConfigError, match=r"editor.layer.*(outside the model's 4 layers|apply)"):
+        editors.check_settings(evaluate_config(f"editor={editor}", f"editor.layer={layer}"))
+
+
+def test_negative_layers_count_from_the_end_but_may_not_name_a_block_twice():
+    editors.check_settings(evaluate_config("editor=memit", "editor.layer=[-2,-1]"))
+    with pytest.raises(ConfigError, match="names one of the model's 4 layers twice"):
+        editors.check_settings(evaluate_config("editor=memit", "editor.layer=[3,-1]"))
+    with pytest.raises(ConfigError, match=r"editor.v_loss_layer=4: layer 4 is outside"):
+        editors.check_settings(evaluate_config("editor=rome", "editor.v_loss_layer=4"))
+    with pytest.raises(ConfigError, match=r"^invalid.*\n  layers=\[1, -5\]: layer -5 is outside"):
+        editors.check_settings(config("model=tiny-llama", "layers=[1,-5]"))  # the stats stage
+
+
+def test_the_loaded_models_depth_is_checked_where_the_spec_cannot_tell_it(tmp_path):
+    cfg = evaluate_config("editor=rome", "editor.layer=4", "model.arch.n_layer=6")
+    editors.check_settings(cfg)  # the spec says 6 layers
+    with pytest.raises(ConfigError, match="outside the model's 4 layers"):
+        editors.check_settings(cfg, n_layers=tiny_model("tiny-gpt2").n_layers)
+
+
+def test_the_editors_themselves_refuse_layers_outside_the_model():
+    lm = tiny_model("tiny-gpt2")
+    with pytest.raises(ValueError, match=r"layers=\(0, 4\): layer 4 is outside"):
+        Memit(lm, MemitHparams(layers=(0, 4)), second_moments={})
+    with pytest.raises(ValueError, match="layer=4: layer 4 is outside"):
+        Rome(lm, RomeHparams(layer=4), second_moment=None, context_templates=["{}"])
+    with pytest.raises(ValueError, match="layer=-5: layer -5 is outside"):
+        FineTune(lm, FtHparams(layer=-5))
+
+
+@pytest.mark.parametrize(
+    ("editor", "setting"),
+    [("memit", "editor.layer=[0,4]"), ("rome", "editor.mom2_update_weight=0")],
+)
+def test_a_bad_setting_stops_the_run_before_any_side_effect(tmp_path, editor, setting):
+    """Both used to fail (or not) after the model loaded, the wrapped layer's statistics were
+    computed and cached and the results directory was written; ROME's λ = 0 died in
+    linalg.cholesky naming no setting."""
+    from tests.test_stages import run_stage
+
+    done = run_stage(
+        "evaluate",
+        "model=tiny-gpt2",
+        f"editor={editor}",
+        setting,
+        "data.limit=2",
+        f"paths.results={tmp_path / 'results'}",
+        f"paths.cache={tmp_path / 'cache'}",
+        "editor.mom2.max_tokens=2000",
+    )
+    assert done.returncode != 0
+    assert setting.split("=")[0].removeprefix("editor.") in done.stderr
+    assert not (tmp_path / "cache").exists()  # no statistics, templates, nor the model's files
+    assert {p.name for p in (tmp_path / "results").iterdir()} == {"logs"}  # Hydra's own log
+
+
+@pytest.mark.parametrize(
+    ("editor", "setting", "why"),
+    [
+        ("alphaedit", "l2=0", "singular at 0"),  # every update NaN, the run scored S=0 exit 0
+        ("alphaedit", "nullspace_threshold=0", "P = 0 and every update is 0"),
+        ("memit", "mom2_update_weight=0", "singular at 0"),  # update norms up to 3e18
+        ("emmet", "mom2_update_weight=-1", "singular at 0"),
+        ("emmet", "emmet_lambda=-0.1", "ridge"),
+        ("memit", "clamp_norm_factor=0", "clamped to 0"),
+        ("rome", "mom2_update_weight=0", "positive definite"),  # died in linalg.cholesky
+        ("rome", "v_num_grad_steps=1", "δ = 0"),
+        ("r-rome", "v_lr=0", "never moves"),
+        ("rome-reference", "clamp_norm_factor=-1", "clamped to 0"),
+        ("kn", "adaptive_threshold=1.5", "none is"),  # updates exactly zero, reported ok
+        ("ft", "lr=0", "never moves"),
+        ("ft-l", "norm_constraint=0", "every step is undone"),
+    ],
+)
+def test_settings_that_break_the_algebra_are_refused_with_the_reason(editor, setting, why):
+    name, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"editor '{editor}': {name}={value}\S* must be .*{why}"):
+        editors.check_settings(evaluate_config(f"editor={editor}", f"editor.{setting}"))
+
+
+SAMPLE_CASES = load_counterfact(ROOT / "data/samples/counterfact-edit_sample.json", limit=3).records
+
+
+def test_a_non_finite_update_is_an_error_naming_the_case_and_the_settings(tmp_path):
+    """AlphaEdit with α = 0 made every update NaN, and the run scored them (S=0.0, exit 0).
+    The range check refuses α = 0 now; set behind its back, the NaN is still never scored."""
+    cfg = evaluate_config(
+        "editor=alphaedit",
+        f"paths.cache={tmp_path}",
+        "corpus.source=sample",
+        "editor.mom2.max_tokens=3000",
+        "editor.v_num_grad_steps=2",
+        "editor.context_templates=[[3,1]]",
+    )
+    case_editor = editors.CaseEditor(cfg, tiny_model("tiny-gpt2"))
+    case_editor.hparams.l2 = 0.0  # the editor's own hparams object
+    first = SAMPLE_CASES[0].id
+    with pytest.raises(NonFiniteUpdate, match=rf"alphaedit', case {first}: its update .*l2=0.0"):
+        case_editor.updates(SAMPLE_CASES[:1])
+    with pytest.raises(NonFiniteUpdate, match=r"the 2 cases written at once .*l2=0.0"):
+        case_editor.mass(SAMPLE_CASES[:2])

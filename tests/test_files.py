@@ -28,6 +28,19 @@ def test_atomic_writes_are_readable_by_the_group_and_others_as_the_umask_allows(
     assert files.read_json(written) == {"a": 1}
 
 
+def test_follow_umask_opens_what_safetensors_writes_0600(tmp_path, umask_022):
+    """`save_pretrained` (the converted model) and `save_file` (statistics) create weights
+    0600; follow_umask gives every file under a directory what `open` would have."""
+    from tests.conftest import tiny_model
+
+    tiny_model("tiny-gpt2").model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o600  # why the helper exists
+    files.follow_umask(tmp_path / "model")
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+    assert modes == {0o644}
+
+
 def test_try_lock_refuses_while_another_holder_has_it_and_frees_after(tmp_path):
     lock = tmp_path / "cases-0of1.jsonl.lock"
     # flock locks belong to an open file: a second open conflicts even in this process

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -158,10 +160,17 @@ def test_a_converted_model_must_match_its_source_and_checksums(tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_converted_model_is_converted_again(tmp_path):
-    """64 flipped bytes used to load silently (SmolLM2 then answered "unicip", not " French")."""
+    """64 flipped bytes used to load silently (SmolLM2 then answered "unicip", not " French").
+    The conversion's files follow the umask (safetensors alone writes the weights 0600)."""
     spec = model_spec("smollm2-135m")
     cache = tmp_path / "cache"
-    load_model(spec, cache_dir=cache)
+    old = os.umask(0o002)
+    try:
+        load_model(spec, cache_dir=cache)
+    finally:
+        os.umask(old)
+    converted = [p for p in (cache / "models/smollm2-135m").rglob("*") if p.is_file()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in converted} == {0o664}
     weights = cache / "models/smollm2-135m/model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[:64])

@@ -11,7 +11,8 @@ from metrics.counterfact import case_metrics
 from pipeline.core import editing
 from pipeline.core.editing import rome
 from pipeline.core.editing.rome import RomeHparams
-from pipeline.core.scoring import generate, score_cases, target_nlls
+from pipeline.core.editing.updates import RankOneUpdate
+from pipeline.core.scoring import NonFiniteScore, generate, score_cases, target_nlls
 from pipeline.core.second_moment import second_moment
 from pipeline.core.tokens import encode, target_ids
 from pipeline.data.records import load_counterfact
@@ -98,3 +99,15 @@ def test_inputs_longer_than_the_context_are_named_by_field():
     assert too_long(lm, gen, new_tokens=10) is None
     with pytest.raises(IndexError):  # what used to happen, with nothing named
         score_cases(lm, [dataclasses.replace(case, paraphrase_prompts=(long,))])
+
+
+def test_a_non_finite_score_is_an_error_naming_the_case(edited_cases):
+    """A NaN probability used to be scored as a failed edit (and an NS of 0)."""
+    lm, updates = edited_cases
+    broken = RankOneUpdate(
+        updates[0].layer, torch.full_like(updates[0].left, math.nan), updates[0].right
+    )
+    with pytest.raises(
+        NonFiniteScore, match=rf"case {CASES[1].id}: the NLL .* is nan \(under its edit\)"
+    ):
+        score_cases(lm, CASES[:2], [updates[0], broken])

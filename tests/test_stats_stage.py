@@ -1,6 +1,8 @@
 """The statistics stage end to end on a tiny model: cache, shards and their merge."""
 
 import json
+import os
+import stat
 
 import torch
 
@@ -58,6 +60,20 @@ def test_stats_cache_and_sharded_merge(tmp_path):
     b = load_second_moment(merged["layers"][0]["path"])
     assert a.count == b.count == row["keys"]
     torch.testing.assert_close(a.sum, b.sum, rtol=1e-12, atol=1e-12)
+
+
+def test_every_file_written_follows_the_umask(tmp_path):
+    """safetensors writes 0600: the statistics (and the converted model) were unreadable to the
+    group on a shared cache while the results next to them were not."""
+    old = os.umask(0o002)
+    try:
+        stats(tmp_path)
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "corpus"]
+    assert any(p.suffix == ".safetensors" for p in written)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert set(modes.values()) == {"0o664"}, modes
 
 
 def test_merge_with_a_missing_part_fails_clearly(tmp_path):

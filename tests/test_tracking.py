@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -44,9 +45,49 @@ def test_disabled_and_bad_mode(tmp_path):
         Tracker(mode="sometimes")
 
 
-def test_from_config_respects_env(monkeypatch):
+def test_an_explicit_mode_beats_an_exported_wandb_mode(monkeypatch):
+    """WANDB_MODE=online exported used to make a run meant to stay local upload."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert tracking.from_config({"mode": "offline"}).mode == "disabled"
+    assert tracking.chosen_mode({"mode": "offline"}) == ("offline", "tracking.mode")
+    assert tracking.from_config({"mode": "disabled"}).mode == "disabled"
+    assert tracking.chosen_mode({"mode": None}) == ("disabled", "WANDB_MODE")  # no choice made
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's old name for offline
+    assert tracking.chosen_mode({"mode": None}) == ("offline", "WANDB_MODE")
+    monkeypatch.delenv("WANDB_MODE")
+    assert tracking.chosen_mode({"mode": None}) == ("offline", "default")
+
+
+@pytest.mark.parametrize(
+    "override, exported, used, source",
+    [
+        ("tracking.mode=disabled", "online", "disabled", "tracking.mode"),
+        (None, "disabled", "disabled", "WANDB_MODE"),  # the shipped default: no choice made
+    ],
+)
+def test_config_yaml_and_run_json_record_the_mode_used(
+    tmp_path, monkeypatch, override, exported, used, source
+):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from pipeline.app.stage import Run
+    from tests.conftest import ROOT
+
+    monkeypatch.delenv("ROME_WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", exported)
+    overrides = [f"paths.results={tmp_path}", "model=tiny-gpt2", *([override] if override else [])]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("known", overrides=overrides)
+    run = Run(cfg, "known")
+    try:
+        assert run.tracker.mode == used
+        assert OmegaConf.load(run.path("config.yaml")).tracking.mode == used
+        assert json.loads(run.path("run.json").read_text())["tracking"] == {
+            "mode": used,
+            "from": source,
+        }
+    finally:
+        run.close()
 
 
 def stored_run(run_dir, until=lambda stored: stored["exit_code"] is not None):

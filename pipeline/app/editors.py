@@ -8,6 +8,7 @@ A new editor is one entry in `EDITORS` and a `conf/editor/<name>.yaml`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pipeline.app.results import ValueCache
+from pipeline.app.schema import ConfigError
 from pipeline.core import files
 from pipeline.core.editing import sequential
 from pipeline.core.editing.alphaedit import AlphaEdit, AlphaEditHparams
@@ -28,12 +30,13 @@ from pipeline.core.editing.emmet import Emmet, EmmetHparams
 from pipeline.core.editing.ft import FineTune, FtHparams
 from pipeline.core.editing.kn import KnHparams, KnowledgeNeurons
 from pipeline.core.editing.memit import Memit, MemitHparams
+from pipeline.core.editing.ranges import settings_text
 from pipeline.core.editing.requests import EditRequest, EditResult
 from pipeline.core.editing.rome import Rome, RomeHparams
 from pipeline.core.editing.templates import templates_for
-from pipeline.core.editing.updates import preserved_weights
+from pipeline.core.editing.updates import NonFiniteUpdate, check_finite, preserved_weights
 from pipeline.core.files import file_lock
-from pipeline.core.models import LoadedModel, identity_of
+from pipeline.core.models import LoadedModel, declared_layers, identity_of, layer_problems
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moments
 from pipeline.core.tokens import encode
 from pipeline.data import corpus
@@ -154,6 +157,52 @@ def editor_hparams(editor: DictConfig, model_name: str):
         layers if kind.layer_field == "layers" else edit_layer(editor, model_name)
     )
     return kind.hparams(**values)
+
+
+def layer_settings(cfg: DictConfig) -> dict[str, int | list[int]]:
+    """Every layer a stage's config names, by the setting that names it: the statistics stage's
+    `layers`, else the editor's edit layer(s) (`editor.layer`, or its preset for the model,
+    `editor.layers.<model>`); and the layer `editor.v_loss_layer` reads the loss after."""
+    found: dict[str, int | list[int]] = {}
+    if cfg.get("layers") is not None:
+        found["layers"] = [int(x) for x in cfg.layers]
+    editor = cfg.get("editor")
+    if editor is None or editor.name == "none":
+        return found
+    if spec(editor).layer_field is not None and "layers" not in found:
+        model, given = cfg.model.name, editor.get("layer") is not None
+        value = editor.layer if given else (editor.get("layers") or {}).get(model)
+        if value is not None:  # no preset: `editor_hparams` says so
+            name = "editor.layer" if given else f"editor.layers.{model}"
+            found[name] = [int(x) for x in value] if isinstance(value, ListConfig) else int(value)
+    if editor.get("v_loss_layer") is not None:
+        found["editor.v_loss_layer"] = int(editor.v_loss_layer)
+    return found
+
+
+def check_settings(cfg: DictConfig, n_layers: int | None = None) -> None:
+    """The editor's settings and every layer the config names, checked before anything is
+    loaded or written (`Run` calls this before the results directory exists): the
+    hyperparameters as their classes check them, and each layer inside the model. `n_layers` is
+    the model's; None reads it from the model's spec without loading the weights
+    (`declared_layers`), and where that cannot tell, the loaded model is checked (`Run.
+    load_model`), still before any statistics or templates are computed."""
+    problems = []
+    editor = cfg.get("editor")
+    if editor is not None and editor.name != "none":
+        try:
+            editor_hparams(editor, cfg.model.name)
+        except (ValueError, TypeError) as error:
+            problems.append(f"editor '{editor.name}': {error}")
+    layers = layer_settings(cfg) if not problems else {}
+    if layers and n_layers is None:
+        n_layers = declared_layers(cfg.model, cfg.paths.cache)
+    if layers and n_layers is not None:
+        problems += layer_problems(n_layers, layers)
+    if problems:
+        raise ConfigError(
+            f"invalid configuration for model '{cfg.model.name}':\n  " + "\n  ".join(problems)
+        )
 
 
 def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
@@ -315,17 +364,39 @@ class CaseEditor:
     def _indexed(self, cases):
         return list(enumerate(self.requests(cases)))
 
+    @contextlib.contextmanager
+    def _finite(self, what: str | Callable[[], str]):
+        """A non-finite update (a broken solve) stops the run naming `what` (the cases; a
+        function: known only when it fails) and the settings the editor's algebra rests on,
+        instead of being written or scored."""
+        try:
+            yield
+        except NonFiniteUpdate as error:
+            cases = what() if callable(what) else what
+            settings = settings_text(self.hparams, type(self.hparams).RANGES)
+            raise NonFiniteUpdate(
+                f"editor '{self.name}', {cases}: {error}. The settings its update rests on: "
+                f"{settings}"
+            ) from None
+
     def updates(self, cases: Sequence[CounterfactCase]) -> list[EditResult | None]:
         """Each case's own update, computed on the model as it is (independent mode)."""
         if self.editor is None:
             return [None] * len(cases)
-        return self.editor.independent(self.lm, self._indexed(cases))
+        results = self.editor.independent(self.lm, self._indexed(cases))
+        for case, result in zip(cases, results, strict=True):
+            with self._finite(f"case {case.id}"):
+                check_finite(result.update if result.ok else None, "its update")
+        return results
 
     def mass(self, cases: Sequence[CounterfactCase]) -> JointEdit:
         """Updates writing every case at once (mass mode), not applied."""
         if self.editor is None:
             raise ValueError("mass mode needs an editor")
-        return self.editor.joint(self.lm, self._indexed(cases))
+        with self._finite(f"the {len(cases)} cases written at once ({_ids(cases)})"):
+            edit = self.editor.joint(self.lm, self._indexed(cases))
+            check_finite(edit.updates, "the joint update")
+        return edit
 
     def edit_sequentially(
         self,
@@ -342,7 +413,16 @@ class CaseEditor:
         if self.editor is None:
             raise ValueError("sequential mode needs an editor")
         start = resume["done"] if resume else 0
-        with preserved_weights(self.lm, self.editor.layers):
+        done = [start]  # cases in the model at the last checkpoint, for a failure's message
+
+        def checkpoint(count: int, results: list[EditResult]) -> None:
+            done[0] = start + count
+            on_checkpoint(start + count, results)
+
+        with (
+            preserved_weights(self.lm, self.editor.layers),
+            self._finite(lambda: f"the cases after the first {done[0]} ({_ids(cases[done[0] :])})"),
+        ):
             if resume:
                 with torch.no_grad():
                     for layer, weight in resume["weights"].items():
@@ -354,7 +434,7 @@ class CaseEditor:
                 self.editor,
                 batch_size=batch_size,
                 checkpoint_every=1,
-                on_checkpoint=lambda done, results: on_checkpoint(start + done, results),
+                on_checkpoint=checkpoint,
             )
 
     def snapshot(self, done: int) -> dict:
@@ -368,3 +448,8 @@ class CaseEditor:
             },
             "editor": self.editor.state_dict(),
         }
+
+
+def _ids(cases: Sequence[CounterfactCase], shown: int = 5) -> str:
+    more = f", ... {len(cases) - shown} more" if len(cases) > shown else ""
+    return "ids " + ", ".join(str(c.id) for c in cases[:shown]) + more

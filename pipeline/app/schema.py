@@ -87,7 +87,7 @@ SETTINGS: dict[str, Setting] = {
     "aggregate_only": FLAG,
     "allow_partial": FLAG,
     "snapshot_inputs": FLAG,
-    "tracking.mode": Setting(str, choices=("offline", "online", "disabled")),
+    "tracking.mode": Setting(str, choices=("offline", "online", "disabled"), nullable=True),
     "batch_size": COUNT,
     "known_batch_size": COUNT,
     "layers": Setting(int, item=int, nullable=True),

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.app import cli, tracking
+from pipeline.app.editors import check_settings
 from pipeline.app.offline import one_line_errors
 from pipeline.app.schema import validate_config
 from pipeline.core import files
@@ -199,6 +200,11 @@ class Run:
 
     def __init__(self, cfg: DictConfig, stage: str, resumable: bool = False):
         validate_config(cfg)  # before any file or W&B run exists
+        check_settings(cfg)  # the editor's settings, and layers inside the model
+        # The W&B mode used (an explicit tracking.mode beats an exported WANDB_MODE), recorded
+        # in config.yaml, run.json and the W&B config instead of the setting that chose it.
+        mode, mode_from = tracking.chosen_mode(cfg.tracking)
+        cfg.tracking.mode = mode
         self.cfg = cfg
         self.stage = stage
         self.out_dir = Path(cfg.out_dir).resolve()
@@ -244,6 +250,7 @@ class Run:
             "device": str(cfg.device),
             "dtype": str(cfg.dtype),
             "data": self.data,
+            "tracking": {"mode": mode, "from": mode_from},
         }
         files.write_json(self.out_dir / "run.json", self.meta)
         self.tracker = tracking.from_config(
@@ -300,13 +307,17 @@ class Run:
         return f"{self.stage}/{self.out_dir.name}"
 
     def load_model(self) -> LoadedModel:
-        return load_model(
+        """The configured model, its depth checked against the config's layers (where the
+        spec could not tell it before loading) before anything is computed from it."""
+        lm = load_model(
             self.cfg.model,
             device=self.cfg.device,
             dtype=self.cfg.dtype,
             cache_dir=self.cfg.paths.cache,
             seed=int(self.cfg.seed),
         )
+        check_settings(self.cfg, lm.n_layers)
+        return lm
 
     def path(self, name: str) -> Path:
         return self.out_dir / name

@@ -190,12 +190,31 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def chosen_mode(tracking: Mapping[str, Any]) -> tuple[str, str]:
+    """The W&B mode a run uses and where it comes from.
+
+    An explicit `tracking.mode` (the command line, an experiment, or `ROME_WANDB_MODE` through
+    the config's default) wins over W&B's own `WANDB_MODE`, so an exported `WANDB_MODE=online`
+    never uploads a run meant to stay local; `WANDB_MODE` applies where `tracking.mode` is null
+    (no choice made), and offline where neither is set. (wandb.init's `mode=` beats the
+    environment itself, so the mode chosen here is the mode W&B runs in.)
+    """
+    configured, exported = tracking.get("mode"), os.environ.get("WANDB_MODE")
+    if configured is not None:
+        mode, source = configured, "tracking.mode"
+        if exported and exported != configured:
+            log.info("tracking.mode=%s wins over the exported WANDB_MODE=%s", mode, exported)
+    elif exported:
+        mode, source = exported, "WANDB_MODE"
+    else:
+        mode, source = "offline", "default"
+    return ("offline" if mode == "dryrun" else mode), source
+
+
 def from_config(tracking: Mapping[str, Any], **kwargs: Any) -> Tracker:
-    """A tracker from the `tracking` config group; env vars WANDB_MODE etc. still apply."""
-    mode = os.environ.get("WANDB_MODE", tracking.get("mode", "offline"))
+    """A tracker from the `tracking` config group, in the mode `chosen_mode` gives."""
+    mode, _ = chosen_mode(tracking)
     sweep_group = kwargs.pop("group", None)  # a --multirun's own group, unless one is configured
-    if mode == "dryrun":
-        mode = "offline"
     system = tracking.get("system_metrics", "auto")
     return Tracker(
         mode=mode,

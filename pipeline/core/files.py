@@ -1,8 +1,10 @@
 """Files that many jobs share: atomic writes (a reader never sees a half-written result, even
 after a SIGKILL) and exclusive locks (concurrent jobs build a shared cache entry once).
 
-Atomically written files get the permissions an ordinary `open` would give them (0666 less the
-umask), not mkstemp's 0600, so teammates can read results on a shared filesystem."""
+Every file the pipeline writes gets the permissions an ordinary `open` would give it (0666 less
+the umask), so teammates can read results and caches on a shared filesystem: atomic writes
+change mkstemp's 0600, and `follow_umask` does the same for files written by libraries that
+create them 0600 (safetensors' `save_file`, hence `save_pretrained`'s weights)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp creates 0600
+        os.fchmod(handle, _file_mode())  # mkstemp creates 0600
         with os.fdopen(handle, "wb") as out:
             out.write(data.encode() if isinstance(data, str) else data)
             out.flush()
@@ -49,6 +51,20 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def follow_umask(path: str | Path) -> Path:
+    """Give `path` (a file, or every file under a directory) the mode `open` would have given
+    it; for files a library wrote 0600 before they are renamed into place."""
+    path, mode = Path(path), _file_mode()
+    for member in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if member.is_file():
+            os.chmod(member, mode)
+    return path
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

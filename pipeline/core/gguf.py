@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.files import file_lock
+from pipeline.core.files import file_lock, follow_umask
 from pipeline.core.models import ModelNotAvailableError, files_identity
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,19 @@ def gguf_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The packaged GGUF file a converted model comes from (path, size, mtime)."""
     package, filename = spec["gguf"]["package"], spec["gguf"]["file"]
     return files_identity(_package_dir(package) / filename)
+
+
+def gguf_layers(spec: Mapping[str, Any], cache_dir: Path) -> int:
+    """The packaged model's number of blocks: its conversion's config.json where one exists,
+    else the GGUF header's `<architecture>.block_count` (read without the weights)."""
+    converted = cache_dir / "models" / spec.get("name", Path(spec["gguf"]["file"]).stem)
+    if (converted / "config.json").exists():
+        return int(json.loads((converted / "config.json").read_text())["num_hidden_layers"])
+    from gguf import GGUFReader
+
+    reader = GGUFReader(_package_dir(spec["gguf"]["package"]) / spec["gguf"]["file"])
+    architecture = reader.fields["general.architecture"].contents()
+    return int(reader.fields[f"{architecture}.block_count"].contents())
 
 
 def _file_sha256(path: Path) -> str:
@@ -118,6 +131,7 @@ def convert_gguf(spec: Mapping[str, Any], cache_dir: Path) -> Path:
         (staging / "SOURCE.json").write_text(
             json.dumps({**record, "sha256": checksums(staging)}, indent=2)
         )
+        follow_umask(staging)  # the weights come 0600 from safetensors
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     return target

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import resource
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,69 @@ def family_for(model_type: str) -> Family:
             f"model_type '{model_type}' is not supported; supported model types: {supported}. "
             "Add its module paths to pipeline.core.models.FAMILIES to support it."
         ) from None
+
+
+def layer_problems(n_layers: int, settings: Mapping[str, int | Sequence[int]]) -> list[str]:
+    """What is wrong with the layers each setting names, for a model of `n_layers` blocks.
+
+    A layer is 0 to n-1, or -n to -1 counted from the end (as `LoadedModel.path` reads it);
+    anything else used to wrap round silently (layer 4 of 4 edited layer 0, while the config
+    and the results directory said 4). A list may not name one block twice (3 and -1 of 4).
+    """
+    problems = []
+    for name, value in settings.items():
+        layers = [value] if isinstance(value, int) else [int(x) for x in value]
+        outside = [x for x in layers if not -n_layers <= x < n_layers]
+        if outside:
+            problems.append(
+                f"{name}={value!r}: layer {', '.join(map(str, outside))} is outside the model's "
+                f"{n_layers} layers (0 to {n_layers - 1}, or -{n_layers} to -1 from the end)"
+            )
+        elif len({x % n_layers for x in layers}) < len(layers):
+            problems.append(f"{name}={value!r} names one of the model's {n_layers} layers twice")
+    return problems
+
+
+def check_layers(n_layers: int, **settings: int | Sequence[int]) -> None:
+    """Raise ValueError naming every setting whose layers are not in the model (see above)."""
+    problems = layer_problems(n_layers, settings)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def declared_layers(spec: Mapping[str, Any], cache_dir: str | Path = ".cache") -> int | None:
+    """How many blocks the model of a `conf/model/*.yaml` entry has, told without loading its
+    weights: a local directory's config.json, a random model's `arch`, the embedded GGUF's
+    header (or its conversion's config.json), a hub model's config (cached, else fetched
+    alone). None where none of these can be read; the loaded model is checked then."""
+    from transformers import AutoConfig
+
+    try:
+        if spec.get("path"):
+            config = AutoConfig.from_pretrained(str(spec["path"]), local_files_only=True)
+        elif spec.get("source", "hub") == "random":
+            arch = dict(spec["arch"])
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        elif spec.get("source") == "gguf":
+            from pipeline.core.gguf import gguf_layers
+
+            return gguf_layers(spec, Path(cache_dir))
+        else:
+            config = _hub_config(spec["hf_id"], spec.get("revision"))
+        return int(getattr(config, family_for(config.model_type).layers_attr))
+    except Exception as error:  # noqa: BLE001 - unknown here; checked once the model is loaded
+        log.info("the model's layer count is not known before loading it (%s)", error)
+        return None
+
+
+def _hub_config(hf_id: str, revision: str | None):
+    """A hub model's config from the local cache, else from the hub (the config file alone)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hf_id, revision=revision, local_files_only=True)
+    except OSError:
+        return AutoConfig.from_pretrained(hf_id, revision=revision)
 
 
 @dataclass

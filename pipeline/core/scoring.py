@@ -5,12 +5,16 @@ runs together: every row (a prompt followed by a target) belongs to one case, an
 `PerExampleEdits` adds that case's rank-one update to its rows only, so no weights are copied or
 restored and the result equals editing, scoring and restoring one case at a time.
 
-The metric formulas are in `metrics.counterfact` and `metrics.generation`.
+The metric formulas are in `metrics.counterfact` and `metrics.generation`. A NaN or infinite
+NLL (a model or an edit whose numbers broke) stops the scoring naming the case (`NonFiniteScore`):
+scored, a NaN probability would count as a failed edit, and an NS of 0 read as a destroyed
+neighbourhood.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +25,10 @@ from pipeline.core.editing.updates import PerExampleEdits, RankOneUpdate
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import encode, right_pad, target_ids
 from pipeline.data.records import CounterfactCase
+
+
+class NonFiniteScore(ValueError):
+    """A target's NLL is NaN or infinite: there is no probability to score."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +165,13 @@ def score_cases(
     )
     scores: list[dict[str, list]] = [{kind: [] for kind in PROMPT_KINDS} for _ in cases]
     pending: dict[tuple[int, str, str], float] = {}
-    for row, nll in zip(rows, nlls, strict=True):
+    for i, (row, target, nll) in enumerate(zip(rows, targets, nlls, strict=True)):
+        if not math.isfinite(nll):
+            edit = "under its edit" if row_updates and row_updates[i] is not None else "unedited"
+            raise NonFiniteScore(
+                f"case {cases[row.case].id}: the NLL of {target!r} after {row.prompt!r} is {nll} "
+                f"({edit}); the model's numbers broke, there is no probability to score"
+            )
         key = (row.case, row.kind, row.prompt)
         if row.target == "new":
             pending[key] = probability(nll)

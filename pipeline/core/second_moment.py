@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.files import file_lock
+from pipeline.core.files import file_lock, follow_umask
 from pipeline.core.hooks import StopForward, run_until_stopped
 from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.tokens import right_pad
@@ -296,6 +296,7 @@ def save_second_moment(path: Path, stat: SecondMoment, metadata: dict[str, str])
     staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         save_file({"sum": tensor}, str(staging), metadata=header)
+        follow_umask(staging)  # save_file creates 0600
         with open(staging, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(staging, path)

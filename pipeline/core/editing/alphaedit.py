@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pipeline.core.editing.editor import JointEdit
 from pipeline.core.editing.memit import Memit, MemitHparams, Moment
+from pipeline.core.editing.ranges import VALUE_RANGES, Range, positive
 from pipeline.core.editing.requests import PreparedRequest
 from pipeline.core.editing.updates import LowRankUpdate
 from pipeline.core.models import LoadedModel
@@ -40,6 +42,15 @@ class AlphaEditHparams(MemitHparams):
 
     nullspace_threshold: float = 2e-2
     l2: float = 10.0
+
+    RANGES: ClassVar[dict[str, Range]] = {  # no λ: AlphaEdit's solve does not read it
+        **VALUE_RANGES,
+        "nullspace_threshold": positive(
+            "P spans C's eigenvectors with eigenvalue below it, and C's eigenvalues are ≥ 0: "
+            "at ≤ 0 P = 0 and every update is 0"
+        ),
+        "l2": positive("α in (P KKᵀ + αI)⁻¹, which is singular at 0 (every update NaN)"),
+    }
 
 
 def null_space_projection(moment: torch.Tensor, threshold: float) -> torch.Tensor:

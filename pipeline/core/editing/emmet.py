@@ -18,10 +18,12 @@ Cholesky solve, never an explicit inverse.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pipeline.core.editing.memit import Memit, MemitHparams
+from pipeline.core.editing.ranges import Range, at_least, positive
 from pipeline.core.editing.updates import LowRankUpdate
 
 
@@ -32,6 +34,14 @@ class EmmetHparams(MemitHparams):
     layers: tuple[int, ...] = (17,)
     mom2_update_weight: float = 1000.0  # λ (the reference's gpt2-xl; GPT-J uses 1)
     emmet_lambda: float = 0.1  # μ, the ridge on D for batches of more than one request
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        **MemitHparams.RANGES,
+        "mom2_update_weight": positive("C⁻¹ is (λC)⁻¹: λC is singular at 0"),
+        "emmet_lambda": at_least(
+            0, "μ is a ridge on D = Kᵀ C⁻¹ K; a negative one can make D singular"
+        ),
+    }
 
 
 class Emmet(Memit):

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pipeline.core.editing.editor import Editor, Indexed, JointEdit
+from pipeline.core.editing.ranges import Range, at_least, check_ranges, positive
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.updates import DenseUpdate, preserved_weights
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.tokens import right_pad
 
 LOSSES = ("teacher_forced", "last_token")
@@ -59,13 +61,16 @@ class FtHparams:
     batch_size: int = 64  # requests per step in `joint` (the memit repo's FT; rome's: 128)
     reject_already_predicted: bool = True
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": at_least(1, "passes over the requests: 0 trains nothing (no edit)"),
+        "lr": positive("Adam's step size: at 0 the weight never moves (no edit)"),
+        "norm_constraint": positive("ε of the box |W − W0| ≤ ε: at 0 every step is undone"),
+    }
+
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.norm_constraint is not None and self.norm_constraint <= 0:
-            raise ValueError(
-                f"norm_constraint must be positive or None, got {self.norm_constraint}"
-            )
+        check_ranges(self, self.RANGES)
 
 
 @dataclass
@@ -171,6 +176,7 @@ class FineTune(Editor):
     joint_solve = True
 
     def __init__(self, lm: LoadedModel, hparams: FtHparams):
+        check_layers(lm.n_layers, layer=hparams.layer)
         self.hparams = hparams
         self.name = "ft" if hparams.norm_constraint is None else "ft-l"
         self.layer = hparams.layer % lm.n_layers

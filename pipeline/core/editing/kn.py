@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +54,7 @@ from transformers import DynamicCache
 
 from pipeline.core import kvcache
 from pipeline.core.editing.editor import Editor, Indexed
+from pipeline.core.editing.ranges import Range, at_least, check_ranges
 from pipeline.core.editing.requests import EditRequest, EditRequestError, EditResult, prepare_all
 from pipeline.core.editing.updates import RankOneUpdate
 from pipeline.core.models import LoadedModel
@@ -78,6 +80,17 @@ class KnHparams:
     reject_already_predicted: bool = True
     reuse_prefix: bool = True  # False: every row runs the whole prompt (the reference; slower)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": at_least(1, "integration steps of α from 0 to 1: none attributes nothing"),
+        "adaptive_threshold": Range(
+            0,
+            1,
+            "neurons scoring above it × the largest score are kept: at ≥ 1 none is (the "
+            "update is exactly 0), below 0 neurons that count against the answer are",
+            low_closed=True,
+        ),
+    }
+
     def __post_init__(self):
         if self.neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {NEURONS}, got {self.neurons!r}")
@@ -85,8 +98,9 @@ class KnHparams:
             raise ValueError(
                 f"answer_tokens must be one of {ANSWER_TOKENS}, got {self.answer_tokens!r}"
             )
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        check_ranges(self, self.RANGES)
 
 
 def activation_module(mlp: nn.Module) -> nn.Module:

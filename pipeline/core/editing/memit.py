@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 from pipeline.core.editing.editor import Editor, Indexed, JointEdit
 from pipeline.core.editing.keys import KeySolver, read_states
 from pipeline.core.editing.prefixes import Frozen
+from pipeline.core.editing.ranges import VALUE_RANGES, Range, check_ranges, positive
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import LowRankUpdate, apply_update, preserved_weights
@@ -54,7 +56,7 @@ from pipeline.core.editing.values import (
     optimised_dtype,
     value_key,
 )
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.second_moment import SecondMoment
 
 Moment = torch.Tensor | SecondMoment | None
@@ -85,6 +87,14 @@ class MemitHparams:
     kl_at_subject: bool = False  # True: KL at the subject's last token (the reference code)
     context_length_includes_seed: bool = False  # True: the seed counts in the length (code)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **VALUE_RANGES,
+        "mom2_update_weight": positive(
+            "it weights C in (λC + KKᵀ)⁻¹, which is singular at 0 (KKᵀ has rank n, below the "
+            "key dimension): update norms reached 3e18"
+        ),
+    }
+
     def __post_init__(self):
         self.layers = tuple(int(x) for x in self.layers)
         self.context_templates = tuple(
@@ -96,6 +106,7 @@ class MemitHparams:
             raise ValueError(f"key_average must be groups or templates, got {self.key_average!r}")
         if not self.layers:
             raise ValueError("layers must name at least one layer")
+        check_ranges(self, self.RANGES)
 
     def value_options(self, z_layer: int) -> ValueOptions:
         return ValueOptions.of(self, z_layer, "block")  # δ at the block output (residual)
@@ -143,6 +154,7 @@ class Memit(Editor):
     ):
         self.hparams = hparams
         self.batch_size = batch_size  # requests whose z share forward passes (memory bound)
+        check_layers(lm.n_layers, layers=hparams.layers, v_loss_layer=hparams.v_loss_layer)
         self.layers = tuple(sorted({layer % lm.n_layers for layer in hparams.layers}))
         self.z_layer = self.layers[-1]
         if hparams.v_loss_layer % lm.n_layers < self.z_layer:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,11 +41,12 @@ from pipeline.core.editing import sequential
 from pipeline.core.editing.editor import Editor, Indexed
 from pipeline.core.editing.keys import KeySolver, request_keys
 from pipeline.core.editing.prefixes import Frozen
+from pipeline.core.editing.ranges import VALUE_RANGES, Range, at_least, check_ranges, positive
 from pipeline.core.editing.requests import EditRequest, EditResult, PreparedRequest, prepare_all
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import RankOneUpdate
 from pipeline.core.editing.values import Rows, ValueOptions, optimise_values, optimised_dtype
-from pipeline.core.models import LoadedModel
+from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.second_moment import SecondMoment
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,20 @@ class RomeHparams:
     # reference code does (benchmarks compare the two).
     v_whole_rows: bool = False
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **VALUE_RANGES,
+        "mom2_update_weight": positive(
+            "λC is factored (Cholesky) for u = (λC)⁻¹k̄, so it must be positive definite; "
+            "λ cancels in ΔW, not in the factor"
+        ),
+        "mom2_ridge": at_least(
+            0, "a ridge on λC's diagonal; a negative one can make it indefinite"
+        ),
+    }
+
     def __post_init__(self):
-        """Lists from a YAML config become tuples, so equal settings compare equal."""
+        """Lists from a YAML config become tuples, so equal settings compare equal; settings
+        outside `RANGES` are refused."""
         self.context_templates = tuple(
             tuple(int(x) for x in pair) for pair in self.context_templates
         )
@@ -107,6 +121,7 @@ class RomeHparams:
         self.kl_prompts = tuple(self.kl_prompts)
         if self.value_from not in ("bare", "mean"):
             raise ValueError(f"value_from must be bare or mean, got {self.value_from!r}")
+        check_ranges(self, self.RANGES)
 
     def value_options(self) -> ValueOptions:
         return ValueOptions.of(self, self.layer, "mlp_out")  # δ at the MLP output
@@ -190,6 +205,7 @@ def _rank_one_updates(
 
 
 def _setup(lm, hparams, second_moment, context_templates) -> tuple[list[str], KeySolver]:
+    check_layers(lm.n_layers, layer=hparams.layer, v_loss_layer=hparams.v_loss_layer)
     layer, loss_layer = lm.path("mlp_out", hparams.layer), hparams.v_loss_layer % lm.n_layers
     if loss_layer < hparams.layer % lm.n_layers:
         raise ValueError(

@@ -7,6 +7,9 @@ requests written together) or dense (fine-tuning). An edit may change several la
 bit-for-bit by `preserved_weights` / `edited`), or added per batch row by a forward hook
 (`PerExampleEdits`): x ↦ W x + (x · right) left for that row only, so a batch of cases can each
 be scored under its own edit without copying weights.
+
+An update with a NaN or infinite entry is the sign of a broken solve (a singular matrix), never
+an edit: `apply_update` refuses it (`NonFiniteUpdate`), so it is neither written nor scored.
 """
 
 from __future__ import annotations
@@ -69,6 +72,23 @@ Update = RankOneUpdate | LowRankUpdate | DenseUpdate
 Updates = Update | Sequence[Update] | None  # what one edit changes: nothing, one layer, several
 
 
+class NonFiniteUpdate(ValueError):
+    """An update with NaN or infinite entries."""
+
+
+def is_finite(update: Update) -> bool:
+    """Whether every entry of ΔW's factors (or of a dense ΔW) is finite."""
+    parts = (update.delta,) if isinstance(update, DenseUpdate) else (update.left, update.right)
+    return all(bool(torch.isfinite(part).all()) for part in parts)
+
+
+def check_finite(updates: Updates, what: str = "an update") -> None:
+    """Raise `NonFiniteUpdate` naming `what` and the layers where an update is not finite."""
+    bad = sorted({one.layer for one in as_list(updates) if not is_finite(one)})
+    if bad:
+        raise NonFiniteUpdate(f"{what} is not finite (NaN or inf) at layer {bad}")
+
+
 def as_list(updates: Updates) -> list[Update]:
     if updates is None:
         return []
@@ -81,7 +101,9 @@ def as_list(updates: Updates) -> list[Update]:
 
 @torch.no_grad()
 def apply_update(lm: LoadedModel, update: Updates) -> None:
-    """W += ΔW in place for each update; the (out, in) view makes GPT-2's transposed Conv1D right."""
+    """W += ΔW in place for each update; the (out, in) view makes GPT-2's transposed Conv1D right.
+    A non-finite update is refused before any weight changes."""
+    check_finite(update)
     for one in as_list(update):
         weight = lm.mlp_out_weight(one.layer)
         weight.add_(one.matrix().to(weight.device, weight.dtype))
