@@ -123,8 +123,9 @@ def one_layer_note(one_layer: dict[str, Any] | None) -> str:
     whether one layer carries it (README, "One layer at a time")."""
     if one_layer is None:
         return (
-            "; one MLP at a time (trace.window=1) is not among this report's inputs, so where "
-            "within the 10-layer window the effect sits is not shown here"
+            "; restoring one MLP at a time (a trace with trace.window=1, the report's "
+            "`one_layer_trace_dir`) is not among this report's inputs, so where within the "
+            "10-layer window the effect sits is not shown here"
         )
     peak = _peak(one_layer, "mlp", "last_subject")
     if peak is None:
