@@ -25,7 +25,8 @@ and a two-sided p-value:
   Each resample draws case indices once and uses them for both editors, recomputes
   S_A = hmean(ES, PS, NS) and S_B on it and keeps S_A - S_B; the interval is the 2.5 and 97.5
   percentiles, the p-value twice the smaller tail share of the resampled differences at or
-  beyond 0 (with the +1 correction: (k + 1) / (B + 1)), at most 1. Seeded: a rerun is identical.
+  beyond 0 (with the +1 correction: (k + 1) / (B + 1)), at most 1; where no resample reaches
+  0 that is a bound, p <= 2 / (B + 1) (`p_bound`). Seeded: a rerun is identical.
 - **GE, perplexity and any other per-case magnitude**: the mean per-case difference with a
   paired Student-t interval and the paired t-test's p-value.
 - **Holm's step-down correction** over a family of m p-values (the pairs of editors for one
@@ -42,7 +43,7 @@ import numpy as np
 from metrics.counterfact import harmonic_mean
 from metrics.intervals import mean_ci, wilson_ci
 
-RESAMPLES = 2000
+RESAMPLES = 10_000  # S's p-value can be no smaller than 2 / (RESAMPLES + 1), about 2e-4
 
 
 def _nan(n: int) -> dict[str, float]:
@@ -182,6 +183,7 @@ def score_difference(
     tail = min((deltas <= 0).sum(), (deltas >= 0).sum())
     p = min(1.0, 2 * (tail + 1) / (resamples + 1))
     return {
+        "p_bound": bool(tail == 0),
         "mean": mean,
         "low": float(low),
         "high": float(high),

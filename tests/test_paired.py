@@ -138,3 +138,11 @@ def test_holm_against_a_hand_example():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     adjusted = holm([0.5, math.nan, 0.6])
     assert adjusted[0] == pytest.approx(1.0) and math.isnan(adjusted[1]) and adjusted[2] == 1.0
+
+
+def test_a_bootstrap_p_with_no_resample_past_zero_is_a_bound():
+    x = np.ones((30, 3))
+    y = np.column_stack([np.ones(30), np.arange(30) % 2, np.ones(30)])  # PS 50%: S lower
+    got = score_difference(x, y, resamples=999)
+    assert got["p_bound"] and got["p"] == pytest.approx(2 / 1000)
+    assert not score_difference(y, y)["p_bound"]

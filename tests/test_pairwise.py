@@ -42,5 +42,6 @@ def test_pairs_are_matched_by_case_id_and_holm_adjusted_over_the_pairs():
     assert "| m | cf | memit − rome | 60 |" in text and "ΔGE" not in text
     assert "memit - rome" in latex(found)
     assert (
-        csv_text(found).splitlines()[0] == "model,data,a,b,metric,mean,low,high,n,p,p_holm,interval"
+        csv_text(found).splitlines()[0]
+        == "model,data,a,b,metric,mean,low,high,n,p,p_holm,interval,p_bound"
     )

@@ -88,7 +88,9 @@ def cell(metric: dict[str, Any] | None, digits: int = 1) -> str:
     if not (math.isnan(metric["low"]) or math.isnan(metric["high"])):
         text += f" [{metric['low']:+.{digits}f}, {metric['high']:+.{digits}f}]"
     star = "*" if metric.get("p_holm", math.nan) < ALPHA else ""
-    return text + f" p {_p(metric['p'])}, Holm {_p(metric.get('p_holm', math.nan))}{star}"
+    at = "≤" if metric.get("p_bound") else ""  # a bootstrap p at its floor is a bound
+    holm_p = _p(metric.get("p_holm", math.nan))
+    return text + f" p {at}{_p(metric['p'])}, Holm {at if holm_p != '1' else ''}{holm_p}{star}"
 
 
 def columns(found: list[dict[str, Any]]) -> list[str]:
@@ -128,12 +130,13 @@ def csv_text(found: list[dict[str, Any]]) -> str:
     out = text_io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["model", "data", "a", "b", "metric", "mean", "low", "high", "n", "p",
-                     "p_holm", "interval"])  # fmt: skip
+                     "p_holm", "interval", "p_bound"])  # fmt: skip
     for c in found:
         for name, m in c["metrics"].items():
             writer.writerow(
                 [c["model"], c["data"], c["a"], c["b"], name]
                 + [m.get(k, "") for k in ("mean", "low", "high", "n", "p", "p_holm", "interval")]
+                + [m.get("p_bound", False)]
             )
     return out.getvalue()
 
