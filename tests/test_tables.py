@@ -59,18 +59,20 @@ def test_a_sharded_run_is_partial_until_merged_and_when_merged_partially(tmp_pat
     assert partial_run(single, 4) is None  # one job: what is on disk is the run
 
 
-def test_did_not_edit_needs_a_paired_gain_and_es_above_chance(tmp_path):
+def test_did_not_edit_is_no_paired_gain_or_es_below_chance(tmp_path):
     write_run(tmp_path / "m/cf/none", [case(i, False) for i in range(40)])
     write_run(tmp_path / "m/cf/rome", [case(i, True) for i in range(40)])
     write_run(tmp_path / "m/cf/ft-l", [case(i, i < 8) for i in range(40)])  # 8 of 40 move
     write_run(tmp_path / "m/cf/kn", [case(i, i < 2) for i in range(40)])  # 2 of 40 move
+    write_run(tmp_path / "m/cf/memit", [case(i, i < 18) for i in range(40)])  # 45%, not below
     # Edited before already, 30 of 40: above chance, but no gain.
     write_run(tmp_path / "m/cf/ft", [case(i, i < 30, before=i < 30) for i in range(40)])
     table = {r["editor"]: r for r in collect(tmp_path)}
-    assert table["ft-l"]["edit_effect"]["low"] > 0  # significant, yet ES 20% is not an edit
+    assert table["ft-l"]["edit_effect"]["low"] > 0  # significant, yet ES 20% is below chance
     assert label(table["ft-l"]) == "ft-l (did not edit)"
     assert not table["kn"]["edit_effect"]["low"] > 0 and label(table["kn"]) == "kn (did not edit)"
     assert table["ft"]["metrics"]["ES"]["low"] > 50 and label(table["ft"]) == "ft (did not edit)"
+    assert table["memit"]["metrics"]["ES"]["high"] > 50 and label(table["memit"]) == "memit"
     assert label(table["rome"]) == "rome" and label(table["none"]) == "none"
     assert "ft-l (did not edit)" in markdown(list(table.values()))
     lines = csv_text(list(table.values())).splitlines()

@@ -8,14 +8,13 @@ read, shown beside the editor's name:
   with `--allow-partial` (its summary says `complete: false`), or one whose cases no longer
   match its summary's n (`partial_run`); `pipeline.summarize` refuses these unless
   `allow_partial=true`, as merge does;
-- *did not edit*: the editor's edits are not shown to have happened. Both must hold for an
-  editor to have edited: its ES is above the same cases' unedited ES beyond the paired interval
-  (`metrics.paired.rate_difference` of post against pre ES: Newcombe's interval, lower end
-  above 0), and its ES is above chance (the Wilson interval's lower end above 50%: more
-  rewrites prefer the new object than not). The second is this project's addition: FT-L on
-  SmolLM2 moves 7 of 200 cases (ES +3.5 [+0.8, +6.3] points over the unedited 33.0, McNemar
-  p = 0.016), a real but immaterial change that leaves the old fact preferred in 63% of cases, and KN
-  (ES 47.5 [40.7, 54.4], +14.5 [+7.4, +21.4]) fails on more cases than it succeeds;
+- *did not edit*: the editor's ES is not above the same cases' unedited ES beyond the paired
+  interval (`metrics.paired.rate_difference` of post against pre ES: Newcombe's interval, its
+  lower end not above 0), or its ES is below chance beyond its own interval (the Wilson
+  interval's upper end under 50%: most rewrites still prefer the old object). The second is this
+  project's addition: FT-L on SmolLM2 moves 7 of 200 cases (ES +3.5 [+0.8, +6.3] points over
+  the unedited 33.0, McNemar p = 0.016), a real but immaterial change that leaves ES at 36.5
+  [30.1, 43.4]; KN (ES 47.5 [40.7, 54.4], +14.5 [+7.4, +21.4]) is not marked;
 - *collapsed*: `metrics.collapse.collapsed`, against the group's unedited perplexity where
   the rows have one.
 """
@@ -100,8 +99,8 @@ def did_not_edit(row: dict[str, Any]) -> bool:
     effect = row.get("edit_effect")
     if effect is None:
         return False
-    es = row["metrics"].get("ES") or {}
-    return not (effect["low"] > 0 and es.get("low", float("nan")) > 50)  # NaN: not shown
+    below_chance = (row["metrics"].get("ES") or {}).get("high", float("nan")) < 50
+    return not effect["low"] > 0 or below_chance  # a NaN bound: not shown to edit
 
 
 def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
@@ -139,10 +138,10 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
         ]
         reference = unedited[0]["metrics"].get("perplexity")
-        for row in group:
-            row["collapsed"] = collapsed(
-                row["metrics"], row["metrics"].get("perplexity"), reference
-            )
+        for row in group:  # the rule judges edited models against the unedited one
+            edited = not row["editor"].startswith("none")
+            perplexity = row["metrics"].get("perplexity")
+            row["collapsed"] = collapsed(row["metrics"], perplexity, reference) if edited else None
         table += unedited[:1] + sorted(
             (r for r in group if not r["editor"].startswith("none")), key=editor_order
         )
