@@ -294,6 +294,7 @@ def test_a_baseline_that_did_not_edit_gives_no_ps_comparison():
     ]
     found = findings.rome_generalizes(rows)
     assert found.verdict == findings.AGREES and "FT-L did not edit" in found.evidence
+    assert "compared with KN alone" in found.evidence
     rows[2]["metrics"]["PS"] = metric(95, 3)  # the baseline that edited generalizes better
     assert findings.rome_generalizes(rows).verdict == findings.DISAGREES
     rows[2]["collapsed"] = "no preference left"  # a collapsed KN is not compared either

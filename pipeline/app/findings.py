@@ -477,10 +477,11 @@ def rome_generalizes(table: list[dict[str, Any]]) -> Finding | None:
             NOT_JUDGED,
         )
     best = max(baselines, key=lambda name: ps[name]["mean"])
+    against = f"; ROME is compared with {best.upper()} alone" if notes else ""
     return Finding(
         "ROME generalizes where FT-L and KN do not",
         "of the specific methods, only ROME's edits carry to paraphrases (Table 4: PS)",
-        evidence + notes,
+        evidence + notes + against,
         _compare(ps["rome"], ps[best]),
     )
 
