@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import figures, findings
+from pipeline.app import figures, findings, pairwise
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, describe_machine, stage
-from pipeline.app.tables import cell, collect, markdown, write_table
+from pipeline.app.tables import case_values, cell, collect, markdown, write_table
 from pipeline.core import files
 from pipeline.core.patching import BUCKETS
 
@@ -61,6 +61,8 @@ def layer_sweep(sweep_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
                 "post": {k: summary["post"][k] for k in SWEEP_METRICS},
                 "pre": {k: summary["pre"][k] for k in SWEEP_METRICS},
                 "dir": str(job),
+                # per case, for the bootstrap over cases of the sweep's correlation (findings)
+                "cases": {r["id"]: case_values(r, "post") for r in records},
             }
         )
     return sorted(rows, key=lambda r: r["layer"])
@@ -337,13 +339,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     model = cfg.model.name
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
+    one_layer_dir = Path(cfg.one_layer_trace_dir)
     inputs = out / "inputs"
     results = Path(cfg.paths.results)
     if cfg.snapshot_inputs and not inside(results, inputs):
         # The compact inputs beside the report, and the report read from them alone. An input
         # with results here replaces its copy; one without keeps the copy already there (a
         # fresh clone rebuilds the committed report from its committed inputs).
-        sources = [trace_dir, runs_dir / model, sweep_dir]
+        sources = [trace_dir, runs_dir / model, sweep_dir, one_layer_dir]
         copies = {
             s: inputs / s.resolve().relative_to(results.resolve())
             for s in sources
@@ -358,6 +361,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                 log.info("no %s here: reading the report's own copy %s", source, copy)
                 placed[source] = copy
         trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
+        one_layer_dir = placed.get(one_layer_dir, one_layer_dir)
         if runs_dir / model in placed:
             runs_dir = placed[runs_dir / model].parent
     title = cfg.report_title or f"{cfg.experiment_name}: {model}"
@@ -412,7 +416,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     doc += ["## ROME by edited layer", ""]
     if rows:
         run.write_json(
-            "layer_sweep.json", [{**r, "dir": os.path.relpath(r["dir"], out)} for r in rows]
+            "layer_sweep.json",
+            [
+                {
+                    **{k: v for k, v in r.items() if k != "cases"},
+                    "dir": os.path.relpath(r["dir"], out),
+                }
+                for r in rows
+            ],
         )
         for row in rows:
             run.uses(Path(row["dir"]), "evaluate")
@@ -448,10 +459,33 @@ def main(cfg: DictConfig, run: Run) -> None:
             "rest]; n cases. "
             "[Markdown](table.md) · [LaTeX](table.tex) · [CSV](table.csv)",
             "",
+            "Marks beside an editor (rules in `pipeline/app/tables.py`): *did not edit*: its ES "
+            "is not above the same cases' unedited ES beyond the paired (Newcombe) interval, or "
+            "not above chance (50%); *collapsed*: `metrics/collapse.py`; *partial*: an "
+            "unfinished sharded run.",
+            "",
             markdown(table),
         ]
         doc += [f"- {r['editor']}: {provenance(Path(r['dir']), out)}" for r in table]
         doc.append("")
+        found_pairs = pairwise.comparisons(table, seed=int(cfg.seed))
+        if found_pairs:
+            pairwise.write(run, found_pairs)
+            made["pairwise"] = figures.pairwise_heatmap(figure_dir, found_pairs, model)
+            doc += [
+                "### Editor against editor",
+                "",
+                "Every pair of runs on their common cases (matched by id), A minus B in "
+                "percentage points: ES, PS, NS with Newcombe's paired interval and the exact "
+                "McNemar test (a paired t and the sign test where cases average several "
+                "prompts), S by a paired bootstrap over cases; p two-sided, Holm over the "
+                "pairs of each metric; * Holm p < 0.05 (`metrics/paired.py`). "
+                "[Markdown](pairwise.md) · [LaTeX](pairwise.tex) · [CSV](pairwise.csv)",
+                "",
+                f"![pairwise]({os.path.relpath(made['pairwise'], out)})",
+                "",
+                pairwise.markdown(found_pairs),
+            ]
     else:
         missing.append(
             f"CounterFact table: no runs of {model} under `{cfg.runs_dir}` (run `make evaluate`)"
@@ -459,6 +493,9 @@ def main(cfg: DictConfig, run: Run) -> None:
 
     data_dir = runs_dir / model / cfg.eval_data
     mass, sequential = mass_curves(data_dir), sequential_curves(data_dir)
+    unedited = next(
+        (r for r in table if r["data"] == cfg.eval_data and r["editor"].startswith("none")), None
+    )
     for heading, name, curves, intro, last, value, mode in (
         (
             "Editing at scale",
@@ -490,7 +527,14 @@ def main(cfg: DictConfig, run: Run) -> None:
                 f"eval.mode={mode})"
             )
             continue
-        made[name] = figures.edit_scaling(figure_dir, curves, model, name=name)
+        made[name] = figures.edit_scaling(
+            figure_dir,
+            curves,
+            model,
+            name=name,
+            unedited=unedited["metrics"] if unedited else None,
+            collapsed=findings.point_collapse,
+        )
         doc += [
             intro,
             "",
@@ -502,8 +546,11 @@ def main(cfg: DictConfig, run: Run) -> None:
         for editor, curve in sorted(curves.items()):
             for point in curve:
                 cells = [cell(point["post"].get(k)) for k in SWEEP_METRICS]
+                mark = " (collapsed)" if findings.point_collapse(point) else ""
                 doc.append(
-                    f"| {editor} | {point['size']} | " + " | ".join(cells) + f" | {value(point)} |"
+                    f"| {editor}{mark} | {point['size']} | "
+                    + " | ".join(cells)
+                    + f" | {value(point)} |"
                 )
         doc.append("")
         doc += [f"- {editor}: {provenance(data_dir / editor / mode, out)}" for editor in curves]
@@ -527,8 +574,19 @@ def main(cfg: DictConfig, run: Run) -> None:
     versions = software(inputs_read)
     if versions:
         doc += ["## Software", "", *versions, ""]
+    one_layer = (
+        files.read_json(one_layer_dir / "averages.json")
+        if (one_layer_dir / "averages.json").exists()
+        else None
+    )
     found = findings.read_results(
-        averages, rows, [r for r in table if r["data"] == cfg.eval_data], mass, sequential
+        averages,
+        rows,
+        [r for r in table if r["data"] == cfg.eval_data],
+        mass,
+        sequential,
+        one_layer=one_layer,
+        seed=int(cfg.seed),
     )
     if found:
         doc += [
@@ -536,8 +594,9 @@ def main(cfg: DictConfig, run: Run) -> None:
             "",
             "Each of the paper's findings these results speak to, with a verdict by the rule in "
             "`pipeline/app/findings.py`: agrees when the effect goes the paper's way beyond the "
-            "95% intervals (of the paired change where both sides are the same cases) or by a "
-            "significant rank test.",
+            "95% intervals (of the paired change where both sides are the same cases; for the "
+            "layer sweep, of Spearman's ρ by a bootstrap over cases); not judged when a side "
+            "did not edit or collapsed.",
             "",
             *findings.markdown(found),
             "",

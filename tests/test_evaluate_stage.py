@@ -223,7 +223,9 @@ def test_summarize_builds_table_4(tmp_path):
     out = tmp_path / "results/summary"
     lines = (out / "table.md").read_text().splitlines()
     assert lines[0].startswith("| model | data | editor | n | S | ES | PS | NS | EM | PM | NM")
-    editors = [line.split(" | ")[2] for line in lines[2:]]
+    # The editor's name, less its marks: tiny-gpt2 is random, so 2 cases of its ROME edits
+    # show no edit and no preference (its probabilities are all about 1/50,000).
+    editors = [line.split(" | ")[2].split(" (")[0] for line in lines[2:]]
     assert editors == ["none", "rome"]  # the unedited row first
     rows = (out / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("tiny-gpt2,counterfact-easyedit,none,2,")

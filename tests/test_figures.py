@@ -110,3 +110,60 @@ def test_effect_intervals_stop_at_the_possible_range(tmp_path, captured):
     band = captured[0].axes[0].collections[1]  # hidden's band first, then MLP's
     ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
     assert ys.min() >= -1.0 and ys.max() <= 1.0
+
+
+def scaling_point(size, mean, low, high, em=50.0):
+    rate = {"mean": mean, "low": low, "high": high, "n": size}
+    return {"size": size, "post": {**dict.fromkeys(("S", "ES", "PS", "NS"), rate), "EM": em}}
+
+
+def test_scaling_draws_the_unedited_baseline_names_and_no_whisker_on_one_case(tmp_path, captured):
+    curves = {
+        "r-rome": [scaling_point(1, 100, 20.7, 100), scaling_point(10, 80, 50, 95)],
+        "alphaedit": [scaling_point(1, 100, 20.7, 100), scaling_point(10, 50, 30, 70)],
+    }
+    unedited = {k: {"mean": 39.0, "low": 33.0, "high": 44.0} for k in ("S", "ES", "PS", "NS")}
+
+    def collapsed(point):
+        return "no preference" if point["size"] == 10 and point["post"]["S"]["mean"] == 50 else None
+
+    figures.edit_scaling(tmp_path, curves, "m", unedited=unedited, collapsed=collapsed)
+    fig = captured[0]
+    ax = fig.axes[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 39.0
+    for container in ax.containers:  # the one-case point (size 1) has no whisker
+        whiskers = container.lines[2][0].get_segments()
+        size_one = [seg for seg in whiskers if seg[0][0] < 2]
+        assert all(abs(seg[1][1] - seg[0][1]) == 0 for seg in size_one)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"r-ROME", "AlphaEdit", "unedited (Table 4)"} <= set(legend)
+    assert "collapsed (metrics/collapse.py)" in legend
+
+
+def test_layer_sweep_draws_the_unedited_score_dashed_and_aie_axes_carry_their_unit(
+    tmp_path, captured
+):
+    metric = {"mean": 90.0, "low": 80.0, "high": 95.0, "n": 5}
+    rows = [{"layer": layer, "n": 5, "post": dict.fromkeys(("ES", "PS", "NS", "S"), metric),
+             "pre": {"S": {"mean": 36.0}}} for layer in (0, 1, 2)]  # fmt: skip
+    figures.layer_sweep(tmp_path, rows, averages(), "m")
+    dashed = [line for line in captured[0].axes[-1].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 36.0
+    figures.last_subject_lines(tmp_path, averages(), "m")
+    figures.severed_bars(tmp_path, averages(), "m")
+    assert all("Δ p(answer)" in fig.axes[0].get_ylabel() for fig in captured)
+
+
+def test_pairwise_heatmap_is_antisymmetric_and_starred_by_holm(tmp_path, captured):
+    def pair(a, b, delta, p_holm):
+        return {"a": a, "b": b, "n": 20, "metrics": {"S": {"mean": delta, "p_holm": p_holm}}}
+
+    found = [pair("rome", "none", 40.0, 0.001), pair("ft-l (did not edit)", "none", 2.0, 0.3),
+             pair("ft-l (did not edit)", "rome", -38.0, 0.001)]  # fmt: skip
+    figures.pairwise_heatmap(tmp_path, found, "m")
+    ax = captured[0].axes[0]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"+40.0*", "-40.0*", "+2.0", "-2.0", "-38.0*", "+38.0*"} == texts
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["unedited", "ROME", "FT-L (did not edit)"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from scipy import stats as scipy_stats
 
+from metrics.counterfact import harmonic_mean
 from pipeline.app import findings
 from pipeline.core.patching import BUCKETS
 
@@ -104,22 +107,57 @@ def test_severed_paths_compare_the_drop_in_the_lower_half_of_the_layers():
     assert findings.severed_mlp(trace).verdict == findings.DISAGREES
 
 
-def sweep(scores):
-    return [{"layer": layer, "post": {"S": {"mean": s}}} for layer, s in enumerate(scores)]
+def sweep(scores, cases=None):
+    rows = [{"layer": layer, "post": {"S": {"mean": s}}} for layer, s in enumerate(scores)]
+    for row, layer_cases in zip(rows, cases or [], strict=False):
+        row["cases"] = layer_cases
+    return rows
 
 
-def test_editing_follows_the_trace_by_a_rank_correlation():
+def layer_cases(successes, n=40):
+    """Per layer, n cases of which the first `successes[layer]` succeed on PS (ES, NS always)."""
+    return [{i: {"ES": 1.0, "PS": float(i < k), "NS": 1.0} for i in range(n)} for k in successes]
+
+
+def test_editing_follows_the_trace_by_a_bootstrap_over_cases_of_rho():
+    trace = averages(4, 9)
+    mlp = np.asarray(trace["kinds"]["mlp"]["mean"][BUCKETS.index("last_subject")])
+    k = np.round(5 + 30 * mlp / mlp.max()).astype(int)  # PS successes follow the effect
+    found = findings.edit_where_trace_peaks(sweep(k, layer_cases(k)), trace)
+    assert found.verdict == findings.AGREES and "S peaks at layer 4" in found.evidence
+    assert "bootstrap over the 40 cases" in found.evidence
+    reverse = sweep(-k, layer_cases(40 - k))
+    assert findings.edit_where_trace_peaks(reverse, trace).verdict == findings.DISAGREES
+    # One case more at the peak layer and the same cases everywhere else: ρ > 0, but a
+    # resample without that case has no order at all, so the interval reaches 0.
+    k = np.full(len(mlp), 20)
+    k[4] = 21
+    found = findings.edit_where_trace_peaks(sweep(k, layer_cases(k)), trace)
+    assert found.verdict == findings.WITHIN and "[0.00," in found.evidence
+    assert findings.edit_where_trace_peaks(sweep([1, 2]), trace) is None
+
+
+def test_without_per_case_scores_rho_alone_is_never_significant():
     trace = averages(4, 9)
     mlp = np.asarray(trace["kinds"]["mlp"]["mean"][BUCKETS.index("last_subject")])
     found = findings.edit_where_trace_peaks(sweep(50 + 100 * mlp), trace)
-    assert found.verdict == findings.AGREES and "S peaks at layer 4" in found.evidence
+    assert found.verdict == findings.WITHIN and "no interval" in found.evidence
     assert (
         findings.edit_where_trace_peaks(sweep(50 - 100 * mlp), trace).verdict == findings.DISAGREES
     )
-    # three layers cannot reach significance: the right direction, but not established
-    three = findings.edit_where_trace_peaks(sweep(50 + 100 * mlp)[3:6], trace)
-    assert three.verdict == findings.WITHIN
-    assert findings.edit_where_trace_peaks(sweep([1, 2]), trace) is None
+
+
+def test_rho_interval_equals_a_plain_loop_over_resamples():
+    rng = np.random.default_rng(0)
+    rates = rng.integers(0, 2, (6, 30, 3)).astype(float)
+    effect = np.arange(6.0)
+    got = findings.rho_interval(effect, rates, seed=3, resamples=200)
+    draws = np.random.default_rng(3).integers(0, 30, size=(200, 30))
+    rhos = []
+    for index in draws:
+        s = [harmonic_mean(rates[layer, index].mean(axis=0)) for layer in range(6)]
+        rhos.append(scipy_stats.spearmanr(effect, s).statistic if np.ptp(s) else 0.0)
+    assert (got["low"], got["high"]) == pytest.approx(tuple(np.quantile(rhos, [0.025, 0.975])))
 
 
 def curve(*points):
@@ -238,3 +276,72 @@ def test_a_paired_difference_decides_where_the_trace_keeps_one():
     }
     assert findings.severed_mlp(wide).verdict == findings.AGREES
     assert "attention severed minus MLPs severed is 0.100" in findings.severed_mlp(wide).evidence
+
+
+def edited(row_metrics, gain_low, **extra):
+    """A Table 4 row with its paired ES gain over the unedited cases (`tables.edit_effect`)."""
+    return {"metrics": row_metrics, "edit_effect": {**metric(gain_low + 3, 3), "n": 200}, **extra}
+
+
+def test_a_baseline_that_did_not_edit_gives_no_ps_comparison():
+    rome = {"ES": metric(99.5, 1), "PS": metric(91, 4), "NS": metric(66, 6)}
+    ft_l = {"ES": metric(36.5, 6.5), "PS": metric(33, 6.5), "NS": metric(68.5, 6.5)}  # below chance
+    kn = {"ES": metric(70, 5), "PS": metric(60, 6), "NS": metric(59, 6)}
+    rows = [
+        {"editor": "rome", **edited(rome, 60)},
+        {"editor": "ft-l", **edited(ft_l, 0.8)},  # gained, significantly, yet ES under 50
+        {"editor": "kn", **edited(kn, 20)},
+    ]
+    found = findings.rome_generalizes(rows)
+    assert found.verdict == findings.AGREES and "FT-L did not edit" in found.evidence
+    assert "compared with KN alone" in found.evidence
+    rows[2]["metrics"]["PS"] = metric(95, 3)  # the baseline that edited generalizes better
+    assert findings.rome_generalizes(rows).verdict == findings.DISAGREES
+    rows[2]["collapsed"] = "no preference left"  # a collapsed KN is not compared either
+    found = findings.rome_generalizes(rows)
+    assert found.verdict == findings.NOT_JUDGED and "KN collapsed" in found.evidence
+    rows[2].pop("collapsed")
+    rows[2]["edit_effect"] = {**metric(1, 3), "n": 200}  # KN's gain's interval holds zero
+    assert findings.rome_generalizes(rows).verdict == findings.NOT_JUDGED
+    rows[2]["edit_effect"] = {**metric(20, 3), "n": 200}
+    rows[0]["edit_effect"] = {**metric(1, 3), "n": 200}  # ROME itself did not edit
+    assert findings.rome_generalizes(rows).verdict == findings.NOT_JUDGED
+
+
+COLLAPSED_POINT = {
+    **{k: metric(50, 7) for k in ("S", "ES", "PS", "NS")},
+    **{k: {"mean": 0.0} for k in ("EM", "PM", "NM")},
+}
+
+
+def test_a_collapsed_point_is_never_better_and_is_listed():
+    mass = {
+        "memit": curve((1, 100, 0), (1000, 79, 1.5)),
+        "rome": curve((1, 100, 0), (1000, 40, 2)),
+    }
+    assert findings.memit_holds_where_rome_collapses(mass).verdict == findings.AGREES
+    mass["memit"][-1]["post"] = {**COLLAPSED_POINT, "S": metric(60, 2)}  # above ROME, collapsed
+    found = findings.memit_holds_where_rome_collapses(mass)
+    assert found.verdict == findings.DISAGREES and "never counted as better" in found.evidence
+    sequential = {"kn": curve((1, 0, 0)), "rome": curve((1, 100, 0))}
+    sequential["kn"].append({"size": 200, "post": COLLAPSED_POINT})
+    sequential["rome"].append({"size": 200, "post": {**COLLAPSED_POINT, "EM": {"mean": 40.0}}})
+    listed = findings.collapsed_models([], mass, sequential)
+    assert listed.verdict == findings.COLLAPSED
+    assert (
+        "sequential kn at N = 200" in listed.evidence
+        and "mass memit at N = 1000" in listed.evidence
+    )
+    assert "rome" not in listed.evidence.replace("memit", "")
+    assert findings.collapsed_models([], {}, {"rome": sequential["rome"]}) is None
+
+
+def test_the_early_site_says_what_one_layer_restoration_shows():
+    trace = averages(3, 9)
+    assert "not among this report's inputs" in findings.early_mlp_site(trace).evidence
+    one = averages(0, 9)
+    one["n_prompts"] = 40
+    found = findings.early_mlp_site(trace, one)
+    assert "largest effect is layer 0's, 0.200 [0.190, 0.210]" in found.evidence
+    assert "no other layer's is above 0.121" in found.evidence  # the bump at layer 1: 0.2 e^-1/2
+    assert found.verdict == findings.early_mlp_site(trace).verdict

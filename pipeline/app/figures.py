@@ -26,6 +26,21 @@ POOLING_NOTES = {
     "prompt": "one sample per prompt and bucket",
     "paper": "tokens pooled as the paper's notebook",
 }
+# The editors' names as the papers write them (legends, matrix labels); `editor=` names otherwise.
+EDITOR_NAMES = {
+    "none": "unedited",
+    "ft": "FT",
+    "ft-l": "FT-L",
+    "kn": "KN",
+    "rome": "ROME",
+    "rome-reference": "ROME (reference code)",
+    "r-rome": "r-ROME",
+    "memit": "MEMIT",
+    "emmet": "EMMET",
+    "alphaedit": "AlphaEdit",
+}
+AIE_UNIT = "(Δ p(answer))"
+BASELINE = {"color": "#666666", "linestyle": "--", "linewidth": 0.9}  # the unedited model
 BUCKET_LABELS = [
     "first subject token",
     "middle subject tokens",
@@ -178,7 +193,7 @@ def last_subject_lines(out_dir: Path, averages: dict[str, Any], model: str) -> P
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     window = averages.get("window", 10)
     ax.set_xlabel(f"layer (MLP, attention: {layer_axis('mlp', window)})")
-    ax.set_ylabel("AIE at last subject token")
+    ax.set_ylabel(f"AIE at last subject token\n{AIE_UNIT}", fontsize=8)
     pooling = averages.get("pooling", "prompt")
     n = min(stats["count"][row] for stats in averages["kinds"].values())
     ax.set_title(
@@ -220,7 +235,7 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
     ax.axhline(0, color="#999999", linewidth=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer at which the single hidden state is restored")
-    ax.set_ylabel("AIE at last subject token")
+    ax.set_ylabel(f"AIE at last subject token\n{AIE_UNIT}", fontsize=8)
     ax.set_title(
         f"Severing MLP or attention paths, {interval_note(severed['none']['n'])}\n{model}, "
         f"n={severed['none']['n']}",
@@ -307,9 +322,13 @@ def layer_sweep(
             capsize=2,
             label=name,
         )
+    unedited = [r["pre"]["S"]["mean"] for r in rows if "S" in (r.get("pre") or {})]
+    if unedited:  # the same cases unedited: one value (every layer scored the same cases)
+        ax.axhline(float(np.mean(unedited)), **BASELINE, label="S unedited")
     if not averages:
         ax.set_title(f"ROME by edited layer\n{model}", fontsize=9)
     ax.set_ylim(-3, 106)  # room for markers at 0 and 100
+    ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("edited layer")
     ax.set_ylabel("score after the edit (%)", fontsize=8)
@@ -317,7 +336,7 @@ def layer_sweep(
     n_text = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
     ax.legend(
         fontsize=7,
-        ncol=4,
+        ncol=5,
         loc="upper center",
         bbox_to_anchor=(0.5, -0.3),
         title=f"95% intervals: Wilson (ES, PS, NS), bootstrap (S); {n_text} cases per layer",
@@ -344,18 +363,26 @@ def edit_scaling(
     curves: dict[str, list[dict[str, Any]]],
     model: str,
     name: str = "mass_scaling",
+    unedited: dict[str, Any] | None = None,
+    collapsed: Any = None,
 ) -> Path:
     """S, ES, PS and NS against the number of edits, one line per editor, with 95% intervals
     (the MEMIT paper's scaling figure): edits written at once (`mass_scaling`) or one after
     another (`sequential_scaling`); points are {"size", "post": {metric: interval}}. Editors are
     shifted a little sideways (a few percent of N) so equal values stay visible; the legend sits
-    under the axes."""
+    under the axes.
+
+    `unedited` (the unedited model's metrics, Table 4) is drawn as a dashed line in each panel.
+    A point resting on one case has no whisker (its Wilson interval, [20.7, 100], would dwarf
+    the rest) and is drawn hollow; `collapsed(point)` (a reason or None) marks collapsed points
+    with a cross."""
     xlabel, title = SCALING[name]
     names = ("S", "ES", "PS", "NS")
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), sharey=True)
     colours = plt.get_cmap("tab10")
     editors = sorted(curves)
     all_sizes = sorted({point["size"] for curve in curves.values() for point in curve})
+    marked = False
     for index, editor in enumerate(editors):
         curve = curves[editor]
         shift = 1.05 ** (index - (len(editors) - 1) / 2)
@@ -364,36 +391,104 @@ def edit_scaling(
             mean = np.array([p["post"][metric]["mean"] for p in curve], dtype=float)
             low = np.array([p["post"][metric]["low"] for p in curve], dtype=float)
             high = np.array([p["post"][metric]["high"] for p in curve], dtype=float)
+            single = np.array([p["post"][metric].get("n", p["size"]) < 2 for p in curve])
             ax.errorbar(
                 sizes,
                 mean,
-                yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
+                yerr=[
+                    np.where(single, 0, np.nan_to_num(mean - low)),
+                    np.where(single, 0, np.nan_to_num(high - mean)),
+                ],
                 marker="o",
                 markersize=3,
                 capsize=2,
                 linewidth=1,
                 color=colours(index),
-                label=editor,
+                label=EDITOR_NAMES.get(editor, editor),
             )
+            if single.any():
+                ax.plot(sizes[single], mean[single], "o", markersize=5, color="white",
+                        markeredgecolor=colours(index), zorder=3)  # fmt: skip
+            down = [bool(collapsed and collapsed(p)) for p in curve]
+            if any(down):
+                marked = True
+                ax.plot(sizes[down], mean[down], "x", markersize=7, color="#000000", zorder=4,
+                        label="collapsed (metrics/collapse.py)")  # fmt: skip
     for ax, metric in zip(axes, names, strict=True):
+        if unedited and metric in unedited:
+            ax.axhline(unedited[metric]["mean"], **BASELINE, label="unedited (Table 4)")
         ax.set_xscale("log")
-        ax.set_xticks(all_sizes, [str(n) for n in all_sizes])
+        ax.set_xticks(all_sizes, [f"{n:,}" for n in all_sizes], fontsize=7)
+        if len(all_sizes) > 4:
+            plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
         ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.tick_params(axis="y", labelsize=7)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylim(-3, 106)
     axes[0].set_ylabel("after the edits (%)")
     handles, labels = axes[0].get_legend_handles_labels()
+    if marked and "collapsed (metrics/collapse.py)" not in labels:
+        for ax in axes[1:]:
+            more = ax.get_legend_handles_labels()
+            if "collapsed (metrics/collapse.py)" in more[1]:
+                at = more[1].index("collapsed (metrics/collapse.py)")
+                handles, labels = [*handles, more[0][at]], [*labels, more[1][at]]
+                break
+    unique = dict(zip(labels, handles, strict=True))
     fig.legend(
-        handles,
-        labels,
+        unique.values(),
+        unique.keys(),
         loc="lower center",
-        ncol=max(1, len(editors)),
+        ncol=max(1, min(len(unique), 6)),
         fontsize=7,
         frameon=False,
-        title="95% intervals: bootstrap (S), Wilson (ES, PS, NS)",
+        title="95% intervals: bootstrap (S), Wilson (ES, PS, NS); hollow: one case, no interval",
         title_fontsize=7,
     )
     fig.suptitle(f"{title} ({model})", fontsize=9)
-    fig.subplots_adjust(bottom=0.33, top=0.84, wspace=0.08)
+    fig.subplots_adjust(bottom=0.38, top=0.84, wspace=0.08)
     return _save(fig, out_dir, name)
+
+
+def pairwise_heatmap(out_dir: Path, found: list[dict[str, Any]], model: str) -> Path:
+    """ΔS of every pair of runs (row minus column, percentage points) on their common cases,
+    starred where Holm's adjusted p is below 0.05 (`app/pairwise.py`)."""
+    names = list(dict.fromkeys([c["b"] for c in found] + [c["a"] for c in found]))
+    index = {n: i for i, n in enumerate(names)}
+    delta = np.full((len(names), len(names)), np.nan)
+    stars = np.zeros_like(delta, dtype=bool)
+    for c in found:
+        s = c["metrics"]["S"]
+        i, j = index[c["a"]], index[c["b"]]
+        delta[i, j], delta[j, i] = s["mean"], -s["mean"]
+        stars[i, j] = stars[j, i] = s.get("p_holm", 1.0) < 0.05
+    labels = [
+        EDITOR_NAMES.get(n.split(" (")[0], n.split(" (")[0])
+        + (" (" + n.split(" (", 1)[1] if " (" in n else "")
+        for n in names
+    ]
+    size = 0.55 * len(names) + 2
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    norm = symmetric_norm(delta)
+    image = ax.imshow(delta, cmap="RdBu", norm=norm)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if np.isfinite(delta[i, j]):
+                dark = abs(delta[i, j]) > 0.6 * norm.vmax  # white text on the deep colours
+                ax.text(j, i, f"{delta[i, j]:+.1f}" + ("*" if stars[i, j] else ""), ha="center",
+                        va="center", fontsize=6, color="white" if dark else "black")  # fmt: skip
+    ax.set_xticks(range(len(names)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), labels, fontsize=7)
+    ax.set_xlabel("B", fontsize=8)
+    ax.set_ylabel("A", fontsize=8)
+    n = sorted({c["n"] for c in found})
+    ax.set_title(
+        f"ΔS = S(A) − S(B) on the same cases (n={n[0]}"
+        + (f"-{n[-1]}" if len(n) > 1 else "")
+        + f"), paired bootstrap; * Holm p < 0.05\n{model}",
+        fontsize=8,
+    )
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label("ΔS (percentage points)", fontsize=7)
+    return _save(fig, out_dir, "pairwise")

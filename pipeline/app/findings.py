@@ -11,7 +11,14 @@ set of numbers:
   intervals do not overlap (or the rank test is significant);
 - **the paper's direction, not significant at this n**: the paper's way, but that interval
   holds zero, or the two intervals overlap (or the rank test is not significant);
-- **does not agree**: the other way.
+- **does not agree**: the other way;
+- **not judged**: a side of the comparison did not edit or is collapsed (below), so the
+  comparison would read scores of edits that did not happen; the evidence says which.
+
+Two rules decide what may be compared at all (`tables.did_not_edit`, `metrics.collapse`):
+an editor that **did not edit** (its ES not above the same cases' unedited ES beyond the paired
+interval, or not above chance) has no PS or NS comparison drawn from it, and a **collapsed** row
+or checkpoint is never the better side: a claim that it is better reads "does not agree".
 
 Layers are counted from 0; MLP and attention effects are placed at the centre of their window.
 """
@@ -24,11 +31,15 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from metrics.collapse import collapsed
+from pipeline.app.tables import did_not_edit
 from pipeline.core.patching import BUCKETS
 
 AGREES = "agrees"
 WITHIN = "the paper's direction, not significant at this n"
 DISAGREES = "does not agree"
+NOT_JUDGED = "not judged"
+COLLAPSED = "collapsed"  # the verdict of the finding that lists collapsed rows
 
 
 @dataclass(frozen=True)
@@ -105,9 +116,36 @@ def _peak(averages: dict[str, Any], kind: str, bucket: str) -> dict[str, Any] | 
     }
 
 
-def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
+def one_layer_note(one_layer: dict[str, Any] | None) -> str:
+    """What restoring one MLP at a time (a trace with `trace.window=1`) shows at the last
+    subject token: its largest layer with the interval, and the next largest layer's effect.
+    A 10-layer window places an effect only to within its width; one layer at a time shows
+    whether one layer carries it (README, "One layer at a time")."""
+    if one_layer is None:
+        return (
+            "; restoring one MLP at a time (a trace with trace.window=1, the report's "
+            "`one_layer_trace_dir`) is not among this report's inputs, so where within the "
+            "10-layer window the effect sits is not shown here"
+        )
+    peak = _peak(one_layer, "mlp", "last_subject")
+    if peak is None:
+        return "; the one-layer trace has no MLP row at the last subject token"
+    row = _row(one_layer, "mlp", "last_subject")
+    others = np.delete(row, peak["layer"])
+    return (
+        f"; restoring one MLP at a time (window 1, {one_layer.get('n_prompts', '?')} prompts) "
+        f"the last subject token's largest effect is layer {peak['layer']}'s, {_pct(peak, 3)}, "
+        f"and no other layer's is above {np.nanmax(others):.3f}"
+    )
+
+
+def early_mlp_site(
+    averages: dict[str, Any], one_layer: dict[str, Any] | None = None
+) -> Finding | None:
     """The MLP effect at the last subject token peaks in the lower half of the network and
-    above the MLP effect at the last token (the two peaks' intervals compared)."""
+    above the MLP effect at the last token (the two peaks' intervals compared). The evidence
+    says what one-layer restoration shows (`one_layer_note`); it does not change the verdict,
+    which is about the paper's 10-layer windows."""
     subject, last = _peak(averages, "mlp", "last_subject"), _peak(averages, "mlp", "last")
     if subject is None or last is None:
         return None
@@ -123,7 +161,8 @@ def early_mlp_site(averages: dict[str, Any]) -> Finding | None:
         f"the MLP's AIE at the last subject token peaks at layer {subject['layer']} of {layers} "
         f"({'lower' if lower_half else 'upper'} half) at {_pct(subject, 3)}; at the last "
         f"token its peak is {_pct(last, 3)} (layer {last['layer']})"
-        + _paired_note(paired, "the last subject token's peak minus the last token's"),
+        + _paired_note(paired, "the last subject token's peak minus the last token's")
+        + one_layer_note(one_layer),
         DISAGREES if not lower_half else _paired(paired) if paired else _compare(subject, last),
     )
 
@@ -199,56 +238,112 @@ def severed_mlp(averages: dict[str, Any]) -> Finding | None:
     )
 
 
-def rank_correlation(x: np.ndarray, y: np.ndarray, resamples: int = 9999) -> tuple[float, float]:
-    """Spearman's ρ and its one-sided permutation p-value (ρ > 0): exact over every pairing up
-    to 8 points, else from `resamples` seeded random pairings. Unlike the t approximation it
-    cannot call three points in a row significant."""
-    rx, ry = scipy_stats.rankdata(x), scipy_stats.rankdata(y)
+def rho_interval(
+    effect: np.ndarray,
+    rates: np.ndarray,
+    *,
+    confidence: float = 0.95,
+    seed: int = 0,
+    resamples: int = 2000,
+) -> dict[str, float]:
+    """Spearman's ρ between `effect` (one value per layer) and S by layer, with a percentile
+    bootstrap over cases.
 
-    def pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
-        a = a - a.mean(axis=axis, keepdims=True)
-        b = b - b.mean(axis=axis, keepdims=True)
-        return (a * b).sum(axis) / np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+    `rates` is (layers, cases, 3): each case's ES, PS and NS after the edit at each layer, the
+    same cases at every layer. A resample draws case indices once, for every layer together (a
+    layer's score and its neighbours' rest on the same cases, so the layers are not
+    exchangeable and are never permuted), recomputes each layer's S = hmean(ES, PS, NS) and
+    ρ; the interval is the resampled ρ's percentiles. A resample whose S is the same at every
+    layer has no rank order to follow the effect: it counts as ρ = 0 (leaving it out would
+    keep only the resamples that hold the few cases making the difference)."""
 
-    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
-        return float("nan"), 1.0
-    test = scipy_stats.permutation_test(
-        (rx, ry),
-        pearson,
-        permutation_type="pairings",
-        vectorized=True,
-        alternative="greater",
-        n_resamples=resamples,
-        rng=np.random.default_rng(0),
+    def spearman(scores: np.ndarray) -> float:
+        if np.ptp(scores) == 0 or np.ptp(effect) == 0:
+            return float("nan")
+        return float(scipy_stats.spearmanr(effect, scores).statistic)
+
+    def scores(index: np.ndarray) -> np.ndarray:
+        means = rates[:, index].mean(axis=1)  # (layers, 3)
+        with np.errstate(divide="ignore"):
+            hmean = means.shape[1] / (1 / means).sum(axis=1)
+        return np.where((means <= 0).any(axis=1), 0.0, hmean)
+
+    n = rates.shape[1]
+    rho = spearman(scores(np.arange(n)))
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rhos = np.nan_to_num([spearman(scores(index)) for index in draws], nan=0.0)
+    alpha = 1 - confidence
+    low, high = np.quantile(rhos, [alpha / 2, 1 - alpha / 2])
+    return {"mean": rho, "low": float(low), "high": float(high), "n": n}
+
+
+def _sweep_rates(rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """(layers, cases, 3) ES, PS, NS of the cases every layer's job scored, or None where the
+    rows carry no per-case values (or fewer than two cases in common)."""
+    if not all(r.get("cases") for r in rows):
+        return None
+    common = sorted(set.intersection(*(set(r["cases"]) for r in rows)), key=str)
+    if len(common) < 2:
+        return None
+    rates = np.array(
+        [[[r["cases"][i][k] for k in ("ES", "PS", "NS")] for i in common] for r in rows],
+        dtype=float,
     )
-    return float(test.statistic), float(test.pvalue)
+    return None if np.isnan(rates).any() else rates
 
 
 def edit_where_trace_peaks(
-    rows: list[dict[str, Any]], averages: dict[str, Any] | None, alpha: float = 0.05
+    rows: list[dict[str, Any]], averages: dict[str, Any] | None, seed: int = 0
 ) -> Finding | None:
-    """ROME's score by edited layer rises and falls with the MLP's causal effect there: a
-    Spearman rank correlation between the two over the swept layers, positive and significant
-    at `alpha` by a permutation test."""
+    """ROME's score by edited layer rises and falls with the MLP's causal effect there:
+    Spearman's ρ between the two over the swept layers, positive, with a bootstrap interval over
+    cases (`rho_interval`) that excludes zero. Without per-case scores, ρ alone (never
+    "agrees")."""
     mlp = _row(averages, "mlp", "last_subject") if averages else None
     if mlp is None or len(rows) < 3:
         return None
-    layers = [r["layer"] for r in rows if r["layer"] < len(mlp)]
-    scores = [r["post"]["S"]["mean"] for r in rows if r["layer"] < len(mlp)]
+    rows = [r for r in rows if r["layer"] < len(mlp)]
+    layers = [r["layer"] for r in rows]
+    scores = [r["post"]["S"]["mean"] for r in rows]
     if len(layers) < 3:
         return None
-    rho, p = rank_correlation(mlp[layers], np.asarray(scores, dtype=float))
     best = layers[int(np.argmax(scores))]
-    significant = AGREES if p < alpha else WITHIN
-    verdict = significant if np.isfinite(rho) and rho > 0 else DISAGREES
+    rates = _sweep_rates(rows)
+    if rates is not None:
+        rho = rho_interval(mlp[layers], rates, seed=seed)
+        note = (
+            f"{_pct(rho, 2)} (95% interval by a bootstrap over the {rho['n']} cases every "
+            "layer was scored on, resampled jointly for all layers)"
+        )
+    else:
+        rank = scipy_stats.spearmanr(mlp[layers], scores).statistic if np.ptp(scores) else np.nan
+        rho = {"mean": float(rank), "low": None, "high": None}
+        note = f"{rho['mean']:.2f} (no per-case scores: no interval)"
+    positive = np.isfinite(rho["mean"]) and rho["mean"] > 0
+    verdict = DISAGREES if not positive else _paired(rho) if rho["low"] is not None else WITHIN
     return Finding(
         "Editing works best where the trace peaks",
         "ROME's edits generalize best at the layers whose MLPs carry the largest causal effect",
         f"over {len(layers)} edited layers, S peaks at layer {best} "
         f"({max(scores):.1f}) and the MLP's effect at layer {int(np.nanargmax(mlp))}; "
-        f"Spearman ρ between the MLP's AIE and S by layer = {rho:.2f} (p = {p:.2g})",
+        f"Spearman ρ between the MLP's AIE and S by layer = {note}",
         verdict,
     )
+
+
+def point_collapse(point: dict[str, Any]) -> str | None:
+    """`metrics.collapse.collapsed` for a mass or sequential curve point (the unedited
+    perplexity from the point's pre-edit scores, where it has them)."""
+    post = point.get("post") or {}
+    return collapsed(post, post.get("perplexity"), (point.get("pre") or {}).get("perplexity"))
+
+
+def _never_better(verdict: str, better: dict[str, Any], name: str, size: int) -> tuple[str, str]:
+    """A claimed-better curve point that is collapsed cannot agree: (verdict, note)."""
+    reason = point_collapse(better)
+    if reason is None:
+        return verdict, ""
+    return DISAGREES, f"; {name} at N = {size:,} is collapsed ({reason}): never counted as better"
 
 
 def memit_holds_where_rome_collapses(mass: dict[str, list[dict[str, Any]]]) -> Finding | None:
@@ -261,14 +356,18 @@ def memit_holds_where_rome_collapses(mass: dict[str, list[dict[str, Any]]]) -> F
     if not common:
         return None
     size, smallest = common[-1], common[0]
+    verdict, note = _never_better(
+        _compare(memit[size]["post"]["S"], rome[size]["post"]["S"]), memit[size], "MEMIT", size
+    )
     return Finding(
         "MEMIT holds up where ROME's edits pile up",
         "written together, thousands of MEMIT edits keep their scores, while ROME applied one "
         "edit after another degrades (the MEMIT paper's scaling curves)",
         f"at N = {size:,} edits S is {_pct(memit[size]['post']['S'])} for MEMIT and "
         f"{_pct(rome[size]['post']['S'])} for ROME (at N = {smallest}: "
-        f"{memit[smallest]['post']['S']['mean']:.1f} and {rome[smallest]['post']['S']['mean']:.1f})",
-        _compare(memit[size]["post"]["S"], rome[size]["post"]["S"]),
+        f"{memit[smallest]['post']['S']['mean']:.1f} and {rome[smallest]['post']['S']['mean']:.1f})"
+        + note,
+        verdict,
     )
 
 
@@ -278,12 +377,16 @@ def r_rome_keeps_the_neighbours(sequential: dict[str, list[dict[str, Any]]]) -> 
     The claim is about damage beyond the edited facts, which NS measures; S is shown beside it."""
     if "r-rome" not in sequential or "rome" not in sequential:
         return None
-    r_rome = {p["size"]: p["post"] for p in sequential["r-rome"]}
+    points = {p["size"]: p for p in sequential["r-rome"]}
+    r_rome = {size: p["post"] for size, p in points.items()}
     rome = {p["size"]: p["post"] for p in sequential["rome"]}
     common = sorted(set(r_rome) & set(rome))
     if not common:
         return None
     size = common[-1]
+    verdict, note = _never_better(
+        _compare(r_rome[size]["NS"], rome[size]["NS"]), points[size], "r-ROME", size
+    )
     return Finding(
         "r-ROME keeps the neighbours where sequential ROME does not",
         "ROME's edits made one after another damage the model beyond the edited facts; r-ROME, "
@@ -291,8 +394,8 @@ def r_rome_keeps_the_neighbours(sequential: dict[str, list[dict[str, Any]]]) -> 
         "al. 2024)",
         f"after {size:,} sequential edits NS is {_pct(r_rome[size]['NS'])} for r-ROME and "
         f"{_pct(rome[size]['NS'])} for ROME (S {_pct(r_rome[size]['S'])} and "
-        f"{_pct(rome[size]['S'])})",
-        _compare(r_rome[size]["NS"], rome[size]["NS"]),
+        f"{_pct(rome[size]['S'])})" + note,
+        verdict,
     )
 
 
@@ -341,19 +444,70 @@ def fine_tuning_tradeoff(table: list[dict[str, Any]]) -> Finding | None:
     )
 
 
+def _standing(row: dict[str, Any]) -> str | None:
+    """Why a Table 4 row cannot be compared ("did not edit", "collapsed"), or None."""
+    if did_not_edit(row):
+        effect = row["edit_effect"]
+        return (
+            f"did not edit: ES {_pct(row['metrics']['ES'])}, {effect['mean']:+.1f} "
+            f"[{effect['low']:+.1f}, {effect['high']:+.1f}] points over the same cases unedited"
+        )
+    return f"collapsed ({row['collapsed']})" if row.get("collapsed") else None
+
+
 def rome_generalizes(table: list[dict[str, Any]]) -> Finding | None:
-    """ROME's paraphrase score above the best of the constrained baselines FT-L and KN."""
-    rows = {r["editor"]: r["metrics"] for r in table}
-    baselines = [name for name in ("ft-l", "kn") if name in rows]
-    if "rome" not in rows or not baselines:
+    """ROME's paraphrase score above the best of the constrained baselines FT-L and KN that
+    edited and did not collapse; not judged if none did, or if ROME itself did not edit."""
+    rows = {r["editor"]: r for r in table}
+    present = [name for name in ("ft-l", "kn") if name in rows]
+    if "rome" not in rows or not present:
         return None
-    best = max(baselines, key=lambda name: rows[name]["PS"]["mean"])
+    excluded = {name: _standing(rows[name]) for name in ["rome", *present]}
+    baselines = [name for name in present if excluded[name] is None]
+    ps = {name: rows[name]["metrics"]["PS"] for name in rows}
+    evidence = f"PS: ROME {_pct(ps['rome'])}, " + ", ".join(
+        f"{name.upper()} {_pct(ps[name])}" for name in present
+    )
+    notes = "".join(f"; {name.upper()} {why}" for name, why in excluded.items() if why)
+    if excluded["rome"] or not baselines:
+        return Finding(
+            "ROME generalizes where FT-L and KN do not",
+            "of the specific methods, only ROME's edits carry to paraphrases (Table 4: PS)",
+            evidence + notes + "; no PS comparison is drawn from an edit that did not happen",
+            NOT_JUDGED,
+        )
+    best = max(baselines, key=lambda name: ps[name]["mean"])
+    against = f"; ROME is compared with {best.upper()} alone" if notes else ""
     return Finding(
         "ROME generalizes where FT-L and KN do not",
         "of the specific methods, only ROME's edits carry to paraphrases (Table 4: PS)",
-        f"PS: ROME {_pct(rows['rome']['PS'])}, "
-        + ", ".join(f"{name.upper()} {_pct(rows[name]['PS'])}" for name in baselines),
-        _compare(rows["rome"]["PS"], rows[best]["PS"]),
+        evidence + notes + against,
+        _compare(ps["rome"], ps[best]),
+    )
+
+
+def collapsed_models(
+    table: list[dict[str, Any]],
+    mass: dict[str, list[dict[str, Any]]],
+    sequential: dict[str, list[dict[str, Any]]],
+) -> Finding | None:
+    """Every Table 4 row and curve point the collapse rule marks, by editor and protocol."""
+    found = [f"{r['editor']} ({r['collapsed']})" for r in table if r.get("collapsed")]
+    for mode, curves in (("mass", mass), ("sequential", sequential)):
+        for editor, curve in sorted(curves.items()):
+            sizes = [p["size"] for p in curve if point_collapse(p)]
+            if sizes:
+                reason = point_collapse(next(p for p in curve if p["size"] == sizes[0]))
+                found.append(f"{mode} {editor} at N = {', '.join(map(str, sizes))} ({reason})")
+    if not found:
+        return None
+    return Finding(
+        "Collapsed models",
+        "(this benchmark's rule, `metrics/collapse.py`) an edited model that no longer prefers "
+        "either answer, or whose perplexity is several times the unedited model's, is "
+        "collapsed: its S, near 50 by chance, is never counted as better than another's",
+        "; ".join(found),
+        COLLAPSED,
     )
 
 
@@ -363,18 +517,26 @@ def read_results(
     table: list[dict[str, Any]],
     mass: dict[str, list[dict[str, Any]]],
     sequential: dict[str, list[dict[str, Any]]] | None = None,
+    one_layer: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> list[Finding]:
     """Every finding the given results can speak to, in the paper's order (then the later
-    papers': MEMIT at scale, r-ROME in sequence)."""
+    papers': MEMIT at scale, r-ROME in sequence; then the rows the collapse rule marks).
+    `one_layer`: the averages of a one-layer (window 1) MLP trace, where there is one."""
     found = []
     if averages:
-        found += [early_mlp_site(averages), late_attention_site(averages), severed_mlp(averages)]
+        found += [
+            early_mlp_site(averages, one_layer),
+            late_attention_site(averages),
+            severed_mlp(averages),
+        ]
     found += [
-        edit_where_trace_peaks(sweep, averages),
+        edit_where_trace_peaks(sweep, averages, seed=seed),
         rome_generalizes(table),
         fine_tuning_tradeoff(table),
         memit_holds_where_rome_collapses(mass),
         r_rome_keeps_the_neighbours(sequential or {}),
+        collapsed_models(table, mass, sequential or {}),
     ]
     return [f for f in found if f is not None]
 

@@ -1,16 +1,35 @@
 """The paper's Table 4 from evaluation runs: one row per (model, data, editor), unedited first.
 
-Each run directory `<model>/<data>/<editor>/` is summarized again from its per-case files, so
-any set of finished shards counts. Written as Markdown, LaTeX and CSV, and logged to W&B.
+Each run directory `<model>/<data>/<editor>/` is summarized again from its per-case files.
+Written as Markdown, LaTeX and CSV, and logged to W&B. Each row carries the marks the verdicts
+read, shown beside the editor's name:
+
+- *partial*: a sharded run that `pipeline.merge` has not combined (no `summary.json`), one merged
+  with `--allow-partial` (its summary says `complete: false`), or one whose cases no longer
+  match its summary's n (`partial_run`); `pipeline.summarize` refuses these unless
+  `allow_partial=true`, as merge does;
+- *did not edit*: the editor's ES is not above the same cases' unedited ES beyond the paired
+  interval (`metrics.paired.rate_difference` of post against pre ES: Newcombe's interval, its
+  lower end not above 0), or its ES is below chance beyond its own interval (the Wilson
+  interval's upper end under 50%: most rewrites still prefer the old object). The second is this
+  project's addition: FT-L on SmolLM2 moves 7 of 200 cases (ES +3.5 [+0.8, +6.3] points over
+  the unedited 33.0, McNemar p = 0.016), a real but immaterial change that leaves ES at 36.5
+  [30.1, 43.4]; KN (ES 47.5 [40.7, 54.4], +14.5 [+7.4, +21.4]) is not marked;
+- *collapsed*: `metrics.collapse.collapsed`, against the group's unedited perplexity where
+  the rows have one.
 """
 
 from __future__ import annotations
 
 import csv
 import io as text_io
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+from metrics.collapse import collapsed
+from metrics.paired import rate_difference
 from pipeline.app.results import paired_change, read_jsonl, summarize_records
 from pipeline.app.stage import Run
 from pipeline.core import files
@@ -37,6 +56,53 @@ def editor_order(row: dict[str, Any]) -> tuple[int, str]:
     return (EDITOR_ORDER.index(name) if name in EDITOR_ORDER else len(EDITOR_ORDER), name)
 
 
+SHARD_FILE = re.compile(r"cases-(\d+)of(\d+)\.jsonl$")
+CASE_VALUES = ("ES", "PS", "NS", "GE", "perplexity")  # what the pairwise comparisons read
+
+
+def partial_run(run_dir: Path, n_cases: int) -> str | None:
+    """Why the run in `run_dir` is unfinished, in words, or None (the rule: module docstring)."""
+    shards = [SHARD_FILE.search(p.name) for p in run_dir.glob("cases-*.jsonl")]
+    count = max((int(m.group(2)) for m in shards if m), default=1)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        if count > 1:
+            present = len({m.group(1) for m in shards if m})
+            return f"{present} of {count} shards on disk and not merged (python -m pipeline.merge)"
+        return None  # an unsharded run's single job: what is on disk is the run
+    summary = files.read_json(summary_path)
+    if summary.get("complete") is False:
+        return f"merged with --allow-partial: {summary.get('missing', '?')} cases missing"
+    if count > 1 and summary.get("n_cases") not in (None, n_cases):
+        return f"{n_cases} cases on disk, {summary['n_cases']} when merged"
+    return None
+
+
+def case_values(record: dict[str, Any], phase: str) -> dict[str, float]:
+    """A case's per-case values (`CASE_VALUES`) in one phase; NaN where absent."""
+    scores = record.get(phase) or {}
+    values = {**scores.get("metrics", {}), **{k: v for k, v in scores.items() if k != "metrics"}}
+    return {k: float(values.get(k, math.nan)) for k in CASE_VALUES}
+
+
+def edit_effect(cases: dict[Any, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Post-edit ES minus the same cases' unedited ES (percent), Newcombe's paired interval."""
+    post = [c["post"]["ES"] for c in cases.values()]
+    pre = [c["pre"]["ES"] for c in cases.values()]
+    effect = rate_difference(post, pre)
+    return {k: v * 100 if k in ("mean", "low", "high") else v for k, v in effect.items()}
+
+
+def did_not_edit(row: dict[str, Any]) -> bool:
+    """The edit is not shown to have happened (the rule: module docstring); False for rows
+    that are not edits (the unedited model)."""
+    effect = row.get("edit_effect")
+    if effect is None:
+        return False
+    below_chance = (row["metrics"].get("ES") or {}).get("high", float("nan")) < 50
+    return not effect["low"] > 0 or below_chance  # a NaN bound: not shown to edit
+
+
 def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
     """One row per (model, data, editor) with the post-edit metrics, unedited rows first."""
     rows = []
@@ -48,7 +114,21 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         summary = summarize_records(list(records.values()), seed=seed)
         base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
         change = {k: paired_change(list(records.values()), k) for k in ("ES", "PS", "NS")}
-        rows.append({**base, "editor": editor, "metrics": summary["post"], "change": change})
+        cases = {
+            i: {"pre": case_values(r, "pre"), "post": case_values(r, "post")}
+            for i, r in records.items()
+        }
+        rows.append(
+            {
+                **base,
+                "editor": editor,
+                "metrics": summary["post"],
+                "change": change,
+                "cases": cases,
+                "partial": partial_run(run_dir, len(records)),
+                "edit_effect": edit_effect(cases) if editor != "none" else None,
+            }
+        )
         if editor != "none":
             rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
     table = []
@@ -57,10 +137,34 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         unedited = [r for r in group if r["editor"] == "none"] or [
             max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
         ]
+        reference = unedited[0]["metrics"].get("perplexity")
+        for row in group:  # the rule judges edited models against the unedited one
+            edited = not row["editor"].startswith("none")
+            perplexity = row["metrics"].get("perplexity")
+            row["collapsed"] = collapsed(row["metrics"], perplexity, reference) if edited else None
         table += unedited[:1] + sorted(
             (r for r in group if not r["editor"].startswith("none")), key=editor_order
         )
     return table
+
+
+def marks(row: dict[str, Any]) -> list[str]:
+    """The row's marks: partial, did not edit, collapsed."""
+    return [
+        mark
+        for mark, on in (
+            ("partial", row.get("partial")),
+            ("did not edit", did_not_edit(row)),
+            ("collapsed", row.get("collapsed")),
+        )
+        if on
+    ]
+
+
+def label(row: dict[str, Any]) -> str:
+    """The editor's name with the row's marks in brackets."""
+    found = marks(row)
+    return row["editor"] + (f" ({', '.join(found)})" if found else "")
 
 
 def cell(metric: dict[str, Any] | None) -> str:
@@ -78,7 +182,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
     head = ["model", "data", "editor", "n", *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        cells = [row["model"], row["data"], row["editor"], str(row["n"])]
+        cells = [row["model"], row["data"], label(row), str(row["n"])]
         cells += [cell(row["metrics"].get(c)) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -92,7 +196,7 @@ def latex(table: list[dict[str, Any]]) -> str:
         r"\midrule",
     ]
     for row in table:
-        cells = [row["model"], row["data"], row["editor"], str(row["n"])]
+        cells = [row["model"], row["data"], label(row), str(row["n"])]
         cells += [cell(row["metrics"].get(c)) for c in COLUMNS]
         lines.append(" & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
@@ -103,13 +207,15 @@ def csv_text(table: list[dict[str, Any]]) -> str:
     out = text_io.StringIO()
     writer = csv.writer(out)
     fields = [f"{c}_{part}" for c in COLUMNS for part in ("mean", "low", "high", "n")]
-    writer.writerow(["model", "data", "editor", "n", *fields])
+    writer.writerow(["model", "data", "editor", "n", *fields, "marks"])
     for row in table:
         values = []
         for column in COLUMNS:
             metric = row["metrics"].get(column) or {}
             values += [metric.get(part, "") for part in ("mean", "low", "high", "n")]
-        writer.writerow([row["model"], row["data"], row["editor"], row["n"], *values])
+        writer.writerow(
+            [row["model"], row["data"], row["editor"], row["n"], *values, "; ".join(marks(row))]
+        )
     return out.getvalue()
 
 
