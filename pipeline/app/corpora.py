@@ -145,7 +145,7 @@ def _sample(corpus_cfg: DictConfig, part: str) -> CorpusText:
         corpus_cfg.sample_name,
         "bundled sample",
         _digested([path]),
-        f"{part} (held out: the whole articles in the last {fraction:g} of its characters)",
+        f"{part} (the held-out part: the whole articles in its last {fraction:g} of characters)",
         texts=lambda: corpus.read_sample(corpus_cfg.sample, part, fraction),
     )
 

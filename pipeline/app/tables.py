@@ -2,6 +2,10 @@
 
 Each run directory `<model>/<data>/<editor>/` is summarized again from its per-case files, so
 any set of finished shards counts. Written as Markdown, LaTeX and CSV, and logged to W&B.
+
+PPL, the damage to the model: perplexity on the held-out text (`perplexity.json` of the run;
+not a percentage): for an editor, the mean over its first `eval.perplexity_cases` cases' edits,
+each alone; for the unedited row, the unedited model's; the interval is over the text's windows.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pipeline.app.results import paired_change, read_jsonl, summarize_records
 from pipeline.app.stage import Run
 from pipeline.core import files
 
-COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
+COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "PPL")
 
 
 # The paper's Table 4 rows first (FT, FT-L, KN, ROME), then the successors; others after.
@@ -48,9 +52,12 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         summary = summarize_records(list(records.values()), seed=seed)
         base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
         change = {k: paired_change(list(records.values()), k) for k in ("ES", "PS", "NS")}
-        rows.append({**base, "editor": editor, "metrics": summary["post"], "change": change})
+        damage = perplexities(run_dir)
+        post = {**summary["post"], **damage.get("edited", {})}
+        rows.append({**base, "editor": editor, "metrics": post, "change": change})
         if editor != "none":
-            rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
+            pre = {**summary["pre"], **damage.get("unedited", {})}
+            rows.append({**base, "editor": "none (pre)", "metrics": pre})
     table = []
     for key in sorted({(r["model"], r["data"]) for r in rows}):
         group = [r for r in rows if (r["model"], r["data"]) == key]
@@ -61,6 +68,15 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             (r for r in group if not r["editor"].startswith("none")), key=editor_order
         )
     return table
+
+
+def perplexities(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """{"edited": {"PPL": ...}, "unedited": {"PPL": ...}} from the run's perplexity.json."""
+    path = run_dir / "perplexity.json"
+    if not path.exists():
+        return {}
+    saved = files.read_json(path)
+    return {phase: {"PPL": saved[phase]} for phase in ("edited", "unedited") if saved.get(phase)}
 
 
 def cell(metric: dict[str, Any] | None) -> str:
