@@ -100,11 +100,24 @@ def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
             {
                 "size": point["edits"],
                 "failed": point.get("failed", 0),
-                "post": {k: v for k, v in point.items() if isinstance(v, dict)},
+                "perplexity": point.get("perplexity"),
+                "post": {
+                    k: v for k, v in point.items() if isinstance(v, dict) and k != "perplexity"
+                },
             }
             for point in points
         ]
     return curves
+
+
+def unedited_perplexity(data_dir: Path, mode: str) -> dict[str, Any] | None:
+    """The unedited model's perplexity on the held-out text, from a mass or sequential
+    summary under one model and data (the same for every editor there)."""
+    for path in sorted(data_dir.glob(f"*/{mode}/summary.json")):
+        unedited = (files.read_json(path).get("perplexity") or {}).get("unedited")
+        if unedited:
+            return unedited
+    return None
 
 
 def provenance(directory: Path, report_dir: Path) -> str:
@@ -474,11 +487,27 @@ def main(cfg: DictConfig, run: Run) -> None:
             )
             continue
         made[name] = figures.edit_scaling(figure_dir, curves, model, name=name)
+        damage = figures.perplexity_scaling(
+            figure_dir, curves, model, name=name, unedited=unedited_perplexity(data_dir, mode)
+        )
+        if damage is not None:
+            made[f"{name}_perplexity"] = damage
         doc += [
             intro,
             "",
             f"![{name}]({os.path.relpath(made[name], out)})",
             "",
+            *(
+                [
+                    "Damage to the model: perplexity on the held-out text (the dashed line: "
+                    "the unedited model's); 95% intervals over the text's windows.",
+                    "",
+                    f"![{name}_perplexity]({os.path.relpath(damage, out)})",
+                    "",
+                ]
+                if damage is not None
+                else []
+            ),
             "| editor | edits | " + " | ".join(SWEEP_METRICS) + f" | {last} |",
             "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
         ]

@@ -110,3 +110,24 @@ def test_effect_intervals_stop_at_the_possible_range(tmp_path, captured):
     band = captured[0].axes[0].collections[1]  # hidden's band first, then MLP's
     ys = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
     assert ys.min() >= -1.0 and ys.max() <= 1.0
+
+
+def test_perplexity_scaling_draws_each_editor_and_the_unedited_line(captured, tmp_path):
+    def point(size, mean):
+        return {"size": size, "perplexity": {"mean": mean, "low": mean - 1, "high": mean + 2}}
+
+    curves = {"memit": [point(1, 20.0), point(10, 25.0)], "rome": [point(1, 21.0)]}
+    path = figures.perplexity_scaling(
+        tmp_path, curves, "m", unedited={"mean": 19.0, "low": 18.0, "high": 20.0}
+    )
+    assert path.name == "mass_scaling_perplexity.png"
+    (ax,) = captured[0].axes
+    bars = {container.get_label(): container for container in ax.containers}
+    assert list(bars["memit"].lines[0].get_ydata()) == [20.0, 25.0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["unedited"].get_ydata()) == [19.0, 19.0]  # the dashed baseline
+    assert lines["unedited"].get_linestyle() == "--"
+    assert ax.get_yscale() == "log"
+    # Curves without perplexity (runs from before it, or eval.perplexity=false): no figure.
+    bare = {"memit": [{"size": 1, "post": {}}]}
+    assert figures.perplexity_scaling(tmp_path, bare, "m", name="sequential_scaling") is None
