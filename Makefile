@@ -56,12 +56,14 @@ DEMO_STATS_TOKENS ?= 50000
 DEMO_RESULTS ?= $(or $(ROME_RESULTS),results)/demo
 DEMO_ARGS = paths.results=$(DEMO_RESULTS) $(OVERRIDES)
 DEMO_STATS = editor.mom2.max_tokens=$(DEMO_STATS_TOKENS)
+# Damage in the demo: perplexity on 10 windows of the sample's held-out part, 2 cases' edits.
+DEMO_DAMAGE = eval.perplexity_tokens=5120 eval.perplexity_cases=2
 demo: setup
 	$(PY) -m pipeline.known $(DEMO_ARGS)
 	$(PY) -m pipeline.trace trace.limit=$(DEMO_TRACE) $(DEMO_ARGS)
 	$(PY) -m pipeline.stats $(DEMO_STATS) $(DEMO_ARGS)
-	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) $(DEMO_STATS) $(DEMO_ARGS)
-	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) editor=none $(DEMO_ARGS)
+	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) $(DEMO_STATS) $(DEMO_DAMAGE) $(DEMO_ARGS)
+	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) editor=none $(DEMO_DAMAGE) $(DEMO_ARGS)
 	$(PY) -m pipeline.summarize $(DEMO_ARGS)
 	$(PY) -m pipeline.report experiment=demo paths.reports=$(DEMO_RESULTS)/reports $(DEMO_ARGS)
 	@echo

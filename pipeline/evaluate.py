@@ -11,6 +11,13 @@ rank-one update (hooks, no weight copies). The unedited scores are computed once
 model and cached under `pre_dir`, for every editor. Each finished case is one line of
 `cases-<shard>.jsonl` (appended and fsynced), so a rerun continues where a run stopped.
 `summary.json` has every metric with its 95% interval and n, before ("pre") and after ("post").
+
+Damage to the model (`eval.perplexity`, `pipeline.app.damage`): perplexity on the held-out text
+the key statistics never read, the unedited model's (cached) beside the edited model's: in mass
+mode at each size (after the joint edit), in sequential mode at each checkpoint, in independent
+mode over the first `eval.perplexity_cases` cases, each case's edit alone on the unedited model,
+averaged window by window (`perplexity.json`; the interval is over the text's windows). run.json
+records the statistics' text and the perplexity text (files, sha256, tokens).
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import counterfact as cf
-from pipeline.app.editors import CaseEditor
+from pipeline.app.corpora import statistics_corpus
+from pipeline.app.damage import HeldOutPerplexity
+from pipeline.app.editors import CaseEditor, spec
 from pipeline.app.generation_scores import Reference, generation_metrics
 from pipeline.app.results import (
     PreCache,
@@ -80,14 +89,17 @@ def main(cfg: DictConfig, run: Run) -> None:
         lm = run.load_model()
         if cfg.editor.name != "none":  # the key statistics' metadata, for W&B lineage
             run.uses(Path(cfg.paths.results) / "stats" / cfg.model.name / cfg.corpus.name, "stats")
+        damage = record_texts(cfg, run, lm)
         if cfg.eval.mode == "independent":
             mine = take_shard(cases, index, count)
             run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
+            if damage is not None and index == 0:
+                independent_perplexity(cfg, run, lm, loaded, damage)
         elif cfg.eval.mode == "sequential":
-            run_sequential(cfg, run, lm, loaded)
+            run_sequential(cfg, run, lm, loaded, damage)
             return
         elif cfg.eval.mode == "mass":
-            run_mass(cfg, run, lm, loaded)
+            run_mass(cfg, run, lm, loaded, damage)
             return
         else:
             raise ValueError(
@@ -101,6 +113,73 @@ def main(cfg: DictConfig, run: Run) -> None:
             return
     report = {**loaded.report(), "origin": origin, "sha256": digest}
     summarize_run(cfg, run, cases, report, loaded.schema)
+
+
+def record_texts(cfg: DictConfig, run: Run, lm: LoadedModel) -> HeldOutPerplexity | None:
+    """Record in run.json the text the key statistics read and the held-out perplexity text
+    (files, sha256, tokens); the perplexity measurer, or None with `eval.perplexity=false`."""
+    uses_keys = cfg.editor.name != "none" and spec(cfg.editor).needs_keys
+    run.record(
+        "statistics_text",
+        statistics_corpus(cfg.corpus).describe()
+        if uses_keys
+        else f"none: editor {cfg.editor.name} uses no key statistics",
+    )
+    damage = HeldOutPerplexity.of(cfg, lm)
+    if damage is not None:
+        run.record("perplexity_text", damage.describe())
+    return damage
+
+
+def damage_of(damage: HeldOutPerplexity | None) -> dict[str, Any]:
+    """The perplexity of the model as it is now (edits written in), for a curve point."""
+    return {} if damage is None else {"perplexity": damage.measure()}
+
+
+def perplexity_summary(damage: HeldOutPerplexity | None) -> dict[str, Any]:
+    """The held-out text and the unedited model's perplexity, for a mass or sequential summary."""
+    if damage is None:
+        return {}
+    return {"perplexity": {"text": damage.describe(), "unedited": damage.unedited()}}
+
+
+def independent_perplexity(
+    cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded, damage: HeldOutPerplexity
+) -> None:
+    """`perplexity.json`: the unedited model's perplexity and, for the first
+    `eval.perplexity_cases` cases (bad records left out), each case's edit alone on the unedited
+    model, averaged window by window (`metrics.perplexity.over_edits`). The edits are computed
+    again (updates are not stored); a rerun with the same text and cases keeps the file."""
+    skipped = {r["id"] for r in read_jsonl(sorted(run.out_dir.glob("skipped-*.jsonl")))}
+    chosen = [c for c in loaded.records if c.id not in skipped][: int(cfg.eval.perplexity_cases)]
+    path, text, ids = run.path("perplexity.json"), damage.describe(), [c.id for c in chosen]
+    saved = files.read_json(path) if path.exists() else {}
+    if saved.get("text") == text and saved.get("cases") == ids:
+        return
+    editor = CaseEditor(cfg, lm)
+    unedited = damage.unedited()
+    if editor.editor is None:
+        edited_ppl = dict(unedited, edits=0)
+    else:
+        edited_ppl = damage.over_edits([update_of(r) for r in editor.updates(chosen)])
+    run.write_json(
+        "perplexity.json",
+        {
+            "text": text,
+            "statistics_text": run.meta.get("statistics_text"),
+            "unedited": unedited,
+            "edited": edited_ppl,
+            "cases": ids,
+            "note": (
+                f"edited: the first {len(ids)} cases' edits, each alone on the unedited model, "
+                "averaged window by window; the interval is over the text's windows"
+            ),
+        },
+    )
+    print(
+        f"perplexity on {text['name']} ({text['tokens']} tokens): unedited "
+        f"{unedited['mean']:.2f}, edited {edited_ppl['mean']:.2f} (first {len(ids)} cases)"
+    )
 
 
 def shard_of(loaded: Loaded, cases: Sequence[CounterfactCase]) -> Loaded:
@@ -157,6 +236,8 @@ def summarize_run(
     if not done:
         raise SystemExit("no evaluated cases to summarize")
     summary = summarize_records(done, seed=int(cfg.seed))
+    if run.path("perplexity.json").exists():  # the damage, over the first cases (its note)
+        summary["perplexity"] = files.read_json(run.path("perplexity.json"))
     summary.update(
         {
             "model": cfg.model.name,
@@ -260,7 +341,13 @@ def _run_independent(
     bar.close()
 
 
-def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
+def run_sequential(
+    cfg: DictConfig,
+    run: Run,
+    lm: LoadedModel,
+    loaded: Loaded,
+    damage: HeldOutPerplexity | None = None,
+) -> None:
     """Edits accumulate; after each checkpoint every case edited so far is scored again. The
     model's edited weights and the editor's state are saved to `sequential-progress.pt` every
     `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it stopped
@@ -292,7 +379,8 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
         if done in checkpoints and all(point["edits"] != done for point in curve):
             probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
             summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
-            curve.append({"edits": done, "failed": sum(failed[:done]), **summary})
+            point = {"edits": done, "failed": sum(failed[:done]), **damage_of(damage)}
+            curve.append(point | summary)
             run.tracker.log(
                 {f"sequential/{k}": summary[k]["mean"] for k in ("S", "ES", "PS", "NS")},
                 step=done,
@@ -317,6 +405,7 @@ def run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -
             "editor": editor.name,
             "data": loaded.report(),
             "checkpoints": curve,
+            **perplexity_summary(damage),
         }
     )
 
@@ -331,7 +420,13 @@ def save_progress(path: Path, state: dict[str, Any]) -> None:
 PROGRESS_EVERY = 10  # edits between saves of a sequential run or a one-after-another mass pass
 
 
-def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None:
+def run_mass(
+    cfg: DictConfig,
+    run: Run,
+    lm: LoadedModel,
+    loaded: Loaded,
+    damage: HeldOutPerplexity | None = None,
+) -> None:
     """For each N of `eval.mass_sizes`: the first N cases written in one joint edit, then all N
     scored on the edited model (`mass-<N>.jsonl`, and the curve in `mass.json`). A rerun skips
     the sizes already done. Editors that write requests one after another (ROME, KN) make the
@@ -370,7 +465,9 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
         print(f"{n} edits at once ({edit_seconds:.0f} s): " + headline(summary).split("\n")[1])
 
     if todo and not editor.editor.joint_solve:
-        _mass_one_after_another(run, lm, editor, cases, todo, pre_cache, rows_per_pass, add_point)
+        _mass_one_after_another(
+            run, lm, editor, cases, todo, pre_cache, rows_per_pass, add_point, damage
+        )
     for n in todo if editor.editor.joint_solve else []:
         batch = cases[:n]
         started = time.perf_counter()
@@ -379,13 +476,14 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
         pre = pre_cache.get(batch, rows_per_pass)
         with edited(lm, [edit.updates]):
             post = [scored(p) for p in score_cases(lm, batch, batch_size=rows_per_pass)]
+            damaged = damage_of(damage)
         seconds = time.perf_counter() - started
         records = [
             case_record(c, p, q, r, seconds / n)
             for c, p, q, r in zip(batch, pre, post, edit.results, strict=True)
         ]
         reused = sum(bool((r.info or {}).get("z_reused")) for r in edit.results)
-        info: dict[str, Any] = {"values_reused": reused}
+        info: dict[str, Any] = {"values_reused": reused, **damaged}
         if "seconds" in edit.info:  # the editor's own split of edit_seconds (z, spread)
             info["edit_seconds_by_step"] = edit.info["seconds"]
         add_point(n, records, edit_seconds, info)
@@ -396,6 +494,7 @@ def run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> None
             "editor": editor.name,
             "data": loaded.report(),
             "curve": curve,
+            **perplexity_summary(damage),
         }
     )
 
@@ -409,6 +508,7 @@ def _mass_one_after_another(
     pre_cache: PreCache,
     rows_per_pass: int,
     add_point: Callable[[int, list[dict], float, dict], None],
+    damage: HeldOutPerplexity | None = None,
 ) -> None:
     """The mass curve of an editor whose joint edit writes requests one after another: the
     joint edit of N passes through that of every smaller N, so one pass writes the cases in
@@ -441,7 +541,7 @@ def _mass_one_after_another(
             {**case_record(c, p, q, None, seconds / n), "edit": e}
             for c, p, q, e in zip(batch, pre[:n], post, state["edits"][:n], strict=True)
         ]
-        add_point(n, records, seconds, {"values_reused": 0})
+        add_point(n, records, seconds, {"values_reused": 0, **damage_of(damage)})
 
     with preserved_weights(lm, editor.editor.layers):
         applied = 0

@@ -84,10 +84,24 @@ def budgets(rows: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+def with_unedited_perplexity(points: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
+    """The curve's points, each given the unedited model's perplexity from the run's summary
+    (where it has one): the collapse rule compares the two."""
+    summary = run_dir / "summary.json"
+    unedited = (
+        ((files.read_json(summary).get("perplexity") or {}).get("unedited"))
+        if summary.exists()
+        else None
+    )
+    return [{**p, "unedited_perplexity": unedited} if unedited else p for p in points]
+
+
 def mass_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Each editor's mass-editing curve (`<editor>/mass/mass.json`) under one model and data."""
     return {
-        path.parent.parent.name: files.read_json(path)["curve"]
+        path.parent.parent.name: with_unedited_perplexity(
+            files.read_json(path)["curve"], path.parent
+        )
         for path in sorted(data_dir.glob("*/mass/mass.json"))
     }
 
@@ -98,15 +112,31 @@ def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     curves = {}
     for path in sorted(data_dir.glob("*/sequential/sequential.json")):
         points = files.read_json(path)["checkpoints"]
-        curves[path.parent.parent.name] = [
-            {
-                "size": point["edits"],
-                "failed": point.get("failed", 0),
-                "post": {k: v for k, v in point.items() if isinstance(v, dict)},
-            }
-            for point in points
-        ]
+        curves[path.parent.parent.name] = with_unedited_perplexity(
+            [
+                {
+                    "size": point["edits"],
+                    "failed": point.get("failed", 0),
+                    "perplexity": point.get("perplexity"),
+                    "post": {
+                        k: v for k, v in point.items() if isinstance(v, dict) and k != "perplexity"
+                    },
+                }
+                for point in points
+            ],
+            path.parent,
+        )
     return curves
+
+
+def unedited_perplexity(data_dir: Path, mode: str) -> dict[str, Any] | None:
+    """The unedited model's perplexity on the held-out text, from a mass or sequential
+    summary under one model and data (the same for every editor there)."""
+    for path in sorted(data_dir.glob(f"*/{mode}/summary.json")):
+        unedited = (files.read_json(path).get("perplexity") or {}).get("unedited")
+        if unedited:
+            return unedited
+    return None
 
 
 def provenance(directory: Path, report_dir: Path) -> str:
@@ -535,11 +565,27 @@ def main(cfg: DictConfig, run: Run) -> None:
             unedited=unedited["metrics"] if unedited else None,
             collapsed=findings.point_collapse,
         )
+        damage = figures.perplexity_scaling(
+            figure_dir, curves, model, name=name, unedited=unedited_perplexity(data_dir, mode)
+        )
+        if damage is not None:
+            made[f"{name}_perplexity"] = damage
         doc += [
             intro,
             "",
             f"![{name}]({os.path.relpath(made[name], out)})",
             "",
+            *(
+                [
+                    "Damage to the model: perplexity on the held-out text (the dashed line: "
+                    "the unedited model's); 95% intervals over the text's windows.",
+                    "",
+                    f"![{name}_perplexity]({os.path.relpath(damage, out)})",
+                    "",
+                ]
+                if damage is not None
+                else []
+            ),
             "| editor | edits | " + " | ".join(SWEEP_METRICS) + f" | {last} |",
             "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
         ]

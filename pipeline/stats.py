@@ -19,6 +19,7 @@ import time
 
 from omegaconf import DictConfig
 
+from pipeline.app.corpora import statistics_corpus
 from pipeline.app.editors import edit_layers, key_statistics, stats_key
 from pipeline.app.stage import Run, stage
 from pipeline.core.second_moment import merge_shards
@@ -34,13 +35,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     keys = [stats_key(cfg, lm, layer)[0] for layer in layers]
     shard = (index, count) if count > 1 and not cfg.aggregate_only else None
     paths = [key.path(cfg.paths.cache, shard) for key in keys]
-    cached = [path.exists() for path in paths]
     started = time.perf_counter()
     if cfg.aggregate_only and count > 1:
         stats = {key.layer: merge_shards(key, cfg.paths.cache, count) for key in keys}
     else:  # the layers not cached yet in one pass over the corpus
         stats = key_statistics(cfg, lm, layers, shard=shard)
     seconds = time.perf_counter() - started
+    # What was loaded, not what existed: a file discarded for a bad checksum was recomputed.
+    cached = [stats[key.layer].from_cache for key in keys]
     computed = [key.layer for key, hit in zip(keys, cached, strict=True) if not hit]
     rows = []
     for key, path, hit in zip(keys, paths, cached, strict=True):
@@ -59,19 +61,19 @@ def main(cfg: DictConfig, run: Run) -> None:
         print(f"layer {key.layer}: {stat.count} keys ({speed}) -> {path}")
     if computed:
         print(f"layers {computed} computed together in {seconds:.1f} s (one pass over the corpus)")
-    key = keys[-1]
-    sample = key.corpus == cfg.corpus.get("sample_name")
-    if sample:
+    text = statistics_corpus(cfg.corpus)
+    if text.origin == "bundled sample":
         print(
-            f"corpus: {key.corpus}, the small WikiText sample bundled in data/samples/"
+            f"corpus: {text.name}, the small WikiText sample bundled in data/samples/"
             f"{cfg.corpus.sample}: enough to try editing, not for the paper's numbers"
         )
-    origin = "local files" if key.corpus.endswith("-local") else "datasets"
+    run.record("statistics_text", text.describe())
     run.write_summary(
         {
             "model": lm.name,
-            "corpus": key.corpus,
-            "corpus_origin": "bundled sample" if sample else origin,
+            "corpus": text.name,
+            "corpus_origin": text.origin,
+            "statistics_text": text.describe(),
             "shard": {"index": index, "count": count},
             "merged": bool(cfg.aggregate_only),
             "layers": rows,

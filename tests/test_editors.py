@@ -1,4 +1,5 @@
-"""Editors from configuration: presets, hyperparameters, corpus choice, cached templates."""
+"""Editors from configuration: presets, hyperparameters, cached templates (the corpus: in
+test_corpora)."""
 
 from __future__ import annotations
 
@@ -48,41 +49,6 @@ def test_bad_editor_settings_are_named():
         cfg.editor.v_learning_rate = 1.0
     with pytest.raises(ValueError, match="v_learning_rate"):
         editors.rome_hparams(cfg.editor, "gpt2-xl")
-
-
-def test_corpus_source(tmp_path):
-    empty = config(f"paths.data={tmp_path}", "corpus.source=local")
-    with pytest.raises(FileNotFoundError, match="no corpus files"):
-        editors.open_corpus(empty.corpus)
-    # auto with nothing in the data root: the bundled sample, named as such.
-    name, texts = editors.open_corpus(config(f"paths.data={tmp_path}").corpus)
-    assert name == "wikitext-sample"
-    assert next(iter(texts())).startswith("Robert Boulter is an English film")
-    assert editors.open_corpus(config("corpus.source=sample").corpus)[0] == "wikitext-sample"
-    # auto with WikiText cached by `datasets` in the data root (make data): that.
-    (tmp_path / "hf_datasets" / "Salesforce___wikitext").mkdir(parents=True)
-    assert editors.open_corpus(config(f"paths.data={tmp_path}").corpus)[0] == "wikitext-103-raw-v1"
-    name, _ = editors.open_corpus(config(f"paths.data={tmp_path}", "corpus.source=datasets").corpus)
-    assert name == "wikitext-103-raw-v1"
-    # auto with local text in the data root: the local text, first.
-    (tmp_path / "wikipedia").mkdir()
-    (tmp_path / "wikipedia" / "a.txt").write_text("First paragraph of text.\n\nSecond paragraph.\n")
-    name, texts = editors.open_corpus(config(f"paths.data={tmp_path}").corpus)
-    assert name == "wikipedia-local"
-    assert list(texts()) == ["First paragraph of text.", "Second paragraph."]
-    with pytest.raises(ValueError, match="sample"):
-        editors.open_corpus(config("corpus.source=web").corpus)
-
-
-def test_the_sample_has_its_own_statistics_cache_key(tmp_path):
-    lm = tiny_model("tiny-gpt2")
-    sample, _ = editors.stats_key(config("model=tiny-gpt2", f"paths.data={tmp_path}"), lm, 1)
-    (tmp_path / "wikipedia").mkdir()
-    (tmp_path / "wikipedia" / "a.txt").write_text("Some text.\n")
-    local, _ = editors.stats_key(config("model=tiny-gpt2", f"paths.data={tmp_path}"), lm, 1)
-    assert sample.corpus == "wikitext-sample" and local.corpus == "wikipedia-local"
-    assert "wikitext-sample" in str(sample.path(tmp_path))
-    assert sample.path(tmp_path) != local.path(tmp_path)
 
 
 def test_context_templates_are_generated_once_per_model(tmp_path, monkeypatch):

@@ -146,6 +146,10 @@ def test_sequential_edits_report_each_checkpoint(tmp_path):
     curve = json.loads((out / "sequential.json").read_text())["checkpoints"]
     assert [row["edits"] for row in curve] == [1, 2, 3]
     assert curve[-1]["ES"]["n"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    windows = summary["perplexity"]["text"]["windows"]
+    assert all(row["perplexity"]["n"] == windows for row in curve)  # at every checkpoint
+    assert curve[-1]["perplexity"]["mean"] != summary["perplexity"]["unedited"]["mean"]
 
 
 def test_sequential_editing_resumes_from_its_saved_edits_as_if_never_stopped(tmp_path):
@@ -184,6 +188,13 @@ def test_mass_edits_report_each_size_and_a_rerun_adds_only_new_sizes(tmp_path):
         assert point["peak_memory_gib"] > 0
         assert set(point["edit_seconds_by_step"]) == {"z", "spread"}
     assert curve[1]["values_reused"] == 1  # the first case's z, from size 1
+    summary = json.loads((out / "summary.json").read_text())
+    unedited, text = summary["perplexity"]["unedited"], summary["perplexity"]["text"]
+    # The held-out part of the bundled sample (the test corpus has no WikiText-2 test file).
+    assert text["origin"] == "bundled sample" and text["part"].startswith("held_out")
+    assert all(point["perplexity"]["n"] == text["windows"] for point in curve)
+    assert curve[1]["perplexity"]["mean"] != unedited["mean"]  # after the edits
+    assert unedited["low"] < unedited["mean"] < unedited["high"]
     first = (out / "mass-3.jsonl").read_text()
     evaluate(tmp_path, "eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,2,3]", editor="memit")
     again = json.loads((out / "mass.json").read_text())["curve"]
@@ -229,7 +240,31 @@ def test_summarize_builds_table_4(tmp_path):
     assert editors == ["none", "rome"]  # the unedited row first
     rows = (out / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("tiny-gpt2,counterfact-easyedit,none,2,")
+    # PPL: the unedited model's beside the mean of the first cases' edits, each alone.
+    assert lines[0].rstrip().endswith("| GE | RS | PPL |")
+    ppl = [line.split(" | ")[-1] for line in lines[2:]]
+    assert all("[" in cell for cell in ppl) and ppl[0] != ppl[1]
+    run_dir = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit"
+    damage = json.loads((run_dir / "rome/perplexity.json").read_text())
+    assert len(damage["cases"]) == 2 and damage["edited"]["edits"] == 2
+    assert len(damage["edited"]["per_edit"]) == 2
+    summary = json.loads((run_dir / "rome/summary.json").read_text())
+    assert summary["perplexity"]["unedited"] == damage["unedited"]
+    none = json.loads((run_dir / "none/perplexity.json").read_text())
+    assert none["unedited"] == damage["unedited"]  # computed once, from the cache
+    meta = json.loads((run_dir / "rome/run.json").read_text())
+    assert meta["statistics_text"]["files"][0]["path"].endswith("corpus/text.txt")
+    assert meta["perplexity_text"]["tokens"] == damage["text"]["tokens"] > 0
+    assert "perplexity_text" in json.loads((run_dir / "none/run.json").read_text())
     assert r"\begin{tabular}" in (out / "table.tex").read_text()
+
+
+def test_perplexity_can_be_switched_off(tmp_path):
+    evaluate(tmp_path, "data.limit=1", "eval.perplexity=false", editor="none")
+    run_dir = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/none"
+    assert not (run_dir / "perplexity.json").exists()
+    assert "perplexity" not in json.loads((run_dir / "summary.json").read_text())
+    assert "perplexity_text" not in json.loads((run_dir / "run.json").read_text())
 
 
 def test_unedited_scores_of_another_seed_are_not_reused(tmp_path):

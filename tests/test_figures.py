@@ -167,3 +167,24 @@ def test_pairwise_heatmap_is_antisymmetric_and_starred_by_holm(tmp_path, capture
     assert {"+40.0*", "-40.0*", "+2.0", "-2.0", "-38.0*", "+38.0*"} == texts
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert labels == ["unedited", "ROME", "FT-L (did not edit)"]
+
+
+def test_perplexity_scaling_draws_each_editor_and_the_unedited_line(captured, tmp_path):
+    def point(size, mean):
+        return {"size": size, "perplexity": {"mean": mean, "low": mean - 1, "high": mean + 2}}
+
+    curves = {"memit": [point(1, 20.0), point(10, 25.0)], "rome": [point(1, 21.0)]}
+    path = figures.perplexity_scaling(
+        tmp_path, curves, "m", unedited={"mean": 19.0, "low": 18.0, "high": 20.0}
+    )
+    assert path.name == "mass_scaling_perplexity.png"
+    (ax,) = captured[0].axes
+    bars = {container.get_label(): container for container in ax.containers}
+    assert list(bars["memit"].lines[0].get_ydata()) == [20.0, 25.0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["unedited"].get_ydata()) == [19.0, 19.0]  # the dashed baseline
+    assert lines["unedited"].get_linestyle() == "--"
+    assert ax.get_yscale() == "log"
+    # Curves without perplexity (runs from before it, or eval.perplexity=false): no figure.
+    bare = {"memit": [{"size": 1, "post": {}}]}
+    assert figures.perplexity_scaling(tmp_path, bare, "m", name="sequential_scaling") is None

@@ -76,13 +76,15 @@ def write_fixtures(results):
             {
                 "size": n,
                 "edit_seconds": n,
+                "perplexity": {"mean": 20.0 + n, "low": 19.0 + n, "high": 22.0 + n, "n": 9},
                 **summarize_records([case_record(rng, i, lift) for i in range(n)]),
             }
             for n in (1, 4, 8)
         ]
-        files.write_json(
-            results / f"evaluate/tiny-gpt2/cf/{editor}/mass/mass.json", {"curve": curve}
-        )
+        mass = results / f"evaluate/tiny-gpt2/cf/{editor}/mass"
+        files.write_json(mass / "mass.json", {"curve": curve})
+        unedited = {"mean": 20.0, "low": 19.0, "high": 21.0, "n": 9}
+        files.write_json(mass / "summary.json", {"perplexity": {"unedited": unedited}})
     for editor in ("memit", "rome"):  # sequential editing: checkpoints as the stage writes them
         checkpoints = [
             {
@@ -130,6 +132,8 @@ def test_report_from_fixture_results(tmp_path):
     assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
     assert {"last_subject_aie", "severed", "layer_sweep", "mass_scaling"} <= names
     assert "sequential_scaling" in names
+    # Damage beside the scores where the curves carry perplexity (mass here, not sequential).
+    assert "mass_scaling_perplexity" in names and "sequential_scaling_perplexity" not in names
     for png in (out / "figures").glob("*.png"):
         image = Image.open(png)
         assert image.size[0] > 300 and image.size[1] > 200, png.name

@@ -112,3 +112,34 @@ def test_without_a_corpus_the_bundled_sample_is_used_and_named(tmp_path):
     (row,) = summary["layers"]
     assert row["keys"] == 2000 and "/wikitext-sample/" in row["path"]
     assert load_second_moment(row["path"]).count == 2000
+
+
+def test_another_corpus_directory_is_not_reported_cached(tmp_path):
+    """Issue 30 item 1: the same command with another `corpus.local_dir` reported `cached: true`
+    and every key-value editor used the first corpus' C."""
+    first, _ = stats(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "text.txt").write_text(TEXT.replace("French", "Dutch") * 3)
+    second, out = stats(tmp_path, f"corpus.local_dir={other}")
+    (a,), (b,) = first["layers"], second["layers"]
+    assert not b["cached"] and "from the cache" not in out
+    assert a["path"] != b["path"]
+    assert not torch.equal(load_second_moment(a["path"]).sum, load_second_moment(b["path"]).sum)
+    assert second["statistics_text"]["files"][0]["path"] == str(other / "text.txt")
+
+
+def test_a_statistic_recomputed_after_a_bad_checksum_is_not_reported_cached(tmp_path):
+    """Issue 30 item 15: the file was discarded and recomputed, then reported "from the cache"."""
+    first, _ = stats(tmp_path)
+    path = first["layers"][0]["path"]
+    with open(path, "rb+") as handle:  # one flipped byte near the end, in the tensor data
+        handle.seek(-100, 2)
+        byte = handle.read(1)
+        handle.seek(-100, 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    again, out = stats(tmp_path)
+    assert not again["layers"][0]["cached"] and "from the cache" not in out
+    assert "computed together" in out
+    third, out = stats(tmp_path)
+    assert third["layers"][0]["cached"] and "from the cache" in out

@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline.app.corpora import TextSource, statistics_corpus
 from pipeline.app.results import ValueCache
 from pipeline.app.schema import ConfigError
 from pipeline.core import files
@@ -39,12 +40,9 @@ from pipeline.core.files import file_lock
 from pipeline.core.models import LoadedModel, declared_layers, identity_of, layer_problems
 from pipeline.core.second_moment import SecondMoment, StatsKey, cached_second_moments
 from pipeline.core.tokens import encode
-from pipeline.data import corpus
 from pipeline.data.records import CounterfactCase
 
 log = logging.getLogger(__name__)
-
-TextSource = Callable[[], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -212,58 +210,22 @@ def rome_hparams(editor: DictConfig, model_name: str) -> RomeHparams:
     return editor_hparams(editor, model_name)
 
 
-_WARNED: set[str] = set()
-
-
-def open_corpus(corpus_cfg: DictConfig) -> tuple[str, TextSource]:
-    """(name of the source actually used, a function that streams its texts).
-
-    `auto` takes the text in the data root: the local files under `local_dir`, else WikiText
-    cached by `datasets` under `cache_dir` (`make data`), else the small sample bundled in
-    `data/samples/` (with a warning; its name says so, and so does the statistics' cache key).
-    """
-    source = corpus_cfg.source
-    local_dir = Path(corpus_cfg.local_dir)
-    has_local = local_dir.is_dir() and bool(corpus.local_files(local_dir))
-    if source == "local" or (source == "auto" and has_local):
-        if not has_local:
-            raise FileNotFoundError(
-                f"no corpus files in {local_dir}; set corpus.local_dir, or corpus.source=datasets"
-            )
-        return f"{corpus_cfg.name}-local", lambda: corpus.read_local(local_dir)
-    if source == "datasets" or (source == "auto" and corpus.has_hf_cache(corpus_cfg.cache_dir)):
-        return corpus_cfg.dataset, lambda: corpus.read_hf_wikitext(
-            corpus_cfg.dataset, corpus_cfg.split, cache_dir=corpus_cfg.cache_dir
-        )
-    if source in ("auto", "sample"):
-        if source == "auto" and str(local_dir) not in _WARNED:
-            _WARNED.add(str(local_dir))  # once per process, not at every look-up
-            log.warning(
-                "no corpus text in the data root (%s, nor WikiText cached in %s): the key "
-                "statistics use the small sample bundled in data/samples/%s (run `make data` "
-                "with network or set ROME_DATA=... for the full corpus)",
-                local_dir,
-                corpus_cfg.cache_dir,
-                corpus_cfg.sample,
-            )
-        return corpus_cfg.sample_name, lambda: corpus.read_sample(corpus_cfg.sample)
-    raise ValueError(f"corpus.source must be auto, local, datasets or sample, got {source!r}")
-
-
 def stats_key(cfg: DictConfig, lm: LoadedModel, layer: int) -> tuple[StatsKey, TextSource]:
-    """The cache key of C at `layer` for `cfg.corpus` and the budget in `cfg.editor.mom2`."""
-    name, texts = open_corpus(cfg.corpus)
+    """The cache key of C at `layer` for `cfg.corpus` and the budget in `cfg.editor.mom2`:
+    the text's content digest, not its name (`corpora.statistics_corpus`)."""
+    text = statistics_corpus(cfg.corpus)
     budget = cfg.editor.mom2
     key = StatsKey.of(
         lm,
         layer,
-        name,
+        text.name,
+        corpus_digest=text.digest,
         max_samples=budget.max_samples,
         max_tokens=budget.max_tokens,
         max_length=int(budget.max_length),
         accumulate_dtype=getattr(torch, budget.dtype),
     )
-    return key, texts
+    return key, text.texts
 
 
 def key_statistics(

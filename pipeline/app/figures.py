@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 KIND_COLOURS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 KIND_LINES = {"hidden": "#6a3d9a", "mlp": "#33a02c", "attn": "#e31a1c", "none": "#6a3d9a"}
@@ -492,3 +492,61 @@ def pairwise_heatmap(out_dir: Path, found: list[dict[str, Any]], model: str) -> 
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("ΔS (percentage points)", fontsize=7)
     return _save(fig, out_dir, "pairwise")
+
+
+def perplexity_scaling(
+    out_dir: Path,
+    curves: dict[str, list[dict[str, Any]]],
+    model: str,
+    name: str = "mass_scaling",
+    unedited: dict[str, Any] | None = None,
+) -> Path | None:
+    """Perplexity on the held-out text against the number of edits, one line per editor, with
+    its interval over the text's windows, and the unedited model's as a dashed line: the damage
+    beside `edit_scaling`'s scores (`<name>_perplexity`). Points are {"size", "perplexity"};
+    None where no point has one (runs with eval.perplexity=false or from before it)."""
+    xlabel, title = SCALING[name]
+    measured = {
+        editor: [p for p in curve if p.get("perplexity")] for editor, curve in curves.items()
+    }
+    measured = {editor: curve for editor, curve in measured.items() if curve}
+    if not measured:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    colours = plt.get_cmap("tab10")
+    editors = sorted(measured)
+    for index, editor in enumerate(editors):
+        curve = measured[editor]
+        shift = 1.05 ** (index - (len(editors) - 1) / 2)
+        sizes = np.array([p["size"] for p in curve], dtype=float) * shift
+        mean = np.array([p["perplexity"]["mean"] for p in curve], dtype=float)
+        low = np.array([p["perplexity"]["low"] for p in curve], dtype=float)
+        high = np.array([p["perplexity"]["high"] for p in curve], dtype=float)
+        ax.errorbar(
+            sizes,
+            mean,
+            yerr=[np.nan_to_num(mean - low), np.nan_to_num(high - mean)],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            linewidth=1,
+            color=colours(index),
+            label=editor,
+        )
+    if unedited:
+        ax.axhline(unedited["mean"], color="0.4", linestyle="--", linewidth=1, label="unedited")
+    all_sizes = sorted({p["size"] for curve in measured.values() for p in curve})
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # a collapse multiplies perplexity: ratios read evenly
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="both", which="both", labelsize=7)
+    ax.set_xticks(all_sizes, [str(n) for n in all_sizes])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("perplexity on the held-out text", fontsize=8)
+    ax.legend(fontsize=7, frameon=False, title="95% interval over windows", title_fontsize=7)
+    ax.set_title(f"{title.split(':')[0]}: damage to the model ({model})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, f"{name}_perplexity")

@@ -332,10 +332,11 @@ def edit_where_trace_peaks(
 
 
 def point_collapse(point: dict[str, Any]) -> str | None:
-    """`metrics.collapse.collapsed` for a mass or sequential curve point (the unedited
-    perplexity from the point's pre-edit scores, where it has them)."""
+    """`metrics.collapse.collapsed` for a mass or sequential curve point: its perplexity on
+    the held-out text against the unedited model's (`unedited_perplexity`, which the report
+    takes from the run's summary), where the point has them."""
     post = point.get("post") or {}
-    return collapsed(post, post.get("perplexity"), (point.get("pre") or {}).get("perplexity"))
+    return collapsed(post, point.get("perplexity"), point.get("unedited_perplexity"))
 
 
 def _never_better(verdict: str, better: dict[str, Any], name: str, size: int) -> tuple[str, str]:

@@ -100,6 +100,11 @@ SETTINGS: dict[str, Setting] = {
     "eval.generation": Setting((str, bool), choices=("auto", True, False)),
     "eval.max_new_tokens": COUNT,
     "eval.top_k": COUNT,
+    "eval.perplexity": FLAG,
+    "eval.perplexity_tokens": COUNT,
+    "eval.perplexity_window": Setting(int, minimum=2),  # a window predicts all but its first
+    "eval.perplexity_cases": COUNT,
+    "eval.perplexity_batch": COUNT,
     "trace.samples": COUNT,
     "trace.noise_multiplier": Setting(float, minimum=0),
     "trace.scale": Setting(float, minimum=0, nullable=True),
@@ -120,6 +125,8 @@ SETTINGS: dict[str, Setting] = {
     "editor.mom2.dtype": Setting(str, choices=("float64", "float32")),
     "editor.mom2.batch_size": COUNT,
     "corpus.source": Setting(str, choices=("auto", "local", "datasets", "sample")),
+    "corpus.held_out.file": Setting(str, nullable=True),
+    "corpus.held_out.sample_fraction": Setting(float, minimum=0),  # below 1: split_sample
 }
 
 

@@ -281,6 +281,11 @@ class Run:
         files.write_json(self.out_dir / "run.json", self.meta)
         return self.data
 
+    def record(self, name: str, value: Any) -> None:
+        """Add what the run read (beside its data file) to run.json, e.g. the corpus texts."""
+        self.meta[name] = value
+        files.write_json(self.out_dir / "run.json", self.meta)
+
     def _part(self) -> str:
         """Which part of its results directory this run fills: a shard, the merge, or all."""
         if self.cfg.get("aggregate_only"):

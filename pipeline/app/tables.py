@@ -17,6 +17,10 @@ read, shown beside the editor's name:
   [30.1, 43.4]; KN (ES 47.5 [40.7, 54.4], +14.5 [+7.4, +21.4]) is not marked;
 - *collapsed*: `metrics.collapse.collapsed`, against the group's unedited perplexity where
   the rows have one.
+
+PPL, the damage to the model: perplexity on the held-out text (`perplexity.json` of the run;
+not a percentage): for an editor, the mean over its first `eval.perplexity_cases` cases' edits,
+each alone; for the unedited row, the unedited model's; the interval is over the text's windows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pipeline.app.results import paired_change, read_jsonl, summarize_records
 from pipeline.app.stage import Run
 from pipeline.core import files
 
-COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
+COLUMNS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS", "PPL")
 
 
 # The paper's Table 4 rows first (FT, FT-L, KN, ROME), then the successors; others after.
@@ -114,6 +118,7 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
         summary = summarize_records(list(records.values()), seed=seed)
         base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
         change = {k: paired_change(list(records.values()), k) for k in ("ES", "PS", "NS")}
+        damage = perplexities(run_dir)
         cases = {
             i: {"pre": case_values(r, "pre"), "post": case_values(r, "post")}
             for i, r in records.items()
@@ -122,7 +127,7 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             {
                 **base,
                 "editor": editor,
-                "metrics": summary["post"],
+                "metrics": {**summary["post"], **damage.get("edited", {})},
                 "change": change,
                 "cases": cases,
                 "partial": partial_run(run_dir, len(records)),
@@ -130,17 +135,18 @@ def collect(runs_dir: Path, seed: int = 0) -> list[dict[str, Any]]:
             }
         )
         if editor != "none":
-            rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
+            pre = {**summary["pre"], **damage.get("unedited", {})}
+            rows.append({**base, "editor": "none (pre)", "metrics": pre})
     table = []
     for key in sorted({(r["model"], r["data"]) for r in rows}):
         group = [r for r in rows if (r["model"], r["data"]) == key]
         unedited = [r for r in group if r["editor"] == "none"] or [
             max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
         ]
-        reference = unedited[0]["metrics"].get("perplexity")
+        reference = unedited[0]["metrics"].get("PPL")
         for row in group:  # the rule judges edited models against the unedited one
             edited = not row["editor"].startswith("none")
-            perplexity = row["metrics"].get("perplexity")
+            perplexity = row["metrics"].get("PPL")
             row["collapsed"] = collapsed(row["metrics"], perplexity, reference) if edited else None
         table += unedited[:1] + sorted(
             (r for r in group if not r["editor"].startswith("none")), key=editor_order
@@ -165,6 +171,15 @@ def label(row: dict[str, Any]) -> str:
     """The editor's name with the row's marks in brackets."""
     found = marks(row)
     return row["editor"] + (f" ({', '.join(found)})" if found else "")
+
+
+def perplexities(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """{"edited": {"PPL": ...}, "unedited": {"PPL": ...}} from the run's perplexity.json."""
+    path = run_dir / "perplexity.json"
+    if not path.exists():
+        return {}
+    saved = files.read_json(path)
+    return {phase: {"PPL": saved[phase]} for phase in ("edited", "unedited") if saved.get(phase)}
 
 
 def cell(metric: dict[str, Any] | None) -> str:

@@ -3,6 +3,9 @@
 The keys are the inputs of the MLP output projection (`mlp_out`) at one layer, over every real
 token of a text corpus. ROME uses C to spread an edit in the directions where keys rarely vary,
 so the statistic only needs to be computed once per (model, layer, corpus, budget) and cached.
+The cache key is what determines the numbers: the model's weights and dtype, the tokenizer, the
+corpus' content (its digest, not its name), the budgets, the chunk length and the accumulation
+dtype (`StatsKey`).
 
 How a corpus becomes batches, deterministically (so shards and the single job agree):
   1. texts are taken in order; blank texts are skipped; each remaining text is one *sample*;
@@ -26,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +38,7 @@ from tqdm.auto import tqdm
 from pipeline.core.files import file_lock, follow_umask
 from pipeline.core.hooks import StopForward, run_until_stopped
 from pipeline.core.models import LoadedModel, identity_of
-from pipeline.core.tokens import right_pad
+from pipeline.core.tokens import right_pad, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class SecondMoment:
 
     sum: torch.Tensor
     count: int
+    # Loaded from a cache file that passed its checksum and key check (not computed here).
+    from_cache: bool = field(default=False, compare=False)
 
     @classmethod
     def zeros(cls, dim: int, dtype: torch.dtype = torch.float64) -> SecondMoment:
@@ -240,6 +245,8 @@ class StatsKey:
     accumulate_dtype: torch.dtype = torch.float64
     model_dtype: torch.dtype = torch.float32
     model_identity: str = ""  # LoadedModel.identity: which weights, not just which name
+    corpus_digest: str = ""  # the text's content (`CorpusText.digest`): the name is a label
+    tokenizer: str = ""  # `tokenizer_identity`: how the text becomes keys
 
     def path(self, cache_dir: str | Path, part: tuple[int, int] | None = None) -> Path:
         """The cache file; `part=(i, n)` names shard i of n's partial sum beside it."""
@@ -247,7 +254,8 @@ class StatsKey:
             f"mom2-layer{self.layer}-samples{self.max_samples or 'all'}"
             f"-tokens{self.max_tokens or 'all'}-len{self.max_length}"
             f"-{_dtype_name(self.accumulate_dtype)}-model{_dtype_name(self.model_dtype)}"
-            f"-id{self.model_identity or 'none'}"
+            f"-id{self.model_identity or 'none'}-text{self.corpus_digest[:16] or 'none'}"
+            f"-tok{self.tokenizer[:12] or 'none'}"
         )
         if part is not None:
             name += f"-part{part[0]}of{part[1]}"
@@ -271,16 +279,22 @@ class StatsKey:
             "dtype": _dtype_name(self.accumulate_dtype),
             "model_dtype": _dtype_name(self.model_dtype),
             "model_identity": self.model_identity,
+            "corpus_sha256": self.corpus_digest,
+            "tokenizer": self.tokenizer,
         }
 
     @classmethod
-    def of(cls, lm: LoadedModel, layer: int, corpus: str, **budget) -> StatsKey:
+    def of(
+        cls, lm: LoadedModel, layer: int, corpus: str, corpus_digest: str = "", **budget
+    ) -> StatsKey:
         return cls(
             lm.name,
             layer % lm.n_layers,
             corpus,
             model_dtype=lm.dtype,
             model_identity=identity_of(lm),
+            corpus_digest=corpus_digest,
+            tokenizer=tokenizer_identity(lm.tokenizer),
             **budget,
         )
 
@@ -319,7 +333,7 @@ def load_second_moment(path: Path, expected: dict[str, str] | None = None) -> Se
     for key, value in (expected or {}).items():
         if header.get(key) != value:
             raise ValueError(f"{path} holds {key}={header.get(key)!r}, expected {value!r}")
-    return SecondMoment(tensor, int(header["count"]))
+    return SecondMoment(tensor, int(header["count"]), from_cache=True)
 
 
 def _load_or_none(path: Path, key: StatsKey) -> SecondMoment | None:
@@ -356,21 +370,24 @@ def cached_second_moments(
     or compute the missing ones together, in one pass over the corpus, and store each once.
 
     `texts` may be a zero-argument callable so a cache hit never opens the corpus. A file that
-    fails its checksum or key check is logged and recomputed, never used. Concurrent jobs
+    fails its checksum or key check is logged and recomputed, never used; each result's
+    `from_cache` says which of the two it is. Concurrent jobs
     serialise on lock files (taken in path order), so the first computes and the others load
     its results. With `shard=(i, n)`, only shard i's partial sums are computed and cached
     (`merge_shards` combines the n parts into the full statistic).
     """
     budgets = {
-        (k.corpus, k.max_samples, k.max_tokens, k.max_length, k.accumulate_dtype) for k in keys
+        (k.corpus, k.corpus_digest, k.max_samples, k.max_tokens, k.max_length, k.accumulate_dtype)
+        for k in keys
     }
     if len(budgets) > 1:
         raise ValueError(f"statistics keys {list(keys)} differ in corpus or budget")
     for key in keys:
-        if (key.model, key.model_dtype, key.model_identity) != (
+        if (key.model, key.model_dtype, key.model_identity, key.tokenizer) != (
             lm.name,
             lm.dtype,
             identity_of(lm),
+            tokenizer_identity(lm.tokenizer),
         ):
             raise ValueError(f"statistics key {key} does not describe model {lm.name} ({lm.dtype})")
     index, count = shard or (0, 1)

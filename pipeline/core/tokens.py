@@ -7,6 +7,8 @@ tokenizers prepend a BOS token.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,3 +95,24 @@ def right_pad(
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A digest of how the tokenizer turns text into ids (its serialized vocabulary, merges and
+    normalizers where it has a fast backend, else its vocabulary and special tokens), computed
+    once per tokenizer object. Caches of numbers computed from tokenized text are keyed by it.
+    The backend's padding and truncation state is left out: calls change it, texts do not."""
+    cached = getattr(tokenizer, "_pipeline_identity", None)
+    if cached:
+        return cached
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("padding", None), state.pop("truncation", None)
+        described = json.dumps(state, sort_keys=True, ensure_ascii=False)
+    else:
+        described = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    identity = hashlib.sha256((described + special).encode()).hexdigest()[:16]
+    tokenizer._pipeline_identity = identity
+    return identity

@@ -5,6 +5,12 @@ Users get WikiText / Wikipedia through `datasets`; offline, the local files unde
 stripped to plain text). Where the data root has no text, the small WikiText sample bundled in
 `data/samples/` is read (`read_sample`); the model can also sample its own.
 Every source yields plain-text passages in a fixed order, so a corpus is reproducible.
+
+Held-out text: the perplexity of an edited model (the damage an edit does) must be measured on
+text the key statistics never read, or editors that use C would be favoured on their own data.
+A local directory names its held-out files (`exclude` here; the statistics skip them), and the
+bundled sample is split in two: its whole articles from `held_out_fraction` of its characters
+from the end on are held out (`split_sample`), the rest feeds the statistics.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import bz2
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,10 +37,19 @@ class CorpusNotAvailableError(RuntimeError):
 def read_wikitext_raw(path: Path) -> Iterator[str]:
     """Paragraphs of a raw WikiText file (" = Heading = " lines dropped)."""
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line and not (line.startswith("=") and line.endswith("=")):
-                yield detokenize_wikitext(line)
+        yield from wikitext_paragraphs(handle)
+
+
+def wikitext_paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Paragraphs of raw WikiText lines (headings dropped, WikiText's tokenization undone)."""
+    for line in lines:
+        line = line.strip()
+        if line and not _is_heading(line):
+            yield detokenize_wikitext(line)
+
+
+def _is_heading(line: str) -> bool:
+    return line.startswith("=") and line.endswith("=")
 
 
 _WIKITEXT_FIXES = [
@@ -119,32 +134,72 @@ def _child_text(element: ET.Element, path: str) -> str | None:
 # Sources
 
 
-def local_files(directory: Path) -> list[Path]:
-    """The text files of a local corpus directory, in a fixed order."""
+def local_files(directory: Path, exclude: Iterable[str] = ()) -> list[Path]:
+    """The text files of a local corpus directory, in a fixed order, without those named in
+    `exclude` (the held-out text)."""
     patterns = ("*.raw", "*.tokens", "*.txt", "*.xml", "*.xml.bz2", "*.bz2")
     found = {p for pattern in patterns for p in Path(directory).glob(pattern)}
-    return sorted(found)
+    return sorted(p for p in found if p.name not in set(exclude))
 
 
-def read_local(directory: Path) -> Iterator[str]:
-    files = local_files(directory)
+def read_local(directory: Path, exclude: Iterable[str] = ()) -> Iterator[str]:
+    files = local_files(directory, exclude)
     if not files:
         raise FileNotFoundError(
             f"no corpus files (*.raw, *.tokens, *.txt, *.xml[.bz2]) in {directory}"
+            + (f" besides the held-out {sorted(exclude)}" if exclude else "")
         )
     for path in files:
-        if ".xml" in path.name or path.suffix == ".bz2":
-            yield from read_mediawiki_dump(path)
-        else:
-            yield from read_wikitext_raw(path)
+        yield from read_file(path)
 
 
-def read_sample(file: str = "wikitext_sample.txt") -> Iterator[str]:
-    """The corpus sample bundled in `data/samples/` (raw WikiText, a few hundred kB)."""
+def read_file(path: Path) -> Iterator[str]:
+    """Paragraphs of one corpus file, by its kind (MediaWiki dump or WikiText)."""
+    if ".xml" in path.name or path.suffix == ".bz2":
+        yield from read_mediawiki_dump(path)
+    else:
+        yield from read_wikitext_raw(path)
+
+
+def sample_path(file: str = "wikitext_sample.txt") -> Path:
     path = BUNDLED / file
     if not path.exists():
         raise CorpusNotAvailableError(f"the bundled corpus sample {path} is missing")
-    yield from read_wikitext_raw(path)
+    return path
+
+
+def split_sample(lines: list[str], held_out_fraction: float) -> int:
+    """The index of the first held-out line: the first article heading (" = Title = ") at or
+    after `1 - held_out_fraction` of the characters, so no article is cut in two."""
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {held_out_fraction}")
+    total = sum(len(line) for line in lines)
+    seen = 0
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        article = _is_heading(stripped) and not stripped.startswith("= =")
+        if article and seen >= (1 - held_out_fraction) * total:
+            return index
+        seen += len(line)
+    raise ValueError(
+        f"no article starts in the last {held_out_fraction:.0%} of the sample: nothing to hold out"
+    )
+
+
+def read_sample(
+    file: str = "wikitext_sample.txt", part: str = "all", held_out_fraction: float = 0.25
+) -> Iterator[str]:
+    """The corpus sample bundled in `data/samples/` (raw WikiText, a few hundred kB): `all` of
+    it, its `statistics` part, or its `held_out` part (`split_sample`)."""
+    with open(sample_path(file), encoding="utf-8") as handle:
+        lines = handle.readlines()
+    if part != "all":
+        cut = split_sample(lines, held_out_fraction)
+        parts = {"statistics": lines[:cut], "held_out": lines[cut:]}
+        if part not in parts:
+            raise ValueError(f"part must be all, statistics or held_out, got {part!r}")
+        lines = parts[part]
+    yield from wikitext_paragraphs(lines)
 
 
 def has_hf_cache(cache_dir: str | Path | None) -> bool:
