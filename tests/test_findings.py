@@ -345,3 +345,12 @@ def test_the_early_site_says_what_one_layer_restoration_shows():
     assert "largest effect is layer 0's, 0.200 [0.190, 0.210]" in found.evidence
     assert "no other layer's is above 0.121" in found.evidence  # the bump at layer 1: 0.2 e^-1/2
     assert found.verdict == findings.early_mlp_site(trace).verdict
+
+
+def test_a_curve_point_collapses_by_its_perplexity_against_the_unedited_models():
+    rate = {"mean": 100.0, "low": 90.0, "high": 100.0, "n": 20}
+    post = {**dict.fromkeys(("ES", "PS", "NS"), rate), **dict.fromkeys(("EM", "PM", "NM"), 40.0)}
+    point = {"size": 100, "post": post, "perplexity": {"mean": 66.0}}
+    assert findings.point_collapse({**point, "unedited_perplexity": {"mean": 22.0}})  # 3x
+    assert findings.point_collapse({**point, "unedited_perplexity": {"mean": 23.0}}) is None
+    assert findings.point_collapse(point) is None  # no unedited value: the rule cannot fire
