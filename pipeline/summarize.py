@@ -1,4 +1,5 @@
-"""Stage `summarize`: evaluation runs as the paper's Table 4 (Markdown, LaTeX, CSV).
+"""Stage `summarize`: evaluation runs as the paper's Table 4 (Markdown, LaTeX, CSV), and the
+zsRE runs as a table of their own (`zsre_table.*`: efficacy, paraphrase, specificity).
 
     python -m pipeline.summarize [runs_dir=results/evaluate]
 
@@ -16,19 +17,23 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.app.stage import Run, stage
-from pipeline.app.tables import collect, markdown, write_table
+from pipeline.app.tables import collect, collect_zsre, markdown, write_table, write_zsre_table
 
 
 @stage("summarize")
 def main(cfg: DictConfig, run: Run) -> None:
     table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
-    if not table:
+    zsre = collect_zsre(Path(cfg.runs_dir))
+    if not table and not zsre:
         raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
-    for directory in sorted({row["dir"] for row in table}):
+    for directory in sorted({row["dir"] for row in table + zsre}):
         run.uses(Path(directory), "evaluate")  # W&B lineage: evaluate -> summarize
-    write_table(run, table)
-    run.write_summary({"rows": len(table), "runs_dir": str(cfg.runs_dir)})
-    print(markdown(table))
+    if table:
+        write_table(run, table)
+        print(markdown(table))
+    if zsre:
+        print(write_zsre_table(run, zsre)["md"])
+    run.write_summary({"rows": len(table), "zsre_rows": len(zsre), "runs_dir": str(cfg.runs_dir)})
 
 
 if __name__ == "__main__":
