@@ -179,3 +179,52 @@ def test_part_files_out_of_order_are_an_error(tmp_path):
     path.write_text("\n".join(rows[1:] + rows[:1]) + "\n")
     with pytest.raises(cj.JoinError, match="record 0 .*not in record order"):
         cj.join(root)
+
+
+def test_evaluate_builds_the_derived_file_and_records_it_in_run_json(tmp_path):
+    from tests.test_stages import run_stage
+
+    root = small_root(tmp_path, [LYON, DARRIEUX])
+    done = run_stage(
+        "evaluate",
+        "model=tiny-gpt2",
+        "editor=none",
+        "data=counterfact-first1000",
+        "eval.max_new_tokens=2",
+        f"paths.data={root}",
+        f"paths.cache={tmp_path / 'cache'}",
+        f"paths.results={tmp_path / 'results'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-first1000/none"
+    data = json.loads((out / "run.json").read_text())["data"]
+    built = cj.target_path(tmp_path / "cache", cj.source_digests(root))
+    assert {k: data[k] for k in ("path", "sha256", "derived")} == {
+        "path": str(built),
+        "sha256": files.sha256_file(built),
+        "derived": True,
+    }
+    assert data["sources"] == cj.source_digests(root)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["origin"] == "derived" and summary["data"]["derived"] is True
+    assert summary["n_cases"] == 2 and summary["schema"] == "rome"
+    assert summary["post"]["GE"]["n"] == 2  # the generation prompts came through the join
+
+
+def test_the_demos_counterfact_data_carries_generation_prompts_without_a_data_root(tmp_path):
+    import re
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    makefile = (ROOT / "Makefile").read_text()
+    name = re.search(r"^DEMO_DATA \?= (\S+)$", makefile, re.M).group(1)
+    cases = int(re.search(r"^DEMO_CASES \?= (\d+)$", makefile, re.M).group(1))
+    assert "data=$(DEMO_DATA)" in makefile and "eval_data=$(DEMO_DATA)" in makefile
+    entry = yaml.safe_load((ROOT / "conf/data" / f"{name}.yaml").read_text())
+    path, origin = resolve_data_file(entry, tmp_path, tmp_path / "cache")
+    assert origin == "bundled sample"
+    loaded = load_counterfact(path, on_error="fail", limit=cases)
+    assert len(loaded.records) == cases  # GE on every demo case
+    assert all(len(c.generation_prompts) == 10 for c in loaded.records)

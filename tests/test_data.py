@@ -324,3 +324,22 @@ def test_zsre_files(data_root):
     assert len(loaded.records) == 1037
     sample = load_records("zsre", sources.BUNDLED / "zsre_eval_sample.json", on_error="fail")
     assert sample.records == loaded.records[:10]
+
+
+def test_every_data_config_passes_the_schema_and_names_a_loader():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.app.schema import validate_config
+    from pipeline.data.records import LOADERS
+    from tests.conftest import ROOT
+
+    names = sorted(p.stem for p in (ROOT / "conf/data").glob("*.yaml"))
+    assert {"counterfact-first1000", "counterfact-mcf", "zsre"} <= set(names)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in names:
+            cfg = compose("evaluate", overrides=[f"data={name}"])
+            validate_config(cfg)
+            assert cfg.data.kind in LOADERS
+            assert cfg.data.get("derived") in (None, *sources.DERIVED)
+    mcf = (ROOT / "conf/data/counterfact-mcf.yaml").read_text()
+    assert "NOT a random sample" in mcf  # said wherever the 1,386 file is used

@@ -158,6 +158,18 @@ def test_zsre_in_the_unedited_run_and_the_summarize_stage(tmp_path):
     assert not (tmp_path / "results/summary/table.md").exists()  # no CounterFact runs: no Table 4
     csv_head = (tmp_path / "results/summary/zsre_table.csv").read_text().splitlines()[0]
     assert csv_head.startswith("model,data,editor,n,efficacy_mean,efficacy_low")
+    done = run_stage(
+        "report",
+        "experiment=demo",
+        "model=tiny-gpt2",
+        f"paths.results={tmp_path / 'results'}",
+        f"paths.reports={tmp_path / 'reports'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "reports/demo/index.md").read_text()
+    section = report[report.index("## zsRE") :]
+    assert "\n".join(table[:4]) in section  # the summarize stage's table, unchanged
+    assert "zsre_eval_sample.json" in report  # its data file and digest among the report's
 
 
 def test_mass_and_sequential_on_zsre_stop_with_a_message(tmp_path):
