@@ -228,3 +228,16 @@ def test_the_demos_counterfact_data_carries_generation_prompts_without_a_data_ro
     loaded = load_counterfact(path, on_error="fail", limit=cases)
     assert len(loaded.records) == cases  # GE on every demo case
     assert all(len(c.generation_prompts) == 10 for c in loaded.records)
+
+
+def test_the_data_command_builds_the_derived_file_where_its_sources_are(tmp_path, capsys):
+    from pipeline.data import sources
+
+    root = small_root(tmp_path, [LYON, DARRIEUX])
+    cache = tmp_path / "cache"
+    assert sources.main(["--root", str(root), "--cache", str(cache), "--derived-only"]) == 0
+    built = cj.target_path(cache, cj.source_digests(root))
+    out = capsys.readouterr().out
+    assert f"derived: {built} (sha256 {files.sha256_file(built)})" in out
+    assert sources.main(["--root", str(tmp_path), "--cache", str(cache), "--derived-only"]) == 0
+    assert f"not built: missing {cj.PARTS_DIR}/triples.jsonl" in capsys.readouterr().out
