@@ -47,11 +47,13 @@ lock:
 ## The main job end to end, offline, on the embedded default (SmolLM2-135M) and the data root,
 ## else the samples bundled in data/samples/: known facts, a causal trace of DEMO_TRACE of them,
 ## key statistics on DEMO_STATS_TOKENS tokens of corpus text, ROME and the unedited model on
-## DEMO_CASES CounterFact cases, Table 4 and the report with its figures. Everything goes into its
-## own results directory, DEMO_RESULTS ($$ROME_RESULTS/demo, else results/demo), the report into
-## DEMO_RESULTS/reports/demo/. README says how long it takes (measured).
+## DEMO_CASES CounterFact cases of DEMO_DATA (ROME's full schema, with generation prompts, so
+## GE; without a data root its bundled sample, the first 10 cases), Table 4 and the report with
+## its figures. Everything goes into its own results directory, DEMO_RESULTS ($$ROME_RESULTS/demo,
+## else results/demo), the report into DEMO_RESULTS/reports/demo/. README says how long it takes (measured).
 DEMO_TRACE ?= 3
 DEMO_CASES ?= 8
+DEMO_DATA ?= counterfact-first1000
 DEMO_STATS_TOKENS ?= 50000
 DEMO_RESULTS ?= $(or $(ROME_RESULTS),results)/demo
 DEMO_ARGS = paths.results=$(DEMO_RESULTS) $(OVERRIDES)
@@ -62,10 +64,10 @@ demo: setup
 	$(PY) -m pipeline.known $(DEMO_ARGS)
 	$(PY) -m pipeline.trace trace.limit=$(DEMO_TRACE) $(DEMO_ARGS)
 	$(PY) -m pipeline.stats $(DEMO_STATS) $(DEMO_ARGS)
-	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) $(DEMO_STATS) $(DEMO_DAMAGE) $(DEMO_ARGS)
-	$(PY) -m pipeline.evaluate data.limit=$(DEMO_CASES) editor=none $(DEMO_DAMAGE) $(DEMO_ARGS)
+	$(PY) -m pipeline.evaluate data=$(DEMO_DATA) data.limit=$(DEMO_CASES) $(DEMO_STATS) $(DEMO_DAMAGE) $(DEMO_ARGS)
+	$(PY) -m pipeline.evaluate data=$(DEMO_DATA) data.limit=$(DEMO_CASES) editor=none $(DEMO_DAMAGE) $(DEMO_ARGS)
 	$(PY) -m pipeline.summarize $(DEMO_ARGS)
-	$(PY) -m pipeline.report experiment=demo paths.reports=$(DEMO_RESULTS)/reports $(DEMO_ARGS)
+	$(PY) -m pipeline.report experiment=demo eval_data=$(DEMO_DATA) paths.reports=$(DEMO_RESULTS)/reports $(DEMO_ARGS)
 	@echo
 	@echo "demo done. Report: $(abspath $(DEMO_RESULTS))/reports/demo/index.md (Table 4 and figures;"
 	@echo "  every stage's results under $(abspath $(DEMO_RESULTS))). It is small: $(DEMO_TRACE) facts traced,"

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: edit CounterFact cases and score them with the paper's metrics.
+"""Stage `evaluate`: edit CounterFact cases and score them with the paper's metrics (zsRE:
+`data=zsre`, ROME's zsRE protocol, in `pipeline.app.zsre`).
 
     python -m pipeline.evaluate [model=...] [data=counterfact-easyedit] [editor=rome|memit|...|none]
                                 [data.limit=200] [eval.cases_per_batch=8] [shard.index=i shard.count=n]
@@ -35,6 +36,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import counterfact as cf
+from pipeline.app import zsre
 from pipeline.app.corpora import statistics_corpus
 from pipeline.app.damage import HeldOutPerplexity
 from pipeline.app.editors import CaseEditor, spec
@@ -64,7 +66,7 @@ from pipeline.data.records import (
     missing_by_shard,
     take_shard,
 )
-from pipeline.data.sources import resolve_data_file
+from pipeline.data.sources import derived_provenance, resolve_data_file
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,16 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 @stage("evaluate", resumable=True)
 def main(cfg: DictConfig, run: Run) -> None:
-    data_file, origin = resolve_data_file(cfg.data, cfg.paths.data)
-    digest = run.check_data(data_file)["sha256"]  # a resume must see the same records
+    if cfg.data.kind == "zsre":
+        zsre.check_mode(cfg)
+    elif cfg.data.kind != "counterfact":
+        raise ValueError(f"evaluate reads CounterFact or zsRE data, not kind {cfg.data.kind!r}")
+    data_file, origin = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
+    provenance = derived_provenance(data_file)  # a derived file: its sources' digests
+    digest = run.check_data(data_file, **provenance)["sha256"]  # a resume must see the same records
+    if cfg.data.kind == "zsre":
+        zsre.evaluate(cfg, run, data_file, {"origin": origin, "sha256": digest, **provenance})
+        return
     loaded = load_counterfact(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     cases: list[CounterfactCase] = loaded.records
     index, count = int(cfg.shard.index), int(cfg.shard.count)
@@ -111,7 +121,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                 f"  python -m pipeline.merge {run.out_dir}"
             )
             return
-    report = {**loaded.report(), "origin": origin, "sha256": digest}
+    report = {**loaded.report(), "origin": origin, "sha256": digest, **provenance}
     summarize_run(cfg, run, cases, report, loaded.schema)
 
 

@@ -31,7 +31,15 @@ from pipeline.app import figures, findings, pairwise
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, describe_machine, stage
-from pipeline.app.tables import case_values, cell, collect, markdown, write_table
+from pipeline.app.tables import (
+    case_values,
+    cell,
+    collect,
+    collect_zsre,
+    markdown,
+    write_table,
+    write_zsre_table,
+)
 from pipeline.core import files
 from pipeline.core.patching import BUCKETS
 
@@ -360,6 +368,13 @@ def paper_comparison(
 
 
 PAPER_METRICS = ("S", "ES", "PS", "NS")
+ZSRE_INTRO = (
+    "ROME's zsRE protocol (`metrics/zsre.py`): efficacy and paraphrase are the top-1 accuracy of "
+    "the new answer's tokens, teacher-forced, after the question and after its rephrasing; "
+    "specificity is that of an unrelated Natural Questions question's own answer. Percent, mean "
+    "[95% Wilson interval]; n cases. "
+    "[Markdown](zsre_table.md) · [LaTeX](zsre_table.tex) · [CSV](zsre_table.csv)"
+)
 
 
 @stage("report")
@@ -521,6 +536,13 @@ def main(cfg: DictConfig, run: Run) -> None:
             f"CounterFact table: no runs of {model} under `{cfg.runs_dir}` (run `make evaluate`)"
         )
 
+    zsre_table = [r for r in collect_zsre(runs_dir) if r["model"] == model]
+    if zsre_table:
+        zsre_md = write_zsre_table(run, zsre_table)["md"]
+        doc += ["## zsRE", "", ZSRE_INTRO, "", zsre_md]
+        doc += [f"- {r['editor']}: {provenance(Path(r['dir']), out)}" for r in zsre_table]
+        doc.append("")
+
     data_dir = runs_dir / model / cfg.eval_data
     mass, sequential = mass_curves(data_dir), sequential_curves(data_dir)
     unedited = next(
@@ -611,6 +633,9 @@ def main(cfg: DictConfig, run: Run) -> None:
     inputs_read |= {f"layer {r['layer']}": Path(r["dir"]) for r in rows}
     inputs_read |= {
         r["editor"]: Path(r["dir"]) for r in table if not r["editor"].startswith("none (")
+    }
+    inputs_read |= {
+        f"{r['editor']} zsRE": Path(r["dir"]) for r in zsre_table if r["editor"] != "none (pre)"
     }
     inputs_read |= {f"{e} mass": data_dir / e / "mass" for e in mass}
     inputs_read |= {f"{e} sequential": data_dir / e / "sequential" for e in sequential}

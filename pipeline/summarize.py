@@ -1,5 +1,6 @@
-"""Stage `summarize`: evaluation runs as the paper's Table 4 (Markdown, LaTeX, CSV), and every
-pair of editors run on the same cases compared case by case (`app/pairwise.py`).
+"""Stage `summarize`: evaluation runs as the paper's Table 4 (Markdown, LaTeX, CSV), every
+pair of editors run on the same cases compared case by case (`app/pairwise.py`), and the zsRE
+runs as a table of their own (`zsre_table.*`: efficacy, paraphrase, specificity).
 
     python -m pipeline.summarize [runs_dir=results/evaluate] [allow_partial=true]
 
@@ -21,13 +22,14 @@ from omegaconf import DictConfig
 
 from pipeline.app import pairwise
 from pipeline.app.stage import Run, stage
-from pipeline.app.tables import collect, markdown, write_table
+from pipeline.app.tables import collect, collect_zsre, markdown, write_table, write_zsre_table
 
 
 @stage("summarize")
 def main(cfg: DictConfig, run: Run) -> None:
     table = collect(Path(cfg.runs_dir), seed=int(cfg.seed))
-    if not table:
+    zsre = collect_zsre(Path(cfg.runs_dir))
+    if not table and not zsre:
         raise SystemExit(f"no evaluation runs under {cfg.runs_dir}")
     unfinished = [f"  {r['dir']}: {r['partial']}" for r in table if r.get("partial")]
     if unfinished and not cfg.allow_partial:
@@ -37,20 +39,25 @@ def main(cfg: DictConfig, run: Run) -> None:
             + "\nMerge them when every shard is done (python -m pipeline.merge DIR), or include "
             "them marked partial: allow_partial=true."
         )
-    for directory in sorted({row["dir"] for row in table}):
+    for directory in sorted({row["dir"] for row in table + zsre}):
         run.uses(Path(directory), "evaluate")  # W&B lineage: evaluate -> summarize
-    write_table(run, table)
-    found = pairwise.comparisons(table, seed=int(cfg.seed))
-    pairwise.write(run, found)
+    found = []
+    if table:
+        write_table(run, table)
+        found = pairwise.comparisons(table, seed=int(cfg.seed))
+        pairwise.write(run, found)
+        print(markdown(table))
+    if zsre:
+        print(write_zsre_table(run, zsre)["md"])
     run.write_summary(
         {
             "rows": len(table),
+            "zsre_rows": len(zsre),
             "pairs": len(found),
             "partial": [r["dir"] for r in table if r.get("partial")],
             "runs_dir": str(cfg.runs_dir),
         }
     )
-    print(markdown(table))
 
 
 if __name__ == "__main__":

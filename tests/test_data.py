@@ -189,7 +189,7 @@ def test_wrong_container_types(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         load_known(write(tmp_path, "k.json", [KNOWN]), on_error="ignore")
     with pytest.raises(ValueError, match="data kind"):
-        load_records("zsre", tmp_path)
+        load_records("mquake", tmp_path)
 
 
 @pytest.mark.parametrize("loader,record", [(load_known, KNOWN), (load_counterfact, EASYEDIT_CASE)])
@@ -287,3 +287,59 @@ def test_reject_moves_records_a_later_check_refuses_to_skipped_with_their_place(
     assert [e.index for e in loaded.skipped] == [1, 2] and loaded.report()["skipped"] == 2
     with pytest.raises(RecordError, match="record 0 .*'prompt': too long"):
         loaded.reject(lambda f: ("prompt", "too long"), "fail")
+
+
+ZSRE = {
+    "subject": "IAAF Combined Events Challenge",
+    "src": "When was the inception of IAAF Combined Events Challenge?",
+    "pred": "2011",
+    "rephrase": "When was the IAAF Combined Events Challenge launched?",
+    "alt": "2006",
+    "answers": ["1998"],
+    "loc": "nq question: what is the name of the last episode of spongebob",
+    "loc_ans": "The String",
+    "cond": "2011 >> 2006 || When was the inception of IAAF Combined Events Challenge?",
+    "portability": {"New Answer": "Athletics"},
+}
+
+
+def test_zsre_records_become_romes_zsre_requests(tmp_path):
+    path = write(tmp_path, "z.json", [ZSRE, {**ZSRE, "subject": "Nobody"}])
+    loaded = load_records("zsre", path, on_error="skip")
+    (case,) = loaded.records
+    assert case.id == 0 and case.template == "When was the inception of {}?"
+    assert case.prompt == ZSRE["src"] and case.target_new == "1998"  # answers[0], as ROME
+    assert case.paraphrase_prompts == (ZSRE["rephrase"],)
+    assert case.neighborhood_prompt == ZSRE["loc"] + "?"
+    assert case.neighborhood_answer == "The String" and case.target_true is None
+    assert [(e.index, e.field) for e in loaded.skipped] == [(1, "subject")]
+    assert load_records("zsre", path, on_error="skip", target="alt").records[0].target_new == "2006"
+    with pytest.raises(ValueError, match="zsRE target"):
+        load_records("zsre", path, target="pred")
+
+
+def test_zsre_files(data_root):
+    entry = {"file": "zsre_eval/zsre_mend_eval_portability_gpt4.json", "sample": None}
+    loaded = load_records("zsre", resolve_data_file(entry, data_root)[0], on_error="fail")
+    assert len(loaded.records) == 1037
+    sample = load_records("zsre", sources.BUNDLED / "zsre_eval_sample.json", on_error="fail")
+    assert sample.records == loaded.records[:10]
+
+
+def test_every_data_config_passes_the_schema_and_names_a_loader():
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.app.schema import validate_config
+    from pipeline.data.records import LOADERS
+    from tests.conftest import ROOT
+
+    names = sorted(p.stem for p in (ROOT / "conf/data").glob("*.yaml"))
+    assert {"counterfact-first1000", "counterfact-mcf", "zsre"} <= set(names)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for name in names:
+            cfg = compose("evaluate", overrides=[f"data={name}"])
+            validate_config(cfg)
+            assert cfg.data.kind in LOADERS
+            assert cfg.data.get("derived") in (None, *sources.DERIVED)
+    mcf = (ROOT / "conf/data/counterfact-mcf.yaml").read_text()
+    assert "NOT a random sample" in mcf  # said wherever the 1,386 file is used

@@ -82,6 +82,8 @@ SETTINGS: dict[str, Setting] = {
     "data.on_error": Setting(str, choices=("skip", "fail")),
     "data.path": Setting(str, nullable=True),
     "data.download": FLAG,
+    "data.derived": Setting(str, nullable=True),  # pipeline.data.sources.DERIVED names it
+    "data.target": Setting(str, choices=("answers", "alt")),  # zsRE's new answer
     "shard.index": Setting(int, minimum=0),
     "shard.count": COUNT,
     "aggregate_only": FLAG,

@@ -263,10 +263,11 @@ class Run:
             run_id=tracking.run_id(self.out_dir, self._part()),  # a rerun resumes its W&B run
         )
 
-    def check_data(self, path: str | Path) -> dict[str, str]:
+    def check_data(self, path: str | Path, **provenance: Any) -> dict[str, Any]:
         """Record the data file's sha256 in run.json; in a resumable run, refuse records that
         differ from those the directory's results came from (another data root, a file edited
-        in place), naming the file and both digests. The path may differ, the content may not."""
+        in place), naming the file and both digests. The path may differ, the content may not.
+        `provenance` joins the record (a derived file's `derived` flag and sources' digests)."""
         digest = files.sha256_file(path)
         before = self.data
         if self.resumable and before and before.get("sha256") not in (None, digest):
@@ -276,7 +277,7 @@ class Run:
                 f"{digest}. Point this run elsewhere (out_dir=...), use the original data, or "
                 "remove that directory to start over."
             )
-        self.data = {"path": str(path), "sha256": digest}
+        self.data = {"path": str(path), "sha256": digest, **provenance}
         self.meta["data"] = self.data
         files.write_json(self.out_dir / "run.json", self.meta)
         return self.data

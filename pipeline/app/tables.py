@@ -248,3 +248,78 @@ def write_table(run: Run, table: list[dict[str, Any]]) -> None:
             for r in table
         ],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# zsRE: a table of its own (efficacy, paraphrase, specificity; ROME's Table of zsRE results)
+
+ZSRE_COLUMNS = ("efficacy", "paraphrase", "specificity")
+
+
+def collect_zsre(runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per (model, data, editor) of the zsRE runs (`zsre-cases-*.jsonl`), each model
+    and data's unedited row first: the `editor=none` run, else the "pre" scores of its largest
+    run."""
+    from pipeline.app import zsre  # the stage side of zsRE; Table 4 needs none of it
+
+    rows = []
+    for run_dir in sorted({p.parent for p in runs_dir.glob(f"*/*/*/{zsre.CASES_GLOB}")}):
+        model, data, editor = run_dir.relative_to(runs_dir).parts
+        records = {r["id"]: r for r in read_jsonl(sorted(run_dir.glob(zsre.CASES_GLOB)))}
+        summary = zsre.summarize_records(list(records.values()))
+        base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
+        rows.append({**base, "editor": editor, "metrics": summary["post"]})
+        if editor != "none":
+            rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
+    table = []
+    for key in sorted({(r["model"], r["data"]) for r in rows}):
+        group = [r for r in rows if (r["model"], r["data"]) == key]
+        unedited = [r for r in group if r["editor"] == "none"] or [
+            max((r for r in group if r["editor"] == "none (pre)"), key=lambda r: r["n"])
+        ]
+        table += unedited[:1] + sorted(
+            (r for r in group if not r["editor"].startswith("none")), key=editor_order
+        )
+    return table
+
+
+def zsre_texts(table: list[dict[str, Any]]) -> dict[str, str]:
+    """The zsRE table as Markdown, LaTeX and CSV (percent; `mean [low, high]` cells)."""
+    head = ["model", "data", "editor", "n", *(c.capitalize() for c in ZSRE_COLUMNS)]
+    rows = [
+        [r["model"], r["data"], r["editor"], str(r["n"])]
+        + [cell(r["metrics"].get(c)) for c in ZSRE_COLUMNS]
+        for r in table
+    ]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    tex = [r"\begin{tabular}{lllrrrr}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    tex += [" & ".join(c.replace("_", r"\_") for c in row) + r" \\" for row in rows]
+    tex += [r"\bottomrule", r"\end{tabular}"]
+    out = text_io.StringIO()
+    writer = csv.writer(out)
+    parts = ("mean", "low", "high", "n")
+    writer.writerow(
+        ["model", "data", "editor", "n"] + [f"{c}_{p}" for c in ZSRE_COLUMNS for p in parts]
+    )
+    for r in table:
+        values = [(r["metrics"].get(c) or {}).get(p, "") for c in ZSRE_COLUMNS for p in parts]
+        writer.writerow([r["model"], r["data"], r["editor"], r["n"], *values])
+    return {"md": "\n".join(md) + "\n", "tex": "\n".join(tex) + "\n", "csv": out.getvalue()}
+
+
+def write_zsre_table(run: Run, table: list[dict[str, Any]]) -> dict[str, str]:
+    """zsre_table.md, .tex and .csv in the run's directory, and the table on W&B."""
+    texts = zsre_texts(table)
+    for suffix, text in texts.items():
+        files.atomic_write(run.path(f"zsre_table.{suffix}"), text)
+    run.tracker.table(
+        "zsre",
+        ["model", "data", "editor", "n", *ZSRE_COLUMNS],
+        [
+            [r["model"], r["data"], r["editor"], r["n"]]
+            + [(r["metrics"].get(c) or {}).get("mean") for c in ZSRE_COLUMNS]
+            for r in table
+        ],
+    )
+    return texts

@@ -1,14 +1,14 @@
-"""Scoring CounterFact cases on a model, many cases and edits per forward pass.
+"""Scoring CounterFact and zsRE cases on a model, many cases and edits per forward pass.
 
 The paper's protocol edits each case independently on the unedited model. Here a batch of cases
 runs together: every row (a prompt followed by a target) belongs to one case, and
 `PerExampleEdits` adds that case's rank-one update to its rows only, so no weights are copied or
 restored and the result equals editing, scoring and restoring one case at a time.
 
-The metric formulas are in `metrics.counterfact` and `metrics.generation`. A NaN or infinite
-NLL (a model or an edit whose numbers broke) stops the scoring naming the case (`NonFiniteScore`):
-scored, a NaN probability would count as a failed edit, and an NS of 0 read as a destroyed
-neighbourhood.
+The metric formulas are in `metrics.counterfact`, `metrics.generation` and `metrics.zsre`. A NaN
+or infinite NLL (a model or an edit whose numbers broke) stops the scoring naming the case
+(`NonFiniteScore`): scored, a NaN probability would count as a failed edit, and an NS of 0 read as
+a destroyed neighbourhood.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from metrics import zsre as zsre_metrics
 from metrics.counterfact import PROMPT_KINDS, probability
 from pipeline.core.editing.updates import PerExampleEdits, RankOneUpdate
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import encode, right_pad, target_ids
-from pipeline.data.records import CounterfactCase
+from pipeline.data.records import CounterfactCase, ZsreCase
 
 
 class NonFiniteScore(ValueError):
@@ -89,22 +90,20 @@ def too_long(
     return None
 
 
-@torch.no_grad()
-def target_nlls(
+def _answer_logits(
     lm: LoadedModel,
     prompts: Sequence[str],
     targets: Sequence[str],
-    *,
-    updates: Sequence[RankOneUpdate | None] | None = None,
-    batch_size: int = 32,
-) -> list[float]:
-    """Mean NLL per token of each target after its prompt, teacher-forced.
-
-    `updates[i]` (optional) is the rank-one edit row i sees; rows without one see the model as
-    it is. Rows are right-padded, so each gets the numbers it would get alone. A prompt scored
-    for two single-token targets (CounterFact's new and true objects, mostly) is one row, run
-    once; rows run shortest first, and only the positions that predict a target are unembedded.
-    """
+    updates: Sequence[RankOneUpdate | None] | None,
+    batch_size: int,
+):
+    """Teacher-force each target after its prompt; yield per forward pass (entries, logits,
+    tokens): for every answer token read there, the entry (index into prompts) it belongs to,
+    the logits at the position before it, and the token. An entry's reads come in answer order
+    and in one pass. `updates[i]` (optional) is the rank-one edit entry i sees; rows without one
+    see the model as it is. Rows are right-padded, so each gets the numbers it would get alone.
+    A prompt read for two single-token targets is one row, run once; rows run shortest first,
+    and only the positions that predict a target are unembedded."""
     if len(prompts) != len(targets) or (updates is not None and len(updates) != len(prompts)):
         raise ValueError("prompts, targets (and updates) must have the same length")
     row_of: dict[tuple, int] = {}  # (tokens, update) -> its row
@@ -123,8 +122,6 @@ def target_nlls(
         reads[row_of[key]] += [(entry, len(prefix) - 1 + i, t) for i, t in enumerate(answer)]
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
-    totals = torch.zeros(len(prompts), dtype=torch.float64)
-    counts = torch.zeros(len(prompts), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = right_pad([rows[r][0] for r in chunk], pad_id, lm.device)
@@ -140,11 +137,53 @@ def target_nlls(
         batch_rows, entries, columns, tokens = (
             torch.as_tensor(column, device=lm.device) for column in zip(*picked, strict=True)
         )
-        logits = lm.module("unembed")(hidden[batch_rows, columns]).float()
-        log_probs = logits.log_softmax(-1)[torch.arange(len(picked)), tokens]
+        yield entries, lm.module("unembed")(hidden[batch_rows, columns]).float(), tokens
+
+
+@torch.no_grad()
+def target_nlls(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    batch_size: int = 32,
+) -> list[float]:
+    """Mean NLL per token of each target after its prompt, teacher-forced (`_answer_logits`)."""
+    totals = torch.zeros(len(prompts), dtype=torch.float64)
+    counts = torch.zeros(len(prompts), dtype=torch.float64)
+    for entries, logits, tokens in _answer_logits(lm, prompts, targets, updates, batch_size):
+        log_probs = logits.log_softmax(-1)[torch.arange(len(tokens)), tokens]
         totals.index_add_(0, entries.cpu(), -log_probs.double().cpu())
-        counts.index_add_(0, entries.cpu(), torch.ones(len(picked), dtype=torch.float64))
+        counts.index_add_(0, entries.cpu(), torch.ones(len(tokens), dtype=torch.float64))
     return (totals / counts).tolist()
+
+
+@torch.no_grad()
+def answer_top1(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    batch_size: int = 32,
+) -> list[tuple[list[int], list[int]]]:
+    """Per prompt, (the model's top-1 token before each answer token, the answer's tokens),
+    teacher-forced (`_answer_logits`): what zsRE's token accuracy compares (`metrics.zsre`).
+
+    Departure from ROME's `eval_utils_zsre.py`: the prompt and the answer's tokens are fed as
+    token ids (the answer tokenized after its prompt, `tokens.target_ids`), where the reference
+    re-tokenizes the text prompt + decode(a_1 .. a_{j-1}) for each j and compares with the first
+    token of re-encoding decode(a_j). The two agree wherever re-tokenizing the decoded text gives
+    back the same tokens (GPT-2's BPE, on plain words); a tokenizer that adds a BOS token gets it
+    here, as every other score of this module."""
+    out: list[tuple[list[int], list[int]]] = [([], []) for _ in prompts]
+    for entries, logits, tokens in _answer_logits(lm, prompts, targets, updates, batch_size):
+        predicted = logits.argmax(-1).tolist()
+        for entry, guess, token in zip(entries.tolist(), predicted, tokens.tolist(), strict=True):
+            out[entry][0].append(guess)
+            out[entry][1].append(token)
+    return out
 
 
 def score_cases(
@@ -228,3 +267,40 @@ def generate(
             )
         texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return texts
+
+
+ZSRE_FAMILIES = ("rewrite", "paraphrase", "neighborhood")
+
+
+def zsre_rows(case: ZsreCase) -> list[tuple[str, str, str]]:
+    """(family, prompt, answer) of a zsRE case, in the reference's order."""
+    return [
+        ("rewrite", case.prompt, case.target_new),
+        *(("paraphrase", p, case.target_new) for p in case.paraphrase_prompts),
+        ("neighborhood", case.neighborhood_prompt, case.neighborhood_answer),
+    ]
+
+
+def score_zsre_cases(
+    lm: LoadedModel,
+    cases: Sequence[ZsreCase],
+    updates: Sequence[RankOneUpdate | None] | None = None,
+    *,
+    batch_size: int = 32,
+) -> list[dict[str, list[list[bool]]]]:
+    """Per case and family, one list per prompt of its answer tokens' top-1 correctness, each
+    case under its own update (`metrics.zsre` turns them into efficacy, paraphrase,
+    specificity)."""
+    rows = [(index, *row) for index, case in enumerate(cases) for row in zsre_rows(case)]
+    row_updates = [updates[r[0]] for r in rows] if updates is not None else None
+    reads = answer_top1(
+        lm,
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        updates=row_updates,
+        batch_size=batch_size,
+    )
+    out: list[dict[str, list[list[bool]]]] = [{f: [] for f in ZSRE_FAMILIES} for _ in cases]
+    for (index, family, _, _), (predicted, answer) in zip(rows, reads, strict=True):
+        out[index][family].append(zsre_metrics.token_correct(predicted, answer))
+    return out

@@ -1,7 +1,8 @@
-"""Typed records for known facts and counterfactual cases, and loaders for both schemas.
+"""Typed records for known facts, counterfactual cases and zsRE questions, and their loaders.
 
 Whatever the file (ROME's `known_1000.json` / `counterfact.json`, or EasyEdit's reduced
-CounterFact splits), records come out in one internal form. A bad record raises a
+CounterFact splits), CounterFact records come out in one internal form; zsRE records (MEND's
+schema) come out as ROME's zsRE dataset builds its requests. A bad record raises a
 `RecordError` naming the file, the record and the field, or, with `on_error="skip"`, is
 counted in `Loaded.skipped` — never silently dropped.
 """
@@ -99,6 +100,40 @@ class CounterfactCase:
             "relation_id": self.relation_id,
             "target_new_id": self.target_new_id,
             "schema": self.schema,
+        }
+
+
+@dataclass(frozen=True)
+class ZsreCase:
+    """A zsRE question as ROME's and MEMIT's zsRE dataset (`dsets/zsre.py`) makes it a request:
+    rewrite `template.format(subject)` (the question `src`) to answer `target_new`; the
+    paraphrase is the rephrased question; the neighbourhood prompt is an unrelated Natural
+    Questions question (`loc` + "?") whose answer `neighborhood_answer` (`loc_ans`) the edit
+    should leave alone. There is no true answer to compare with (`target_true` is None): the
+    metrics are the answer tokens' top-1 accuracy (`metrics.zsre`)."""
+
+    id: int
+    subject: str
+    template: str
+    target_new: str
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_prompt: str
+    neighborhood_answer: str
+    target_true: None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.template.replace("{}", self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "subject": self.subject,
+            "template": self.template,
+            "target_new": self.target_new,
+            "paraphrase_prompts": list(self.paraphrase_prompts),
+            "neighborhood_prompt": self.neighborhood_prompt,
+            "neighborhood_answer": self.neighborhood_answer,
         }
 
 
@@ -283,6 +318,31 @@ def _parse_counterfact_easyedit(record: _Fields) -> CounterfactCase:
     )
 
 
+ZSRE_TARGETS = ("answers", "alt")
+
+
+def _parse_zsre(record: _Fields, target: str = "answers") -> ZsreCase:
+    """ROME's zsRE request from a MEND-schema record. `target`: "answers" takes answers[0] as
+    the new answer, as ROME and MEMIT do; "alt" takes MEND's alternative answer (EasyEdit's
+    zsRE), a departure from the reference. Extra keys (EasyEdit's `portability`) are ignored."""
+    subject = record.get("subject")
+    src = record.get("src")
+    _check_subject(record, subject, src, "subject")
+    answers = record.get("answers", list)
+    if not answers or not answers[0].strip():
+        raise record.fail("answers", "no answer")
+    target_new = answers[0] if target == "answers" else record.get("alt")
+    return ZsreCase(
+        id=record.index,  # ROME numbers zsRE cases by their position in the file
+        subject=subject,
+        template=_template_of(src, subject),
+        target_new=target_new,
+        paraphrase_prompts=record.get("rephrase", list),
+        neighborhood_prompt=record.get("loc") + "?",
+        neighborhood_answer=record.get("loc_ans"),
+    )
+
+
 SCHEMA_SIGNS = {"rome": ("requested_rewrite",), "easyedit": ("target_new", "ground_truth")}
 
 
@@ -370,7 +430,24 @@ def load_counterfact(
     return _load(Path(path), None, "case_id", on_error, None, limit)
 
 
-LOADERS: dict[str, Callable[..., Loaded]] = {"known": load_known, "counterfact": load_counterfact}
+def load_zsre(
+    path: str | Path,
+    *,
+    on_error: OnError = "fail",
+    limit: int | None = None,
+    target: str = "answers",
+) -> Loaded:
+    """zsRE questions in MEND's schema (`subject, src, rephrase, answers, alt, loc, loc_ans`)."""
+    if target not in ZSRE_TARGETS:
+        raise ValueError(f"the zsRE target must be one of {ZSRE_TARGETS}, got {target!r}")
+    return _load(Path(path), lambda r: _parse_zsre(r, target), "case_id", on_error, "zsre", limit)
+
+
+LOADERS: dict[str, Callable[..., Loaded]] = {
+    "known": load_known,
+    "counterfact": load_counterfact,
+    "zsre": load_zsre,
+}
 
 
 def load_records(kind: str, path: str | Path, **kwargs: Any) -> Loaded:

@@ -1,7 +1,8 @@
-"""Where data files come from: the data root, a download, or the samples bundled in `data/`.
+"""Where data files come from: the data root, a download, a file derived from data-root files
+into the cache, or the samples bundled in `data/`.
 
 `python -m pipeline.data.sources` (`make data`) downloads the official ROME files into the data root,
-skipping what is already there.
+skipping what is already there, then builds the derived files whose sources the root has.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import current_umask
+from pipeline.data import counterfact_join
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,11 @@ OFFICIAL_FILES = {
     "zsre_mem_eval.json": ROME_BASE_URL + "zsre_mem_eval.json",
 }
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "samples"
+# Files built from data-root files into the cache (`derived:` in conf/data/*.yaml): the names of
+# the sources missing from a data root, and the builder (data root, cache) -> the file's path.
+DERIVED = {
+    counterfact_join.NAME: (counterfact_join.missing_sources, counterfact_join.build),
+}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -53,21 +60,35 @@ def download(url: str, target: Path, *, timeout: float = 60.0) -> Path:
     return target
 
 
-def resolve_data_file(data: Mapping[str, Any], data_root: str | Path) -> tuple[Path, str]:
+def resolve_data_file(
+    data: Mapping[str, Any], data_root: str | Path, cache_dir: str | Path | None = None
+) -> tuple[Path, str]:
     """The file a `conf/data/*.yaml` entry points at, and where it came from.
 
-    Order: `data.path` if set; the file in the data root; a download if `data.download` and the
-    entry has a URL; the bundled sample (with a warning: it is a few hundred records).
+    Order: `data.path` if set; the file in the data root, or for a `derived` entry the file
+    built from the data root's sources into `cache_dir` (origin "derived"; its provenance in
+    the sidecar, `derived_provenance`); a download if `data.download` and the entry has a URL;
+    the bundled sample (with a warning: it is a few records).
     """
     if data.get("path"):
         path = Path(data["path"])
         if not path.exists():
             raise DataNotFoundError(f"data.path={path} does not exist")
         return path, "path"
-    in_root = Path(data_root) / data["file"]
-    if in_root.exists():
-        return in_root, "data root"
-    if data.get("download") and data.get("url"):
+    derived = data.get("derived")
+    if derived:
+        if derived not in DERIVED:
+            raise ValueError(f"data.derived={derived!r}: known derived files are {sorted(DERIVED)}")
+        missing, build = DERIVED[derived]
+        if cache_dir is None:
+            raise ValueError(f"data.derived={derived!r} needs a cache directory to build into")
+        if not missing(data_root):
+            return build(data_root, cache_dir), "derived"
+    else:
+        in_root = Path(data_root) / data["file"]
+        if in_root.exists():
+            return in_root, "data root"
+    if not derived and data.get("download") and data.get("url"):
         log.info("downloading %s -> %s", data["url"], in_root)
         try:
             return download(data["url"], in_root), "download"
@@ -88,11 +109,37 @@ def resolve_data_file(data: Mapping[str, Any], data_root: str | Path) -> tuple[P
             sample,
         )
         return BUNDLED / sample, "bundled sample"
+    if derived:
+        raise DataNotFoundError(
+            f"{derived} is built from files the data root {data_root} lacks: "
+            f"{', '.join(DERIVED[derived][0](data_root))}. Set ROME_DATA (or paths.data=...) to a "
+            "directory that has them, or pass data.path=/path/to/file."
+        )
     raise DataNotFoundError(
         f"{data['file']} not found in the data root {data_root}. Run `make data` to download the "
         "official files, set ROME_DATA (or paths.data=...) to a directory that has it, or pass "
         "data.path=/path/to/file."
     )
+
+
+def derived_provenance(path: str | Path) -> dict[str, Any]:
+    """What run.json records of a derived file beside its path and sha256: `derived` and the
+    sources' digests (from its sidecar); nothing for a file that was not derived."""
+    meta = counterfact_join.provenance(path)
+    return {"derived": True, "sources": meta["sources"]} if meta and meta.get("derived") else {}
+
+
+def build_derived(data_root: Path, cache_dir: Path) -> dict[str, str]:
+    """Build every derived file whose sources the data root has; report each."""
+    outcome = {}
+    for name, (missing, build) in DERIVED.items():
+        absent = missing(data_root)
+        if absent:
+            outcome[name] = f"not built: missing {', '.join(absent)}"
+            continue
+        path = build(data_root, cache_dir)
+        outcome[name] = f"derived: {path} (sha256 {counterfact_join.provenance(path)['sha256']})"
+    return outcome
 
 
 def reason(error: BaseException) -> str:
@@ -132,12 +179,15 @@ def download_wikitext(data_root: Path, name: str = "wikitext-103-raw-v1") -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", default=os.environ.get("ROME_DATA", "data"))
+    parser.add_argument("--cache", default=os.environ.get("ROME_CACHE", ".cache"))
     parser.add_argument("--no-wikitext", action="store_true")
+    parser.add_argument("--derived-only", action="store_true", help="download nothing")
     args = parser.parse_args(argv)
     root = Path(args.root)
-    outcome = download_all(root)
-    if not args.no_wikitext:
+    outcome = {} if args.derived_only else download_all(root)
+    if not (args.no_wikitext or args.derived_only):
         outcome["wikitext (datasets)"] = download_wikitext(root)
+    outcome |= build_derived(root, Path(args.cache))
     for name, status in outcome.items():
         print(f"{name:28s} {status}")
     if any(status.startswith("failed") for status in outcome.values()):
