@@ -32,6 +32,7 @@ from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, describe_machine, stage
 from pipeline.app.tables import (
+    blank_notes,
     case_values,
     cell,
     collect,
@@ -506,10 +507,12 @@ def main(cfg: DictConfig, run: Run) -> None:
             "",
             "Marks beside an editor (rules in `pipeline/app/tables.py`): *did not edit*: its ES "
             "is not above the same cases' unedited ES beyond the paired (Newcombe) interval, or "
-            "not above chance (50%); *collapsed*: `metrics/collapse.py`; *partial*: an "
-            "unfinished sharded run.",
+            "below chance (its interval under 50%); *collapsed*: `metrics/collapse.py`; "
+            "*partial*: an unfinished sharded run.",
             "",
             markdown(table),
+            "",
+            *[f"- {note}" for note in blank_notes(table)],
         ]
         doc += [f"- {r['editor']}: {provenance(Path(r['dir']), out)}" for r in table]
         doc.append("")

@@ -4,6 +4,7 @@ import json
 import math
 
 from metrics.counterfact import case_metrics
+from pipeline.app import tables
 from pipeline.app.tables import cell, collect, csv_text, label, latex, markdown, partial_run
 from pipeline.core import files
 from tests.test_stages import run_stage
@@ -91,3 +92,15 @@ def test_summarize_refuses_an_unmerged_sharded_run_unless_allowed(tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "| rome (partial) | 20 |" in (tmp_path / "summary/table.md").read_text()
     assert "rome (partial) − none" in (tmp_path / "summary/pairwise.md").read_text()
+
+
+def test_blank_columns_are_explained_rs_by_its_missing_files():
+    measured = {"mean": 5.0, "low": 4.0, "high": 6.0, "n": 3}
+    rows = [
+        {"editor": "none", "metrics": {"GE": measured, "PPL": measured}},
+        {"editor": "rome", "metrics": {"GE": measured}},
+    ]
+    notes = tables.blank_notes(rows)
+    assert len(notes) == 2  # GE is filled in both rows: no note
+    assert notes[0].startswith("RS is blank in every row: RS needs ROME's tf-idf")
+    assert notes[1].startswith("PPL is blank in rome: the run measured no perplexity")

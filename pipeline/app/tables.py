@@ -173,6 +173,29 @@ def label(row: dict[str, Any]) -> str:
     return row["editor"] + (f" ({', '.join(found)})" if found else "")
 
 
+BLANK_REASONS = {
+    "GE": "the cases have no generation prompts (CounterFact in EasyEdit's reduced schema); "
+    "the full-schema data (`data=counterfact-first1000`, `counterfact-mcf`) has ten per case",
+    "RS": "RS needs ROME's tf-idf statistics and attribute snippets (`idf.npy`, "
+    "`tfidf_vocab.json`, `attribute_snippets.json` beside the data file), which could not be "
+    "obtained here; no substitute is reported under this name",
+    "PPL": "the run measured no perplexity (made before the damage measurement, or with "
+    "`eval.perplexity=false`)",
+}
+
+
+def blank_notes(table: list[dict[str, Any]]) -> list[str]:
+    """Why a column is blank ("–") in the rows that leave it blank: a reader must not take a
+    missing GE, RS or perplexity for a measured zero or for an oversight."""
+    notes = []
+    for column, reason in BLANK_REASONS.items():
+        blank = [label(r) for r in table if cell(r["metrics"].get(column)) == "–"]
+        if blank:
+            which = "every row" if len(blank) == len(table) else ", ".join(blank)
+            notes.append(f"{column} is blank in {which}: {reason}.")
+    return notes
+
+
 def perplexities(run_dir: Path) -> dict[str, dict[str, Any]]:
     """{"edited": {"PPL": ...}, "unedited": {"PPL": ...}} from the run's perplexity.json."""
     path = run_dir / "perplexity.json"
