@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -130,3 +132,19 @@ def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_
     monkeypatch.setattr(editors, "templates_for", lambda *a, **k: calls.append(1) or real(*a, **k))
     editors.context_templates(tmp_path, tiny_model("tiny-gpt2", seed=1), hp)
     assert calls == [1]  # not the seed-0 model's text
+
+
+def test_a_truncated_template_file_is_named_and_generated_again(tmp_path, caplog):
+    """A truncated file ended the run with a bare JSONDecodeError naming no file."""
+    lm = tiny_model("tiny-gpt2")
+    hp = RomeHparams(layer=1, context_templates=((3, 2),))
+    first = editors.context_templates(tmp_path, lm, hp)
+    (path,) = (tmp_path / "templates").rglob("*.json")
+    path.write_text(path.read_text()[:20])
+    assert editors.context_templates(tmp_path, lm, hp) == first  # seeded: the same again
+    assert f"{path} fails its checksum" in caplog.text
+    assert json.loads(path.read_text())["templates"] == first  # rewritten whole
+    entry = json.loads(path.read_text())
+    entry["templates"][1] = "Changed. {}"  # a changed entry is not used either
+    path.write_text(json.dumps(entry))
+    assert editors.context_templates(tmp_path, lm, hp) == first
