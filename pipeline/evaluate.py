@@ -45,7 +45,7 @@ from pipeline.app.results import (
 from pipeline.app.stage import Run, require_complete, stage
 from pipeline.app.tracking import RunningRates
 from pipeline.core import files
-from pipeline.core.editing.requests import EditResult, update_of
+from pipeline.core.editing.requests import EditResult, refuse_contradictions, update_of
 from pipeline.core.editing.updates import (
     DenseUpdate,
     LowRankUpdate,
@@ -370,6 +370,8 @@ def _run_sequential(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) 
             save_progress(progress_path, state)
 
     if not resume or resume["done"] < len(cases):
+        for start in range(last, len(cases), batch):  # the batches to write, before any edit
+            refuse_contradictions(editor.requests(cases[start : start + batch]))
         editor.edit_sequentially(cases, on_checkpoint, batch, resume)
     run.write_json("sequential.json", {"checkpoints": curve})
     extra: dict[str, Any] = {"sequential_batch": batch}
@@ -427,6 +429,7 @@ def _run_mass(cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded) -> Non
         raise ValueError(
             f"eval.mass_sizes {list(cfg.eval.mass_sizes)}: none fits {len(cases)} cases"
         )
+    refuse_contradictions(editor.requests(cases[: max(sizes)]))  # the largest edit has all
     pre_cache = PreCache(Path(cfg.pre_dir), "mass", lm)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     saved = run.path("mass.json")

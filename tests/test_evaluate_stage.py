@@ -382,3 +382,22 @@ def test_shards_of_a_mass_or_sequential_run_are_refused_before_anything_is_writt
     assert done.returncode != 0
     assert f"shard.count=2 with eval.mode={mode}" in done.stderr
     assert not (tmp_path / "results/evaluate").exists()  # (Hydra's own log is in results/logs)
+
+
+@pytest.mark.parametrize(
+    "protocol", [("eval.mode=mass", "eval.mass_sizes=[3]"), ("eval.mode=sequential",)]
+)
+def test_contradictory_requests_in_one_edit_are_refused_naming_both_cases(tmp_path, protocol):
+    """Two cases with one subject and prompt and two targets, in one mass edit or one
+    sequential batch, were both reported ok; now the run stops before editing, naming both."""
+    records = json.loads(json.dumps(EASYEDIT_SAMPLE[:3]))
+    records[2] = {**records[0], "case_id": 999, "target_new": "Swahili"}
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    args = evaluate_args(tmp_path, f"data.path={data}", *protocol, "eval.sequential_batch=3")
+    done = run_stage("evaluate", *args)
+    assert done.returncode != 0
+    assert "0 and 999 (" in done.stderr
+    assert "'English' vs 'Swahili'" in done.stderr
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome"
+    assert not list(out.rglob("*.jsonl")) and not list(out.rglob("*progress*"))
