@@ -336,9 +336,9 @@ def test_a_pickle_planted_as_progress_is_refused_and_never_run(tmp_path):
     (out / "sequential-progress.pt").write_bytes(pickle.dumps(Planted()))
     args = evaluate_args(tmp_path, "eval.mode=sequential", "data.limit=2")
     done = run_stage("evaluate", *args)
+    assert not marker.exists()  # before the fix, torch.load ran it
     assert done.returncode != 0
     assert f"refusing to resume from {out / 'sequential-progress.pt'}" in done.stderr
-    assert not marker.exists()
 
 
 def test_a_second_mass_job_on_a_directory_stops_and_merge_lists_every_size_on_disk(tmp_path):
@@ -377,7 +377,9 @@ def test_mass_sizes_above_the_cases_loaded_are_named(tmp_path):
 
 @pytest.mark.parametrize("mode", ["mass", "sequential"])
 def test_shards_of_a_mass_or_sequential_run_are_refused_before_anything_is_written(tmp_path, mode):
-    args = evaluate_args(tmp_path, f"eval.mode={mode}", "shard.index=1", "shard.count=2")
+    args = evaluate_args(
+        tmp_path, f"eval.mode={mode}", "data.limit=2", "shard.index=1", "shard.count=2"
+    )
     done = run_stage("evaluate", *args)
     assert done.returncode != 0
     assert f"shard.count=2 with eval.mode={mode}" in done.stderr
