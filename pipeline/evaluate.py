@@ -23,9 +23,11 @@ records the statistics' text and the perplexity text (files, sha256, tokens).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -54,8 +56,16 @@ from pipeline.app.results import (
 from pipeline.app.stage import Run, require_complete, stage
 from pipeline.app.tracking import RunningRates
 from pipeline.core import files
-from pipeline.core.editing.requests import EditResult, update_of
-from pipeline.core.editing.updates import apply_update, as_list, edited, preserved_weights
+from pipeline.core.editing.requests import EditResult, refuse_contradictions, update_of
+from pipeline.core.editing.updates import (
+    DenseUpdate,
+    LowRankUpdate,
+    RankOneUpdate,
+    apply_update,
+    as_list,
+    edited,
+    preserved_weights,
+)
 from pipeline.core.models import LoadedModel, peak_memory_gib
 from pipeline.core.scoring import score_cases, too_long
 from pipeline.data.records import (
@@ -95,26 +105,26 @@ def main(cfg: DictConfig, run: Run) -> None:
     loaded = load_counterfact(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     cases: list[CounterfactCase] = loaded.records
     index, count = int(cfg.shard.index), int(cfg.shard.count)
+    if cfg.eval.mode in PROTOCOLS:  # one job each (the config schema refuses shards)
+        if cfg.aggregate_only:  # `pipeline.merge`: the summary again, from the files on disk
+            write_protocol_summary(cfg, run, cfg.eval.mode, loaded.report())
+            return
+        lm = run.load_model()
+        uses_statistics(cfg, run)
+        PROTOCOLS[cfg.eval.mode](cfg, run, lm, loaded, record_texts(cfg, run, lm))
+        return
+    if cfg.eval.mode != "independent":
+        raise ValueError(
+            f"eval.mode must be independent, mass or sequential, got {cfg.eval.mode!r}"
+        )
     if not cfg.aggregate_only:
         lm = run.load_model()
-        if cfg.editor.name != "none":  # the key statistics' metadata, for W&B lineage
-            run.uses(Path(cfg.paths.results) / "stats" / cfg.model.name / cfg.corpus.name, "stats")
+        uses_statistics(cfg, run)
         damage = record_texts(cfg, run, lm)
-        if cfg.eval.mode == "independent":
-            mine = take_shard(cases, index, count)
-            run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
-            if damage is not None and index == 0:
-                independent_perplexity(cfg, run, lm, loaded, damage)
-        elif cfg.eval.mode == "sequential":
-            run_sequential(cfg, run, lm, loaded, damage)
-            return
-        elif cfg.eval.mode == "mass":
-            run_mass(cfg, run, lm, loaded, damage)
-            return
-        else:
-            raise ValueError(
-                f"eval.mode must be independent, mass or sequential, got {cfg.eval.mode!r}"
-            )
+        mine = take_shard(cases, index, count)
+        run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
+        if damage is not None and index == 0:
+            independent_perplexity(cfg, run, lm, loaded, damage)
         if count > 1:
             print(
                 f"shard {index} of {count} done; when all are, combine them with\n"
@@ -190,6 +200,31 @@ def independent_perplexity(
         f"perplexity on {text['name']} ({text['tokens']} tokens): unedited "
         f"{unedited['mean']:.2f}, edited {edited_ppl['mean']:.2f} (first {len(ids)} cases)"
     )
+
+
+def uses_statistics(cfg: DictConfig, run: Run) -> None:
+    """The key statistics' metadata, for W&B lineage."""
+    if cfg.editor.name != "none":
+        run.uses(Path(cfg.paths.results) / "stats" / cfg.model.name / cfg.corpus.name, "stats")
+
+
+@contextlib.contextmanager
+def exclusive(run: Run, name: str, work: str) -> Iterator[None]:
+    """Hold the lock `name` of the results directory for the block, or stop at once.
+
+    A second job on the same work stops (non-zero, naming the lock) rather than waiting: waiting
+    would hold a node only to find the work done, and two jobs writing the same files would each
+    do all of it and keep only what it read at its start. The kernel frees the lock when its
+    holder dies, so a killed or requeued job's rerun is never blocked."""
+    lock = run.path(f".{name}.lock")
+    try:
+        with files.try_lock(lock):
+            yield
+    except files.LockHeld:
+        raise SystemExit(
+            f"another job is already {work} in {run.out_dir} (it holds {lock}); "
+            "not starting a second one. Rerun when it has finished or died: it resumes."
+        ) from None
 
 
 def shard_of(loaded: Loaded, cases: Sequence[CounterfactCase]) -> Loaded:
@@ -282,21 +317,9 @@ def summarize_run(
 def run_independent(
     cfg: DictConfig, run: Run, lm: LoadedModel, cases: Loaded, tag: str, data_file: Path
 ) -> None:
-    """Evaluate the shard's unfinished cases, holding the lock of its cases file.
-
-    A second job on the same shard and directory stops at once (non-zero, naming the lock)
-    rather than waiting: waiting would hold a node only to find the work done, and two jobs
-    appending to one file would both do every case. The kernel frees the lock when its holder
-    dies, so a killed or requeued job's rerun is never blocked."""
-    lock = run.path(f".cases-{tag}.lock")
-    try:
-        with files.try_lock(lock):
-            _run_independent(cfg, run, lm, cases, tag, data_file)
-    except files.LockHeld:
-        raise SystemExit(
-            f"another job is already evaluating shard {tag} in {run.out_dir} (it holds {lock}); "
-            "not starting a second one. Rerun when it has finished or died: it resumes."
-        ) from None
+    """Evaluate the shard's unfinished cases, holding the lock of its cases file (`exclusive`)."""
+    with exclusive(run, f"cases-{tag}", f"evaluating shard {tag}"):
+        _run_independent(cfg, run, lm, cases, tag, data_file)
 
 
 def _run_independent(
@@ -351,6 +374,21 @@ def _run_independent(
     bar.close()
 
 
+def within(requested: Sequence[int], available: int, setting: str) -> tuple[list[int], list[int]]:
+    """The requested counts that `available` cases can make (sorted), and those they cannot,
+    which are named in a warning (and by the caller in the summary), never dropped unsaid."""
+    wanted = sorted({int(n) for n in requested})
+    over = [n for n in wanted if n > available]
+    if over:
+        log.warning(
+            "%s: %s above the %d cases loaded, not run (load more cases: data.limit)",
+            setting,
+            over,
+            available,
+        )
+    return [n for n in wanted if n <= available], over
+
+
 def run_sequential(
     cfg: DictConfig,
     run: Run,
@@ -358,22 +396,34 @@ def run_sequential(
     loaded: Loaded,
     damage: HeldOutPerplexity | None = None,
 ) -> None:
-    """Edits accumulate; after each checkpoint every case edited so far is scored again. The
-    model's edited weights and the editor's state are saved to `sequential-progress.pt` every
-    `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it stopped
-    (with the same weights, bit for bit) and a run over more cases extends a finished one."""
+    """Edits accumulate, `eval.sequential_batch` requests per joint edit; at each checkpoint
+    every case edited so far is scored again. A checkpoint inside a batch is scored at the end
+    of that batch (the first count of edits at or after it that the model passes through): its
+    curve point has `edits` (what was scored) and `requested` (the checkpoints it stands for).
+    The model's edited weights and the editor's state are saved to `sequential-progress.pt`
+    every `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it
+    stopped (with the same weights, bit for bit) and a run over more cases extends a finished
+    one. Each point carries the model's perplexity on the held-out text (`damage`). One job per
+    directory (`exclusive`)."""
+    with exclusive(run, "sequential", "editing sequentially"):
+        _run_sequential(cfg, run, lm, loaded, damage)
+
+
+def _run_sequential(
+    cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded, damage: HeldOutPerplexity | None
+) -> None:
+    progress_path = run.path("sequential-progress.pt")
+    resume = load_progress(progress_path)  # refused at once if it is not ours
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("sequential mode needs an editor (editor=rome, memit, ...)")
     reject_too_long(cfg, lm, editor, loaded, with_generation=False)
     cases = loaded.records
-    checkpoints = sorted(
-        {int(n) for n in cfg.eval.checkpoints if int(n) <= len(cases)} | {len(cases)}
-    )
+    batch = int(cfg.eval.sequential_batch)
+    requested, beyond = within(cfg.eval.checkpoints, len(cases), "eval.checkpoints")
+    checkpoints = sorted({*requested, len(cases)})
     rows_per_pass = int(cfg.eval.rows_per_pass)
-    progress_path = run.path("sequential-progress.pt")
     ids = [c.id for c in cases]
-    resume = torch.load(progress_path, weights_only=False) if progress_path.exists() else None
     if resume and (resume["ids"] != ids[: len(resume["ids"])] or resume["done"] > len(cases)):
         raise SystemExit(
             f"{progress_path} holds {resume['done']} edits of other cases than these first "
@@ -383,13 +433,21 @@ def run_sequential(
     failed = list(resume["failed"]) if resume else []
     if resume:
         log.info("sequential editing resumes after %d edits", resume["done"])
+    last = resume["done"] if resume else 0  # the edits done at the call before
 
     def on_checkpoint(done: int, results: list[EditResult]) -> None:
+        nonlocal last
         failed.extend(not r.ok for r in results[len(failed) - (done - len(results)) :])
-        if done in checkpoints and all(point["edits"] != done for point in curve):
+        reached = [n for n in checkpoints if last < n <= done]
+        saving = reached or done // PROGRESS_EVERY > last // PROGRESS_EVERY
+        last = done
+        if reached and all(point["edits"] != done for point in curve):
             probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
             summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
             point = {"edits": done, "failed": sum(failed[:done]), **damage_of(damage)}
+            moved = reached != [done]
+            if moved:  # checkpoints inside the batch just written
+                point["requested"] = reached
             curve.append(point | summary)
             run.tracker.log(
                 {f"sequential/{k}": summary[k]["mean"] for k in ("S", "ES", "PS", "NS")},
@@ -399,32 +457,51 @@ def run_sequential(
             print(
                 f"after {done} edits: "
                 + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
+                + (
+                    f" (for checkpoint {', '.join(map(str, reached))}: the end of the batch of "
+                    f"eval.sequential_batch={batch} that reaches it)"
+                    if moved
+                    else ""
+                )
             )
-        if done in checkpoints or done % PROGRESS_EVERY == 0:
+        if saving:
             state = editor.snapshot(done) | {"ids": ids[:done], "failed": failed[:done]}
             state["curve"] = curve
             save_progress(progress_path, state)
 
     if not resume or resume["done"] < len(cases):
-        editor.edit_sequentially(cases, on_checkpoint, int(cfg.eval.sequential_batch), resume)
+        for start in range(last, len(cases), batch):  # the batches to write, before any edit
+            refuse_contradictions(editor.requests(cases[start : start + batch]))
+        editor.edit_sequentially(cases, on_checkpoint, batch, resume)
     run.write_json("sequential.json", {"checkpoints": curve})
-    run.write_summary(
-        {
-            "mode": "sequential",
-            "model": cfg.model.name,
-            "editor": editor.name,
-            "data": loaded.report(),
-            "checkpoints": curve,
-            **perplexity_summary(damage),
-        }
-    )
+    extra: dict[str, Any] = {"sequential_batch": batch, **perplexity_summary(damage)}
+    if beyond:
+        extra["checkpoints_beyond_the_cases"] = beyond
+    write_protocol_summary(cfg, run, "sequential", loaded.report(), **extra)
 
 
 def save_progress(path: Path, state: dict[str, Any]) -> None:
-    """A resumable run's state (tensors and plain values), written atomically."""
+    """A resumable run's state (tensors, updates and plain values), written atomically."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     files.atomic_write(path, buffer.getvalue())
+
+
+def load_progress(path: Path) -> dict[str, Any] | None:
+    """`save_progress`'s state, or None if there is none. Read with `weights_only`: tensors,
+    plain values and the update classes only, so a pickle planted in a results directory (a
+    shared filesystem) is refused, never run; the error names the file."""
+    if not path.exists():
+        return None
+    try:
+        with torch.serialization.safe_globals([RankOneUpdate, LowRankUpdate, DenseUpdate]):
+            return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise SystemExit(
+            f"refusing to resume from {path}: it is not a progress file this pipeline writes "
+            f"(only tensors, plain values and edit updates may be loaded; {error}). Remove it "
+            "to start over."
+        ) from None
 
 
 PROGRESS_EVERY = 10  # edits between saves of a sequential run or a one-after-another mass pass
@@ -440,17 +517,27 @@ def run_mass(
     """For each N of `eval.mass_sizes`: the first N cases written in one joint edit, then all N
     scored on the edited model (`mass-<N>.jsonl`, and the curve in `mass.json`). A rerun skips
     the sizes already done. Editors that write requests one after another (ROME, KN) make the
-    whole curve in one resumable pass (`_mass_one_after_another`)."""
+    whole curve in one resumable pass (`_mass_one_after_another`). One job per directory
+    (`exclusive`), which reads `mass.json` once it holds the lock: two jobs that each rewrote it
+    from the copy read at their start lost each other's sizes."""
+    with exclusive(run, "mass", "editing the mass curve"):
+        _run_mass(cfg, run, lm, loaded, damage)
+
+
+def _run_mass(
+    cfg: DictConfig, run: Run, lm: LoadedModel, loaded: Loaded, damage: HeldOutPerplexity | None
+) -> None:
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("mass mode needs an editor (editor=memit, rome, ...)")
     reject_too_long(cfg, lm, editor, loaded, with_generation=False)
     cases = loaded.records
-    sizes = sorted({int(n) for n in cfg.eval.mass_sizes if int(n) <= len(cases)})
+    sizes, beyond = within(cfg.eval.mass_sizes, len(cases), "eval.mass_sizes")
     if not sizes:
         raise ValueError(
             f"eval.mass_sizes {list(cfg.eval.mass_sizes)}: none fits {len(cases)} cases"
         )
+    refuse_contradictions(editor.requests(cases[: max(sizes)]))  # the largest edit has all
     pre_cache = PreCache(Path(cfg.pre_dir), "mass", lm)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     saved = run.path("mass.json")
@@ -497,16 +584,49 @@ def run_mass(
         if "seconds" in edit.info:  # the editor's own split of edit_seconds (z, spread)
             info["edit_seconds_by_step"] = edit.info["seconds"]
         add_point(n, records, edit_seconds, info)
-    run.write_summary(
-        {
-            "mode": "mass",
-            "model": cfg.model.name,
-            "editor": editor.name,
-            "data": loaded.report(),
-            "curve": curve,
-            **perplexity_summary(damage),
-        }
-    )
+    extra = {"sizes_beyond_the_cases": beyond} if beyond else {}
+    extra |= perplexity_summary(damage)
+    write_protocol_summary(cfg, run, "mass", loaded.report(), **extra)
+
+
+def mass_curve(run: Run, seed: int) -> list[dict[str, Any]]:
+    """The mass curve of every size on disk: `mass.json`'s points, and for a `mass-<N>.jsonl`
+    without one (a job stopped between the two writes, or a directory that two jobs wrote at
+    once before the lock) a point summarised from its records, marked `rebuilt_from`."""
+    saved = run.path("mass.json")
+    points = {p["size"]: p for p in (files.read_json(saved)["curve"] if saved.exists() else [])}
+    for path in run.out_dir.glob("mass-*.jsonl"):
+        size = int(path.stem.removeprefix("mass-"))
+        if size not in points:
+            log.warning("%s has no point in %s: summarised from its records", path, saved)
+            records = read_jsonl([path])
+            points[size] = {"size": size, "rebuilt_from": path.name}
+            points[size] |= summarize_records(records, seed=seed)
+    return [points[size] for size in sorted(points)]
+
+
+def write_protocol_summary(
+    cfg: DictConfig, run: Run, mode: str, data_report: dict[str, Any], **extra: Any
+) -> None:
+    """`summary.json` of a mass or sequential run, from its files on disk (a run's end, or
+    `pipeline.merge` of its directory)."""
+    if mode == "mass":
+        points = {"curve": mass_curve(run, int(cfg.seed))}
+    else:
+        saved = run.path("sequential.json")
+        points = {"checkpoints": files.read_json(saved)["checkpoints"] if saved.exists() else []}
+    if not next(iter(points.values())):
+        raise SystemExit(f"no {mode} results in {run.out_dir} to summarize")
+    summary = {"mode": mode, "model": cfg.model.name, "editor": cfg.editor.name}
+    run.write_summary(summary | {"data": data_report} | points | extra)
+
+
+PROTOCOLS: dict[
+    str, Callable[[DictConfig, Run, LoadedModel, Loaded, HeldOutPerplexity | None], None]
+] = {
+    "mass": run_mass,
+    "sequential": run_sequential,
+}
 
 
 def _mass_one_after_another(
@@ -533,7 +653,7 @@ def _mass_one_after_another(
     ids = [c.id for c in cases[:last]]
     state: dict[str, Any] = {"ids": [], "updates": [], "edits": [], "edit_seconds": []}
     if progress_path.exists():
-        state = torch.load(progress_path, weights_only=False)
+        state = load_progress(progress_path)
         have = state["ids"][: len(ids)]
         if have != ids[: len(have)]:
             differing = next(a for a, b in zip(have, ids, strict=False) if a != b)

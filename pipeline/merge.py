@@ -6,7 +6,9 @@
 Each shard job leaves the run's resolved `config.yaml` and `run.json` in the shared results
 directory; this reruns that stage's aggregate step on them (the same code as
 `aggregate_only=true`), so a merge of any set of shards gives the numbers of one unsharded run.
-Unfinished shards stop the merge with a list of what each is missing.
+Unfinished shards stop the merge with a list of what each is missing. Mass and sequential runs
+are one job each (their configs refuse shards): merging such a directory writes its summary
+again from the files on disk (every mass size with a `mass-<N>.jsonl`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ test_corpora)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -223,3 +225,19 @@ def test_a_non_finite_update_is_an_error_naming_the_case_and_the_settings(tmp_pa
         case_editor.updates(SAMPLE_CASES[:1])
     with pytest.raises(NonFiniteUpdate, match=r"the 2 cases written at once .*l2=0.0"):
         case_editor.mass(SAMPLE_CASES[:2])
+
+
+def test_a_truncated_template_file_is_named_and_generated_again(tmp_path, caplog):
+    """A truncated file ended the run with a bare JSONDecodeError naming no file."""
+    lm = tiny_model("tiny-gpt2")
+    hp = RomeHparams(layer=1, context_templates=((3, 2),))
+    first = editors.context_templates(tmp_path, lm, hp)
+    (path,) = (tmp_path / "templates").rglob("*.json")
+    path.write_text(path.read_text()[:20])
+    assert editors.context_templates(tmp_path, lm, hp) == first  # seeded: the same again
+    assert f"{path} fails its checksum" in caplog.text
+    assert json.loads(path.read_text())["templates"] == first  # rewritten whole
+    entry = json.loads(path.read_text())
+    entry["templates"][1] = "Changed. {}"  # a changed entry is not used either
+    path.write_text(json.dumps(entry))
+    assert editors.context_templates(tmp_path, lm, hp) == first

@@ -12,7 +12,7 @@ import pytest
 from pipeline.app.results import read_jsonl
 from tests.conftest import ROOT
 from tests.test_data import ROME_CASE
-from tests.test_stages import run_stage, stage_process
+from tests.test_stages import merge, run_stage, stage_process
 from tests.test_stats_stage import TEXT
 
 EASYEDIT_SAMPLE = json.loads((ROOT / "data/samples/counterfact-edit_sample.json").read_text())
@@ -335,3 +335,108 @@ def test_wandb_watches_progress_and_traces_lineage_to_the_table(tmp_path):
     assert {"summary.json", "config.yaml"} <= set(artifact["files"])
     used = runs["summarize"]["config"]["inputs"]
     assert used[artifact["name"]]["digest"] == artifact["digest"]  # summarize -> these exact cases
+
+
+def test_sequential_checkpoints_inside_a_batch_are_scored_at_its_end_and_named(tmp_path):
+    """The issue's repro: three cases per edit, checkpoints 1, 4 and 6 on 7 cases scored only 6
+    and 7. The model passes through 3, 6 and 7 edits, so 1 is scored at 3 and 4 at 6."""
+    done = evaluate(
+        tmp_path,
+        "eval.mode=sequential",
+        "data.limit=7",
+        "eval.sequential_batch=3",
+        "eval.checkpoints=[1,4,6]",
+    )
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/sequential"
+    curve = json.loads((out / "sequential.json").read_text())["checkpoints"]
+    assert [(p["edits"], p.get("requested")) for p in curve] == [(3, [1]), (6, [4, 6]), (7, None)]
+    assert [p["ES"]["n"] for p in curve] == [3, 6, 7]  # every case edited so far
+    assert "for checkpoint 1: the end of the batch of eval.sequential_batch=3" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"] == curve and summary["sequential_batch"] == 3
+
+
+def test_a_pickle_planted_as_progress_is_refused_and_never_run(tmp_path):
+    """A progress file is loaded with weights_only: a pickle that would run code on loading
+    (here: create a file) stops the run, naming the file, and the code does not run."""
+    import os
+    import pickle
+
+    marker = tmp_path / "code-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/sequential"
+    out.mkdir(parents=True)
+    (out / "sequential-progress.pt").write_bytes(pickle.dumps(Planted()))
+    args = evaluate_args(tmp_path, "eval.mode=sequential", "data.limit=2")
+    done = run_stage("evaluate", *args)
+    assert not marker.exists()  # before the fix, torch.load ran it
+    assert done.returncode != 0
+    assert f"refusing to resume from {out / 'sequential-progress.pt'}" in done.stderr
+
+
+def test_a_second_mass_job_on_a_directory_stops_and_merge_lists_every_size_on_disk(tmp_path):
+    """Two mass jobs on one directory each rewrote mass.json from the copy read at their start,
+    losing the other's sizes: a second job now stops at the first's lock. A size whose file is
+    on disk without its point in mass.json (such a loss) is in the summary merge writes."""
+    from pipeline.core.files import try_lock
+
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/memit/mass"
+    mass = ("eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,3]")
+    with try_lock(out / ".mass.lock"):  # a first job at work on this curve
+        second = run_stage("evaluate", *evaluate_args(tmp_path, *mass, editor="memit"))
+    assert second.returncode != 0
+    assert "another job is already editing the mass curve" in second.stderr
+    assert not (out / "mass.json").exists()
+    evaluate(tmp_path, *mass, editor="memit")
+    saved = json.loads((out / "mass.json").read_text())
+    lost = {"curve": [p for p in saved["curve"] if p["size"] != 3]}  # as a racing job left it
+    (out / "mass.json").write_text(json.dumps(lost))
+    done = merge(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["size"] for p in summary["curve"]] == [1, 3]
+    assert summary["curve"][1]["rebuilt_from"] == "mass-3.jsonl"
+    assert summary["curve"][1]["post"] == saved["curve"][1]["post"]  # the same records
+
+
+def test_mass_sizes_above_the_cases_loaded_are_named(tmp_path):
+    done = evaluate(tmp_path, "eval.mode=mass", "data.limit=2", "eval.mass_sizes=[1,10]")
+    assert "eval.mass_sizes: [10] above the 2 cases loaded, not run" in done.stdout + done.stderr
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/mass"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["size"] for p in summary["curve"]] == [1]
+    assert summary["sizes_beyond_the_cases"] == [10]
+
+
+@pytest.mark.parametrize("mode", ["mass", "sequential"])
+def test_shards_of_a_mass_or_sequential_run_are_refused_before_anything_is_written(tmp_path, mode):
+    args = evaluate_args(
+        tmp_path, f"eval.mode={mode}", "data.limit=2", "shard.index=1", "shard.count=2"
+    )
+    done = run_stage("evaluate", *args)
+    assert done.returncode != 0
+    assert f"shard.count=2 with eval.mode={mode}" in done.stderr
+    assert not (tmp_path / "results/evaluate").exists()  # (Hydra's own log is in results/logs)
+
+
+@pytest.mark.parametrize(
+    "protocol", [("eval.mode=mass", "eval.mass_sizes=[3]"), ("eval.mode=sequential",)]
+)
+def test_contradictory_requests_in_one_edit_are_refused_naming_both_cases(tmp_path, protocol):
+    """Two cases with one subject and prompt and two targets, in one mass edit or one
+    sequential batch, were both reported ok; now the run stops before editing, naming both."""
+    records = json.loads(json.dumps(EASYEDIT_SAMPLE[:3]))
+    records[2] = {**records[0], "case_id": 999, "target_new": "Swahili"}
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    args = evaluate_args(tmp_path, f"data.path={data}", *protocol, "eval.sequential_batch=3")
+    done = run_stage("evaluate", *args)
+    assert done.returncode != 0
+    assert "0 and 999 (" in done.stderr
+    assert "'English' vs 'Swahili'" in done.stderr
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome"
+    assert not list(out.rglob("*.jsonl")) and not list(out.rglob("*progress*"))

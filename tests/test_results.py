@@ -87,3 +87,26 @@ def test_the_paired_change_is_post_minus_pre_case_by_case():
     same = results.paired_change([record(p, p - 0.1) for p in (0.2, 0.9, 0.5)], "NS")
     assert abs(same["mean"] + 10) < 1e-9 and abs(same["high"] - same["low"]) < 1e-6
     assert results.paired_change([record(1.0, 0.0)], "NS")["n"] == 1  # too few for an interval
+
+
+def test_a_changed_number_in_the_unedited_scores_is_named_and_recomputed(tmp_path, caplog):
+    """Rows carry a checksum: a score changed on disk was used silently; now the row is named
+    (its file) and scored again, giving the first numbers back."""
+    cases = load_counterfact(SAMPLE, limit=2).records
+    lm = tiny_model("tiny-gpt2", 0)
+    first = plain(PreCache(tmp_path, "0of1", lm).get(cases, 32))
+    path = tmp_path / "pre-0of1.jsonl"
+    rows = read_jsonl([path])
+    rows[0]["metrics"]["ES"] = 1.0 - rows[0]["metrics"]["ES"]  # the issue's changed number
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = plain(PreCache(tmp_path, "0of1", lm).get(cases, 32))
+    assert again == first
+    assert f"{path}: the row of key {rows[0]['key']} fails its checksum" in caplog.text
+
+
+def test_a_changed_z_is_named_and_not_used(tmp_path, caplog):
+    ValueCache(tmp_path).put({"k": {"delta": [0.5, 0.25], "nll": 0.01, "steps": 9}})
+    path = tmp_path / "values.jsonl"
+    path.write_text(path.read_text().replace("0.25", "0.75"))
+    assert ValueCache(tmp_path).get("k") is None  # so the editor optimises z again
+    assert f"{path}: the row of key k fails its checksum" in caplog.text

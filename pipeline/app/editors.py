@@ -253,7 +253,8 @@ def key_statistics(
 
 
 def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHparams) -> list[str]:
-    """The model's own context templates for these settings, generated once per model."""
+    """The model's own context templates for these settings, generated once per model and
+    cached with a checksum (`files.sealed`): a damaged file is named and generated again."""
     settings = {
         "lengths": hparams.context_templates,
         "seeds": hparams.context_seeds,
@@ -268,9 +269,19 @@ def context_templates(cache_dir: str | Path, lm: LoadedModel, hparams: RomeHpara
     path = Path(cache_dir) / "templates" / lm.name / f"{digest}.json"
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
-            return files.read_json(path)["templates"]
+            try:
+                entry = files.read_json(path)
+            except (ValueError, OSError) as error:  # truncated, or not JSON
+                entry = {"error": str(error)}
+            if files.intact(entry):
+                return entry["templates"]
+            log.warning(
+                "%s fails its checksum (%s); generating the templates again",
+                path,
+                entry.get("error", "damaged, or written before the cache had checksums"),
+            )
         templates = templates_for(lm, hparams)
-        files.write_json(path, {"settings": settings, "templates": templates})
+        files.write_json(path, files.sealed({"settings": settings, "templates": templates}))
     log.info("context templates for %s cached at %s", lm.name, path)
     return templates
 

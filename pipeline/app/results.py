@@ -2,7 +2,8 @@
 
 Lines are appended and fsynced, so a killed run loses at most the line it was writing, and a torn
 last line is ignored on reading. `PreCache` keeps the unedited model's scores per case, shared by
-every editor's run of a model and data set, keyed by what determines them.
+every editor's run of a model and data set, keyed by what determines them. Its rows and
+`ValueCache`'s carry a checksum (`files.sealed`): a damaged row is named and recomputed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from metrics import counterfact as cf
 from metrics.intervals import mean_ci
 from pipeline.core.editing.requests import EditResult
-from pipeline.core.files import file_lock
+from pipeline.core.files import file_lock, intact, sealed
 from pipeline.core.models import LoadedModel, identity_of
 from pipeline.core.scoring import score_cases
 from pipeline.data.records import CounterfactCase
@@ -38,6 +39,27 @@ def read_jsonl(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 log.warning("ignoring an incomplete line in %s", path)
+    return rows
+
+
+def checked_rows(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """A cache's rows by key, each as written (`sealed`): a row whose checksum fails (a changed
+    number, or one written before rows had one) is left out, so it is recomputed, and named in a
+    warning with its file unless a later intact row of the same key replaced it."""
+    rows: dict[str, dict[str, Any]] = {}
+    damaged: dict[str, Path] = {}
+    for path in paths:
+        for row in read_jsonl([path]):
+            key = row.get("key") if isinstance(row, dict) else None
+            if key is None:
+                continue
+            if intact(row):
+                rows[key] = {k: v for k, v in row.items() if k != "sha256"}
+                damaged.pop(key, None)
+            elif key not in rows:
+                damaged[key] = path
+    for key, path in damaged.items():
+        log.warning("%s: the row of key %s fails its checksum; recomputing it", path, key)
     return rows
 
 
@@ -103,14 +125,13 @@ class PreCache:
     """Unedited scores per case, shared by every editor's run of this model and data.
 
     Rows are found by `pre_key`, not by case id, so another seed, model file, dtype or a record
-    edited under the same id misses and is scored afresh. Rows written before the key existed
-    have none and are never used (they are recomputed)."""
+    edited under the same id misses and is scored afresh. Rows written before the key or the
+    checksum existed, and damaged ones, are never used (they are recomputed)."""
 
     def __init__(self, directory: Path, tag: str, lm: LoadedModel):
         self.path = directory / f"pre-{tag}.jsonl"
         self.lm = lm
-        rows = read_jsonl(sorted(directory.glob("pre-*.jsonl")))
-        self.rows = {r["key"]: r for r in rows if "key" in r}
+        self.rows = checked_rows(sorted(directory.glob("pre-*.jsonl")))
 
     def get(self, cases: Sequence[CounterfactCase], rows_per_pass: int) -> list:
         keys = [pre_key(self.lm, c) for c in cases]
@@ -122,7 +143,7 @@ class PreCache:
                 for (c, k), p in zip(missing, fresh, strict=True)
             ]
             with file_lock(self.path.with_suffix(".lock")):  # jobs of a sweep share the file
-                append_jsonl(self.path, new_rows)
+                append_jsonl(self.path, [sealed(row) for row in new_rows])
             self.rows.update({r["key"]: r for r in new_rows})
         return [{k: v for k, v in self.rows[key].items() if k not in ("id", "key")} for key in keys]
 
@@ -137,8 +158,7 @@ class ValueCache:
     def __init__(self, directory: Path):
         self.directory = directory
         self.path = directory / "values.jsonl"
-        rows = read_jsonl([self.path]) if self.path.exists() else []
-        self.rows = {r["key"]: r for r in rows if "key" in r}
+        self.rows = checked_rows([self.path] if self.path.exists() else [])
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
@@ -146,7 +166,7 @@ class ValueCache:
     def put(self, rows: dict[str, dict]) -> None:
         new_rows = [{"key": key, **row} for key, row in rows.items()]
         with file_lock(self.path.with_suffix(".lock")):
-            append_jsonl(self.path, new_rows)
+            append_jsonl(self.path, [sealed(row) for row in new_rows])
         self.rows.update({r["key"]: r for r in new_rows})
 
 

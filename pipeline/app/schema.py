@@ -147,6 +147,15 @@ def editor_settings() -> dict[str, Setting]:
     return out
 
 
+# Protocols one job must run whole, and why shards cannot split them.
+UNSHARDED = {
+    "mass": "each size edits the first N cases in one joint edit, so every shard would "
+    "write the whole curve; run it as one job (shard.count=1)",
+    "sequential": "each edit is made on the model all edits before it left, so the cases "
+    "cannot be split; run it as one job (shard.count=1)",
+}
+
+
 class ConfigError(SystemExit):
     """Settings of the wrong type or value, each named with what is allowed."""
 
@@ -167,5 +176,8 @@ def validate_config(cfg: DictConfig) -> None:
     count = OmegaConf.select(cfg, "shard.count", default=1)
     if not problems and not index < count:
         problems.append(f"shard.index={index!r} is not allowed (allowed: 0 to {count - 1})")
+    mode = OmegaConf.select(cfg, "eval.mode", default="independent")
+    if not problems and count > 1 and mode in UNSHARDED:
+        problems.append(f"shard.count={count} with eval.mode={mode}: {UNSHARDED[mode]}")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -116,3 +116,22 @@ def try_lock(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sealed(entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` with the sha256 of its canonical JSON under "sha256", for a cache whose entries
+    are JSON (unedited scores, z, templates): `intact` finds any changed byte or number."""
+    return {**entry, "sha256": _digest(entry)}
+
+
+def intact(entry: Any) -> bool:
+    """Whether `entry` carries the checksum `sealed` gave it (an entry without one fails)."""
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        return False
+    return entry["sha256"] == _digest({k: v for k, v in entry.items() if k != "sha256"})
+
+
+def _digest(entry: dict[str, Any]) -> str:
+    # json round-trips floats exactly (repr), so a row read back hashes as it was written.
+    text = json.dumps(entry, sort_keys=True, default=_default)
+    return hashlib.sha256(text.encode()).hexdigest()

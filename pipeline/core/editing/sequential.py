@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pipeline.core.editing.editor import Editor
-from pipeline.core.editing.requests import EditRequest, EditResult
+from pipeline.core.editing.requests import EditRequest, EditResult, refuse_contradictions
 from pipeline.core.editing.updates import apply_update
 from pipeline.core.models import LoadedModel
 
@@ -28,10 +28,13 @@ def edit_sequentially(
 
     Wrap the call in `preserved_weights(lm, editor.layers)` to get the original model back.
     `on_checkpoint(n_done, results)` runs whenever the edits done pass a multiple of
-    `checkpoint_every`, and at the end.
+    `checkpoint_every`, and at the end. Contradictory requests within one batch are refused
+    before any edit (`refuse_contradictions`).
     """
     results: list[EditResult] = []
     indexed = list(enumerate(requests))
+    for start in range(0, len(requests), batch_size):
+        refuse_contradictions(requests[start : start + batch_size])
     for start in range(0, len(indexed), batch_size):
         edit = editor.joint(lm, indexed[start : start + batch_size])
         apply_update(lm, edit.updates)
