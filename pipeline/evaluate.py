@@ -358,9 +358,16 @@ def _run_independent(
         post_probs = score_cases(lm, batch, updates, batch_size=rows_per_pass)
         post = [scored(p) for p in post_probs]
         if with_generation:
-            for phase, phase_updates in (("pre", [None] * len(batch)), ("post", results)):
-                generated = generation_metrics(lm, batch, phase_updates, cfg, references)
-                for target, extra in zip(pre if phase == "pre" else post, generated, strict=True):
+            unedited = generation_metrics(lm, batch, [None] * len(batch), cfg, references)
+            # Sampling is seeded by the batch, so with no update written (the unedited model,
+            # or every edit refused) the post-edit texts are the pre-edit ones: not sampled twice.
+            edited = (
+                unedited
+                if all(update_of(r) is None for r in results)
+                else generation_metrics(lm, batch, results, cfg, references)
+            )
+            for targets, generated in ((pre, unedited), (post, edited)):
+                for target, extra in zip(targets, generated, strict=True):
                     target.update(extra)
         seconds = (time.perf_counter() - started) / len(batch)
         lines = [
