@@ -112,3 +112,23 @@ def test_fitted_stand_in_uses_sklearns_smoothed_idf():
     assert tfidf.similarity("paris france", "berlin germany") == 0.0
     assert tfidf.similarity("paris is nice", "paris") > tfidf.similarity("paris is nice", "is")
     assert np.linalg.norm(tfidf.vector("paris paris is")) == pytest.approx(1.0)
+
+
+def test_without_romes_tfidf_files_rs_is_not_computed_under_its_name(tmp_path):
+    """RS needs ROME's idf, vocabulary and attribute snippets; without them the records carry
+    GE and no RS (Table 4 leaves it blank and says why), never a stand-in called RS."""
+    from omegaconf import OmegaConf
+
+    from pipeline.app.generation_scores import Reference, generation_metrics
+    from pipeline.data.records import load_counterfact
+    from tests.conftest import ROOT, tiny_model
+
+    cases = load_counterfact(
+        ROOT / "data/samples/counterfact-first1000_sample.json", limit=1
+    ).records
+    references = Reference(tmp_path, cases)
+    assert references.tfidf is None and "not in" in references.source
+    cfg = OmegaConf.create({"seed": 0, "eval": {"max_new_tokens": 4, "top_k": 5}})
+    (scores,) = generation_metrics(tiny_model("tiny-gpt2"), cases, [None], cfg, references)
+    assert "RS" not in scores and math.isfinite(scores["GE"])
+    assert len(scores["texts"]) == len(cases[0].generation_prompts) == 10

@@ -49,7 +49,11 @@ def generation_metrics(
             {
                 "texts": mine,
                 "GE": gen.fluency(mine),
-                "RS": gen.consistency(references.tfidf, mine, references.texts_about(case)),
+                **(
+                    {"RS": gen.consistency(references.tfidf, mine, references.texts_about(case))}
+                    if references.tfidf is not None
+                    else {}
+                ),
             }
         )
     return out
@@ -58,37 +62,26 @@ def generation_metrics(
 class Reference:
     """Reference text about each new target, and the tf-idf it is compared with (RS).
 
-    ROME's files (`attribute_snippets.json`, `idf.npy`, `tfidf_vocab.json` in the data root) when
-    present; otherwise the idf is fitted on the cases' prompts and the references are the other
-    cases' prompts with the same new target (a weaker stand-in, reported as such).
+    ROME's files (`attribute_snippets.json`, `idf.npy`, `tfidf_vocab.json` in the data root)
+    when present. Without them RS is not computed (the case records carry no RS, Table 4 leaves
+    it blank and says why): a tf-idf fitted on other text would be another metric, which must
+    not be reported under RS's name.
     """
 
     def __init__(self, data_root: Path, cases: Sequence[CounterfactCase]):
         snippets, idf, vocab = (
             data_root / name for name in ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json")
         )
-        if snippets.exists() and idf.exists() and vocab.exists():
-            self.source = "ROME attribute snippets and tf-idf"
-            self.tfidf = gen.TfIdf(json.loads(vocab.read_text()), np.load(idf))
-            self.snippets: dict[tuple[str, str], list[str]] = {}
-            for entry in json.loads(snippets.read_text()):
-                key = (entry["relation_id"], entry["target_id"])
-                self.snippets.setdefault(key, []).extend(s["text"] for s in entry["samples"])
+        self.tfidf: gen.TfIdf | None = None
+        self.snippets: dict[tuple[str, str], list[str]] = {}
+        if not (snippets.exists() and idf.exists() and vocab.exists()):
+            self.source = f"none: ROME's tf-idf files and attribute snippets are not in {data_root}"
             return
-        self.source = (
-            "stand-in: idf fitted on the cases' prompts; other cases' prompts as references"
-        )
-        self.snippets = None
-        documents = [p for c in cases for p in (c.prompt, *c.generation_prompts)]
-        self.tfidf = gen.TfIdf.fit(documents)
-        self.by_target: dict[str, list[tuple[int, str]]] = {}
-        for case in cases:
-            for prompt in (case.prompt, *case.paraphrase_prompts):
-                self.by_target.setdefault(case.target_new, []).append(
-                    (case.id, f"{prompt} {case.target_new}")
-                )
+        self.source = "ROME attribute snippets and tf-idf"
+        self.tfidf = gen.TfIdf(json.loads(vocab.read_text()), np.load(idf))
+        for entry in json.loads(snippets.read_text()):
+            key = (entry["relation_id"], entry["target_id"])
+            self.snippets.setdefault(key, []).extend(s["text"] for s in entry["samples"])
 
     def texts_about(self, case: CounterfactCase) -> list[str]:
-        if self.snippets is not None:
-            return self.snippets.get((case.relation_id, case.target_new_id), [])
-        return [text for owner, text in self.by_target.get(case.target_new, []) if owner != case.id]
+        return self.snippets.get((case.relation_id, case.target_new_id), [])
