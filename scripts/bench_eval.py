@@ -23,6 +23,8 @@ and `generate_fast` samples its 10 generation prompts together; "rome code" time
 all cases at once (batched, per-case hooks). ES/PS/NS must agree; GE is compared both from the
 top-k samples (different draws: batch composition and seeds differ) and, with `--greedy-check`,
 from greedy decoding (the same texts up to float rounding). `--cases 0` skips the modes above.
+Measured (SmolLM2, 2 cases, 1 thread, loaded CPU): 4.48x over original, 1.23x over ROME's code;
+generation is 97-98% of each protocol's time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
