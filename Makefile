@@ -213,7 +213,7 @@ bench-stats: setup
 	$(PY) scripts/bench_stats.py $(BENCH_ARGS)
 
 bench-eval: setup
-	$(PY) scripts/bench_eval.py $(BENCH_ARGS)
+	$(PY) scripts/bench_eval.py --full-cases 2 $(BENCH_ARGS)
 
 clean-results:
 	rm -rf results
