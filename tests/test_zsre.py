@@ -123,11 +123,11 @@ def test_batched_top1_reads_equal_a_plain_loop_with_edited_weights(cases_and_upd
 
 
 # The bundled zsRE sample, whether or not a data root is set (CI sets ROME_DATA).
-SAMPLE = ("data=zsre", "paths.data=/nonexistent-data-root")
+SAMPLE_DATA = ("data=zsre", "paths.data=/nonexistent-data-root")
 
 
 def test_evaluate_on_zsre_writes_cases_and_a_summary_with_intervals(tmp_path):
-    evaluate(tmp_path, *SAMPLE, "data.limit=3", "eval.cases_per_batch=2")
+    evaluate(tmp_path, *SAMPLE_DATA, "data.limit=3", "eval.cases_per_batch=2")
     out = tmp_path / "results/evaluate/tiny-gpt2/zsre/rome"
     lines = [json.loads(x) for x in (out / "zsre-cases-0of1.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -146,8 +146,8 @@ def test_evaluate_on_zsre_writes_cases_and_a_summary_with_intervals(tmp_path):
 
 
 def test_zsre_in_the_unedited_run_and_the_summarize_stage(tmp_path):
-    evaluate(tmp_path, *SAMPLE, "data.limit=2", editor="none")
-    evaluate(tmp_path, *SAMPLE, "data.limit=2")
+    evaluate(tmp_path, *SAMPLE_DATA, "data.limit=2", editor="none")
+    evaluate(tmp_path, *SAMPLE_DATA, "data.limit=2")
     line = json.loads(
         (tmp_path / "results/evaluate/tiny-gpt2/zsre/none/zsre-cases-0of1.jsonl")
         .read_text()
