@@ -53,7 +53,7 @@ from pipeline.app.results import (
     scored,
     summarize_records,
 )
-from pipeline.app.stage import Run, require_complete, stage
+from pipeline.app.stage import Run, finished_records, stage
 from pipeline.app.tracking import RunningRates
 from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, refuse_contradictions, update_of
@@ -73,7 +73,6 @@ from pipeline.data.records import (
     Loaded,
     RecordError,
     load_counterfact,
-    missing_by_shard,
     take_shard,
 )
 from pipeline.data.sources import derived_provenance, resolve_data_file
@@ -269,15 +268,7 @@ def summarize_run(
             "skipped_records": sorted(listed, key=lambda r: r["index"])[:100],
         }
     wanted = [c.id for c in cases]
-    count = int(cfg.shard.count)
-    completeness = require_complete(
-        missing_by_shard(wanted, records.keys() | too_long.keys(), count),
-        len(wanted),
-        count,
-        "cases",
-        cfg.allow_partial,
-    )
-    done = [records[i] for i in wanted if i in records]
+    done, completeness = finished_records(cfg, records, wanted, records.keys() | too_long.keys())
     if not done:
         raise SystemExit("no evaluated cases to summarize")
     summary = summarize_records(done, seed=int(cfg.seed))

@@ -41,6 +41,7 @@ from pipeline.app.offline import one_line_errors
 from pipeline.app.schema import validate_config
 from pipeline.core import files
 from pipeline.core.models import LoadedModel, load_model
+from pipeline.data.records import missing_by_shard
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,19 @@ def require_complete(
         "missing": absent,
         "missing_by_shard": {str(i): ids[:100] for i, ids in sorted(gaps.items())},
     }
+
+
+def finished_records(
+    cfg: DictConfig, records: Mapping[Any, Any], wanted: Sequence[Any], accounted: set[Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The records of the `wanted` case ids, in their order, once every shard is finished
+    (`accounted`: the ids written or deliberately skipped; `require_complete` otherwise), and
+    the completeness fields for `summary.json`."""
+    count = int(cfg.shard.count)
+    completeness = require_complete(
+        missing_by_shard(wanted, accounted, count), len(wanted), count, "cases", cfg.allow_partial
+    )
+    return [records[i] for i in wanted if i in records], completeness
 
 
 def _some(ids: Sequence[Any], shown: int = 10) -> str:

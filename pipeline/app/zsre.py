@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from metrics import zsre as zm
 from pipeline.app.editors import CaseEditor
 from pipeline.app.results import append_jsonl, edit_summary, read_jsonl
-from pipeline.app.stage import Run, require_complete
+from pipeline.app.stage import Run, finished_records
 from pipeline.core.editing.requests import EditResult, update_of
 from pipeline.core.models import LoadedModel
 from pipeline.core.scoring import score_zsre_cases
-from pipeline.data.records import Loaded, ZsreCase, load_zsre, missing_by_shard, take_shard
+from pipeline.data.records import Loaded, ZsreCase, load_zsre, take_shard
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,7 @@ def summarize(cfg: DictConfig, run: Run, loaded: Loaded, data_report: dict[str, 
     """`summary.json` over every case's line in the run's zsRE files."""
     records = {r["id"]: r for r in read_jsonl(sorted(run.out_dir.glob(CASES_GLOB)))}
     wanted = [c.id for c in loaded.records]
-    count = int(cfg.shard.count)
-    completeness = require_complete(
-        missing_by_shard(wanted, records.keys(), count),
-        len(wanted),
-        count,
-        "cases",
-        cfg.allow_partial,
-    )
-    done = [records[i] for i in wanted if i in records]
+    done, completeness = finished_records(cfg, records, wanted, set(records))
     if not done:
         raise SystemExit("no evaluated zsRE cases to summarize")
     summary = summarize_records(done)
