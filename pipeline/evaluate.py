@@ -121,7 +121,10 @@ def main(cfg: DictConfig, run: Run) -> None:
         uses_statistics(cfg, run)
         damage = record_texts(cfg, run, lm)
         mine = take_shard(cases, index, count)
-        run_independent(cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file)
+        generated = generation_ids(cfg, cases)
+        run_independent(
+            cfg, run, lm, shard_of(loaded, mine), f"{index}of{count}", data_file, generated
+        )
         if damage is not None and index == 0:
             independent_perplexity(cfg, run, lm, loaded, damage)
         if count > 1:
@@ -305,16 +308,38 @@ def summarize_run(
     print(headline(summary))
 
 
+def generation_ids(cfg: DictConfig, cases: Sequence[CounterfactCase]) -> set[int] | None:
+    """The cases whose generation prompts are sampled (GE, RS): the first
+    `eval.generation_cases` of the data, whichever shard holds them, or every case (None).
+    Generation is nearly all of the full protocol's time (BENCHMARKS.md), so a 1,000-case run
+    may score every case and generate for its first 200; GE's n says how many."""
+    limit = cfg.eval.get("generation_cases")
+    return None if limit is None else {c.id for c in cases[: int(limit)]}
+
+
 def run_independent(
-    cfg: DictConfig, run: Run, lm: LoadedModel, cases: Loaded, tag: str, data_file: Path
+    cfg: DictConfig,
+    run: Run,
+    lm: LoadedModel,
+    cases: Loaded,
+    tag: str,
+    data_file: Path,
+    generated: set[int] | None = None,
 ) -> None:
-    """Evaluate the shard's unfinished cases, holding the lock of its cases file (`exclusive`)."""
+    """Evaluate the shard's unfinished cases, holding the lock of its cases file (`exclusive`);
+    generation for the cases in `generated` (None: all)."""
     with exclusive(run, f"cases-{tag}", f"evaluating shard {tag}"):
-        _run_independent(cfg, run, lm, cases, tag, data_file)
+        _run_independent(cfg, run, lm, cases, tag, data_file, generated)
 
 
 def _run_independent(
-    cfg: DictConfig, run: Run, lm: LoadedModel, shard: Loaded, tag: str, data_file: Path
+    cfg: DictConfig,
+    run: Run,
+    lm: LoadedModel,
+    shard: Loaded,
+    tag: str,
+    data_file: Path,
+    generated: set[int] | None,
 ) -> None:
     cases = shard.records
     written = read_jsonl(sorted(run.out_dir.glob("cases-*.jsonl")))
@@ -348,18 +373,20 @@ def _run_independent(
         updates = [update_of(r) for r in results]
         post_probs = score_cases(lm, batch, updates, batch_size=rows_per_pass)
         post = [scored(p) for p in post_probs]
-        if with_generation:
-            unedited = generation_metrics(lm, batch, [None] * len(batch), cfg, references)
+        chosen = [i for i, c in enumerate(batch) if generated is None or c.id in generated]
+        if with_generation and chosen:
+            gen_cases, gen_results = [batch[i] for i in chosen], [results[i] for i in chosen]
+            unedited = generation_metrics(lm, gen_cases, [None] * len(chosen), cfg, references)
             # Sampling is seeded by the batch, so with no update written (the unedited model,
             # or every edit refused) the post-edit texts are the pre-edit ones: not sampled twice.
             edited = (
                 unedited
-                if all(update_of(r) is None for r in results)
-                else generation_metrics(lm, batch, results, cfg, references)
+                if all(update_of(r) is None for r in gen_results)
+                else generation_metrics(lm, gen_cases, gen_results, cfg, references)
             )
-            for targets, generated in ((pre, unedited), (post, edited)):
-                for target, extra in zip(targets, generated, strict=True):
-                    target.update(extra)
+            for targets, texts in ((pre, unedited), (post, edited)):
+                for i, extra in zip(chosen, texts, strict=True):
+                    targets[i].update(extra)
         seconds = (time.perf_counter() - started) / len(batch)
         lines = [
             case_record(c, p, q, r, seconds)

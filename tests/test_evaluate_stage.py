@@ -141,6 +141,26 @@ def test_rome_schema_with_generation_and_the_unedited_row(tmp_path):
     assert unedited["post"]["ES"] == unedited["pre"]["ES"] == summary["pre"]["ES"]
 
 
+def test_generation_for_the_first_cases_only(tmp_path):
+    """`eval.generation_cases=1`: every case scored, the first one generated for (GE's n)."""
+    second = json.loads(json.dumps(ROME_CASE).replace("Danielle Darrieux", "Jean Galland"))
+    second["case_id"] = 1
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([ROME_CASE, second]))
+    evaluate(
+        tmp_path,
+        "data=counterfact",
+        f"data.path={data}",
+        "eval.max_new_tokens=4",
+        "eval.generation_cases=1",
+        "eval.perplexity=false",
+    )
+    rows, summary = cases(tmp_path, data="counterfact")
+    assert summary["n_cases"] == 2 and summary["post"]["ES"]["n"] == 2
+    assert summary["post"]["GE"]["n"] == summary["pre"]["GE"]["n"] == 1
+    assert "texts" in rows[0]["post"] and "texts" not in rows[1]["post"]
+
+
 def test_sequential_edits_report_each_checkpoint(tmp_path):
     evaluate(tmp_path, "eval.mode=sequential", "data.limit=3", "eval.checkpoints=[1,2]")
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/sequential"

@@ -101,6 +101,7 @@ SETTINGS: dict[str, Setting] = {
     "eval.checkpoints": Setting(int, item=int),
     "eval.generation": Setting((str, bool), choices=("auto", True, False)),
     "eval.max_new_tokens": COUNT,
+    "eval.generation_cases": Setting(int, minimum=0, nullable=True),
     "eval.top_k": COUNT,
     "eval.perplexity": FLAG,
     "eval.perplexity_tokens": COUNT,
