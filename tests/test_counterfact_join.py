@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.core import files
 from pipeline.data import counterfact_join as cj
+from pipeline.data.derived import provenance
 from pipeline.data.records import load_counterfact
 from pipeline.data.sources import BUNDLED, derived_provenance, resolve_data_file
 
@@ -78,7 +79,7 @@ def test_the_58_cases_shared_with_the_1386_file_are_identical(joined, data_root)
 
 
 def test_the_derived_file_records_its_digest_and_sources(joined, data_root):
-    meta = cj.provenance(joined)
+    meta = provenance(joined)
     assert meta["derived"] is True and meta["sha256"] == files.sha256_file(joined)
     assert meta["sources"] == cj.source_digests(data_root) and len(meta["sources"]) == 7
     assert derived_provenance(joined) == {"derived": True, "sources": meta["sources"]}

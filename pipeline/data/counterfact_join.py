@@ -19,9 +19,8 @@ record or with several is an error naming the record. What is not in either copy
 pararel_idx and the Wikidata ids of the targets (`target_new.id`, which keys ROME's attribute
 snippets for RS).
 
-The joined file goes to `<cache>/data/`, named by a digest of the sources' sha256s (another copy
-of a source makes another file), with a sidecar `<name>.meta.json` recording the file's own
-sha256, every source's sha256 and `derived: true`. Built at load time when missing
+The joined file goes to the cache as every derived file does (`pipeline.data.derived`: named
+by its sources' sha256s, with a sidecar recording its own). Built at load time when missing
 (`pipeline.data.sources.resolve_data_file`), or with
 
     python -m pipeline.data.counterfact_join [--root $ROME_DATA] [--cache .cache]
@@ -30,14 +29,12 @@ sha256, every source's sha256 and `derived: true`. Built at load time when missi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import files
+from pipeline.data import derived
 
 NAME = "counterfact-first1000"
 PARTS_DIR = "counterfact_full/first1000_parts"
@@ -148,57 +145,25 @@ def join(data_root: str | Path) -> list[dict[str, Any]]:
     return joined
 
 
-def serialize(records: Sequence[dict[str, Any]]) -> str:
-    """The file's text: one fixed serialization, so equal records give an equal sha256."""
-    return json.dumps(list(records), ensure_ascii=False, indent=1) + "\n"
-
-
 def source_digests(data_root: str | Path) -> dict[str, str]:
-    return {name: files.sha256_file(Path(data_root) / name) for name in SOURCES}
+    return derived.source_digests(data_root, SOURCES)
 
 
 def target_path(cache_dir: str | Path, digests: dict[str, str]) -> Path:
-    key = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / "data" / f"{NAME}-{key}.json"
-
-
-def meta_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.stem + ".meta.json")
-
-
-def provenance(path: str | Path) -> dict[str, Any] | None:
-    """The sidecar of a derived file (`derived`, `sha256`, `sources`), or None for others."""
-    meta = meta_path(path)
-    return files.read_json(meta) if meta.exists() else None
+    return derived.target_path(cache_dir, NAME, digests)
 
 
 def build(data_root: str | Path, cache_dir: str | Path) -> Path:
-    """The joined file in the cache, built if missing (or if it no longer has the sha256 its
-    sidecar records); returns its path."""
-    digests = source_digests(data_root)
-    path = target_path(cache_dir, digests)
-    with files.file_lock(path.with_suffix(".lock")):
-        meta = provenance(path) if path.exists() else None
-        if meta and meta.get("sha256") == files.sha256_file(path):
-            return path
-        records = join(data_root)
-        text = serialize(records)
-        files.atomic_write(path, text)
-        files.write_json(
-            meta_path(path),
-            {
-                "name": NAME,
-                "derived": True,
-                "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "records": len(records),
-                "sources": digests,
-                "how": "pipeline.data.counterfact_join: the part files' prompt families joined "
-                "with EasyEdit's copy by (subject, target_true, target_new), one match each "
-                "(SOURCES.md 5b)",
-            },
-        )
-    return path
+    """The joined file in the cache, built if missing or damaged; returns its path."""
+    return derived.build(
+        NAME,
+        data_root,
+        cache_dir,
+        SOURCES,
+        join,
+        "pipeline.data.counterfact_join: the part files' prompt families joined with EasyEdit's "
+        "copy by (subject, target_true, target_new), one match each (SOURCES.md 5b)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=os.environ.get("ROME_CACHE", ".cache"))
     args = parser.parse_args(argv)
     path = build(args.root, args.cache)
-    meta = provenance(path)
+    meta = derived.provenance(path)
     print(f"{path}\n  {meta['records']} records, sha256 {meta['sha256']} (derived)")
     return 0
 

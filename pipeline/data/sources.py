@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import current_umask
-from pipeline.data import counterfact_join
+from pipeline.data import counterfact_join, counterfact_tune, derived
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ BUNDLED = Path(__file__).resolve().parents[2] / "data" / "samples"
 # the sources missing from a data root, and the builder (data root, cache) -> the file's path.
 DERIVED = {
     counterfact_join.NAME: (counterfact_join.missing_sources, counterfact_join.build),
+    counterfact_tune.NAME: (counterfact_tune.missing_sources, counterfact_tune.build),
 }
 
 
@@ -125,7 +126,7 @@ def resolve_data_file(
 def derived_provenance(path: str | Path) -> dict[str, Any]:
     """What run.json records of a derived file beside its path and sha256: `derived` and the
     sources' digests (from its sidecar); nothing for a file that was not derived."""
-    meta = counterfact_join.provenance(path)
+    meta = derived.provenance(path)
     return {"derived": True, "sources": meta["sources"]} if meta and meta.get("derived") else {}
 
 
@@ -138,7 +139,7 @@ def build_derived(data_root: Path, cache_dir: Path) -> dict[str, str]:
             outcome[name] = f"not built: missing {', '.join(absent)}"
             continue
         path = build(data_root, cache_dir)
-        outcome[name] = f"derived: {path} (sha256 {counterfact_join.provenance(path)['sha256']})"
+        outcome[name] = f"derived: {path} (sha256 {derived.provenance(path)['sha256']})"
     return outcome
 
 

@@ -1,0 +1,77 @@
+"""Files derived from the data root, built once into the cache and keyed by their sources.
+
+The data root may be read-only (CI's copy of `../shared`), so a file made from it (a join, a
+split) goes to `<cache>/data/<name>-<key>.json`, where the key is a digest of every source's
+sha256: another copy of a source makes another file. A sidecar `<name>-<key>.meta.json` records
+the file's own sha256, the sources' sha256s, `derived: true` and how it was made; run.json
+copies it (`sources.derived_provenance`). A file whose bytes no longer match its sidecar is
+rebuilt, under a lock so that concurrent stages build it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.core import files
+
+
+def serialize(records: Sequence[dict[str, Any]]) -> str:
+    """The file's text: one fixed serialization, so equal records give an equal sha256."""
+    return json.dumps(list(records), ensure_ascii=False, indent=1) + "\n"
+
+
+def source_digests(data_root: str | Path, sources: Sequence[str]) -> dict[str, str]:
+    return {name: files.sha256_file(Path(data_root) / name) for name in sources}
+
+
+def target_path(cache_dir: str | Path, name: str, digests: dict[str, str]) -> Path:
+    key = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "data" / f"{name}-{key}.json"
+
+
+def meta_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".meta.json")
+
+
+def provenance(path: str | Path) -> dict[str, Any] | None:
+    """The sidecar of a derived file (`derived`, `sha256`, `sources`), or None for others."""
+    meta = meta_path(path)
+    return files.read_json(meta) if meta.exists() else None
+
+
+def build(
+    name: str,
+    data_root: str | Path,
+    cache_dir: str | Path,
+    sources: Sequence[str],
+    make: Callable[[Path], list[dict[str, Any]]],
+    how: str,
+) -> Path:
+    """The derived file `name` in the cache, made by `make(data_root)` if missing (or if it no
+    longer has the sha256 its sidecar records); returns its path."""
+    digests = source_digests(data_root, sources)
+    path = target_path(cache_dir, name, digests)
+    with files.file_lock(path.with_suffix(".lock")):
+        meta = provenance(path) if path.exists() else None
+        if meta and meta.get("sha256") == files.sha256_file(path):
+            return path
+        records = make(Path(data_root))
+        text = serialize(records)
+        files.atomic_write(path, text)
+        files.write_json(
+            meta_path(path),
+            {
+                "name": name,
+                "derived": True,
+                "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "records": len(records),
+                "sources": digests,
+                "how": how,
+            },
+        )
+    return path
