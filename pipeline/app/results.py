@@ -184,6 +184,8 @@ def summarize_records(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[
                     out[phase][name] = {
                         k: v * 100 if k != "n" else v for k, v in out[phase][name].items()
                     }
+    # The edit's paired change of each probability test (what "did not edit" and tuning read).
+    out["change"] = {k: paired_change(records, k) for k in ("ES", "PS", "NS")}
     edits = [r["edit"] for r in records if "edit" in r]
     if edits:
         out["edits"] = {

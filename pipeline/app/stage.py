@@ -350,14 +350,27 @@ class Run:
         self.tracker.finish(exit_code)
 
 
+# What a run whose edits did not move ES returns below its S: S is at most 100, so such a point
+# ranks under every point that edited, and among its kind still by S.
+DID_NOT_EDIT_PENALTY = 100.0
+
+
 def headline(stage: str, summary: Mapping[str, Any]) -> float | None:
     """The one number a stage returns to Hydra (a sweeper maximises it): the edit score S for
     evaluate, the MLP effect's peak at the last subject token for trace, the share of facts
-    known for known; None for the others."""
+    known for known; None for the others.
+
+    An independent evaluation whose paired ES change (post − pre, same cases) has an interval
+    reaching 0 or below did not edit: it returns S − DID_NOT_EDIT_PENALTY, so a tuning study
+    never prefers a setting that leaves the facts as they were (S alone can: an edit that does
+    nothing keeps NS at its best)."""
     try:
         if stage == "evaluate":
             if "post" in summary:
-                return float(summary["post"]["S"]["mean"])
+                score = float(summary["post"]["S"]["mean"])
+                es_change = summary.get("change", {}).get("ES", {}).get("low")
+                edited = es_change is None or es_change > 0
+                return score if edited else score - DID_NOT_EDIT_PENALTY
             return float(summary["checkpoints"][-1]["S"]["mean"])  # sequential
         if stage == "trace":
             return float(summary["peaks"]["mlp"]["last_subject_peak_effect"])
