@@ -38,6 +38,9 @@ EDITOR_NAMES = {
     "memit": "MEMIT",
     "emmet": "EMMET",
     "alphaedit": "AlphaEdit",
+    "memit-reference": "MEMIT (reference code)",
+    "emmet-reference": "EMMET (reference code)",
+    "alphaedit-reference": "AlphaEdit (reference code)",
 }
 AIE_UNIT = "(Δ p(answer))"
 BASELINE = {"color": "#666666", "linestyle": "--", "linewidth": 0.9}  # the unedited model

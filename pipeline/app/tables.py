@@ -50,8 +50,11 @@ EDITOR_ORDER = (
     "rome-reference",
     "r-rome",
     "memit",
+    "memit-reference",
     "emmet",
+    "emmet-reference",
     "alphaedit",
+    "alphaedit-reference",
 )
 
 
