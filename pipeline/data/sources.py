@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import current_umask
-from pipeline.data import counterfact_join, counterfact_tune, derived
+from pipeline.data import counterfact_join, counterfact_tune, counterfact_union, derived
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ BUNDLED = Path(__file__).resolve().parents[2] / "data" / "samples"
 DERIVED = {
     counterfact_join.NAME: (counterfact_join.missing_sources, counterfact_join.build),
     counterfact_tune.NAME: (counterfact_tune.missing_sources, counterfact_tune.build),
+    counterfact_union.NAME: (counterfact_union.missing_sources, counterfact_union.build),
 }
 
 
