@@ -33,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.app.edited_model import EditedModel, PendingEdit
-from pipeline.app.editors import check_settings
+from pipeline.app.editors import check_settings, spec
 from pipeline.app.schema import ConfigError, validate_config
 from pipeline.core.models import LoadedModel, load_model
 from pipeline.core.scoring import generate
@@ -89,11 +89,13 @@ def configure(
     editor (conf/editor/<editor>.yaml) and `hparams` on it, then `settings` (any dotted key). An
     editor's setting goes by its name (`v_lr=0.1`), the edited layer(s) as `layer=` or
     `layers=` (either: the stages' `editor.layer`), the statistics' budget as `mom2={...}`."""
-    overrides, spec = model_choice(name_or_path)
+    if editor not in (None, "none"):
+        spec(OmegaConf.create({"name": editor}))  # an unknown name: the registry's error
+    overrides, model_spec = model_choice(name_or_path)
     cfg = compose(overrides + ([f"editor={editor}"] if editor else []))
     OmegaConf.set_struct(cfg, False)  # an unknown editor setting is named by `check_settings`
-    if spec is not None:
-        cfg.model = spec
+    if model_spec is not None:
+        cfg.model = model_spec
     cfg.device, cfg.dtype, cfg.seed = device, dtype, int(seed)
     for key, value in (hparams or {}).items():
         key = "layer" if key == "layers" else key

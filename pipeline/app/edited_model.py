@@ -126,7 +126,7 @@ def update_sha256(updates: Sequence[Any]) -> str:
             if isinstance(value, torch.Tensor):
                 tensor = value.detach().cpu().contiguous()
                 hasher.update(f"{field.name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+                hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
 
