@@ -127,3 +127,23 @@ def test_a_bad_request_stops_the_run_in_one_line_before_anything_is_written(
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "results" / "edit").exists()
     assert not (tmp_path / "results" / "wandb").exists()
+
+
+@pytest.mark.parametrize("editor", ["rome", "r-rome", "memit", "alphaedit", "ft", "kn"])
+def test_the_edit_config_is_the_stages_model_editor_and_corpus(editor):
+    """conf/edit.yaml composes the groups `stats` and `evaluate` compose, and the API's config
+    is the stage's: the same editor settings, statistics budget and paths."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.api import configure
+    from pipeline.app.schema import validate_config
+    from tests.conftest import ROOT
+
+    overrides = ["model=tiny-llama", f"editor={editor}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        staged, stats = compose("edit", overrides=overrides), compose("stats", overrides=overrides)
+    validate_config(staged)
+    for group in ("model", "editor", "corpus", "paths"):
+        assert staged[group] == stats[group]
+    api = configure("tiny-llama", editor)
+    assert api.editor == staged.editor and api.model == staged.model and api.paths == staged.paths
