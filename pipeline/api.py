@@ -104,9 +104,11 @@ def configure(
         OmegaConf.update(cfg, key, value, merge=True)
     try:
         validate_config(cfg)
-        check_settings(cfg, n_layers)
+        if editor is not None:  # a model loaded by directory has no editor's layer preset
+            check_settings(cfg, n_layers)
     except ConfigError as error:  # a stage exits; a library raises
-        raise ValueError(str(error.code)) from None
+        hint = "\n(from Python, `editor.<setting>=...` is Model.edit(..., <setting>=...))"
+        raise ValueError(str(error.code) + (hint if editor else "")) from None
     return cfg
 
 

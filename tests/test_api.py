@@ -164,6 +164,8 @@ def test_a_saved_model_is_plain_transformers_with_the_edited_logits(tmp_path, gp
     with torch.no_grad():
         # The same weights bit for bit and the same forward pass: the same logits.
         assert torch.equal(reloaded(ids).logits, edited_logits)
+    again = load(tmp_path / "saved", settings=settings)  # and through the API, by directory
+    assert again.lm.name == "saved" and torch.equal(again.lm.model(ids).logits, edited_logits)
     assert manifest["requests"][0]["target_new"] == "English"
     assert manifest["editor"]["name"] == "rome"
     assert manifest["editor"]["hparams"]["v_num_grad_steps"] == 4
@@ -276,3 +278,13 @@ def test_the_update_digest_reads_the_values_whatever_the_layout():
     assert update_sha256([LowRankUpdate(0, left, right)]) == update_sha256([same])
     moved = LowRankUpdate(0, torch.tensor(left.tolist()), right * 2)
     assert update_sha256([moved]) != update_sha256([same])
+
+
+def test_a_model_loaded_by_directory_edits_at_a_layer_given_by_keyword(tmp_path, gpt2, settings):
+    with gpt2.edit(PLAIN, editor="rome", **FAST) as edit:
+        edit.save(tmp_path / "saved")
+    again = load(tmp_path / "saved", settings=settings)
+    with pytest.raises(ValueError, match="no layer preset for model 'saved'"):
+        again.edit(PLAIN, editor="rome", **FAST)
+    with again.edit(PLAIN, editor="rome", layer=2, **FAST) as edit:
+        assert [u.layer for u in edit.updates] == [2]

@@ -8,8 +8,10 @@ computed, with the errors `evaluate` gives a bad record: the record parsers of
 `scoring.too_long` (inputs beyond the model's context, the editor's context templates counted)
 and `refuse_contradictions` (one prompt, two targets). `apply` computes the edit as a mass edit of
 the requests (`CaseEditor.mass`: one joint solve for MEMIT and its successors, one request after
-another for ROME, FT and KN; one request is the same update `evaluate` computes for it) and
-writes it into the weights.
+another for ROME, FT and KN) and writes it into the weights. Of one request it is the update
+`evaluate` computes for it: exactly for ROME, FT and KN; for MEMIT's family to float32 rounding,
+since the lower layers' update is written into the weights before the next layer's keys are read
+here, and added by hooks in `evaluate`'s independent protocol.
 
 `EditedModel` keeps the touched projections' weights from before and after the edit, so the
 unedited model is one copy away (`restore` puts it back bit for bit; `generate` and `scores`
