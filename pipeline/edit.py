@@ -22,13 +22,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.app.edited_model import PendingEdit, generation_markdown, request_slug
+from pipeline.app.edited_model import PendingEdit, as_records, generation_markdown, request_slug
 from pipeline.app.editors import check_settings
 from pipeline.app.stage import Run, stage
 from pipeline.core import files
 from pipeline.core.editing.requests import ContradictoryRequests
 from pipeline.core.models import load_model
-from pipeline.data.records import RecordError
+from pipeline.data.records import RecordError, load_requests
 
 
 def given_requests(cfg: DictConfig) -> tuple[list[Any], str]:
@@ -48,6 +48,11 @@ def given_requests(cfg: DictConfig) -> tuple[list[Any], str]:
             raws += loaded if isinstance(loaded, list) else [loaded]
             sources.append(str(path))
     if cfg.request is not None:
+        if not isinstance(cfg.request, DictConfig):
+            raise SystemExit(
+                f"error: request={cfg.request!r}: a request is a dict, "
+                "'request={prompt: \"...{}...\", subject: ..., target_new: ...}'"
+            )
         raws.append(OmegaConf.to_container(cfg.request, resolve=True))
         sources.append("request")
     if not raws:
@@ -61,17 +66,18 @@ def given_requests(cfg: DictConfig) -> tuple[list[Any], str]:
 def check(cfg: DictConfig) -> PendingEdit:
     """The requests checked against the model and editor before the run writes anything."""
     raws, source = given_requests(cfg)
-    lm = load_model(
-        cfg.model,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        cache_dir=cfg.paths.cache,
-        seed=int(cfg.seed),
-    )
-    check_settings(cfg, lm.n_layers)
     try:
+        load_requests(as_records(raws), source)  # the checks of the records alone, before loading
+        lm = load_model(
+            cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            cache_dir=cfg.paths.cache,
+            seed=int(cfg.seed),
+        )
+        check_settings(cfg, lm.n_layers)
         pending = PendingEdit.check(cfg, lm, raws, source)
-    except (RecordError, ContradictoryRequests) as error:
+    except (RecordError, ContradictoryRequests, TypeError) as error:
         raise SystemExit(f"error: {error}") from None
     if cfg.edit.name is None:
         cfg.edit.name = request_slug(pending.cases)
