@@ -288,3 +288,19 @@ def test_a_model_loaded_by_directory_edits_at_a_layer_given_by_keyword(tmp_path,
         again.edit(PLAIN, editor="rome", **FAST)
     with again.edit(PLAIN, editor="rome", layer=2, **FAST) as edit:
         assert [u.layer for u in edit.updates] == [2]
+
+
+def test_a_request_the_model_already_answers_is_left_out_and_named(gpt2):
+    """ROME refuses a target that is already the greedy answer (`reject_already_predicted`):
+    the other requests are edited and the refused one is listed; alone, the edit raises."""
+    prompt = "The mother tongue of Danielle Darrieux is"
+    answer = gpt2.generate(prompt, max_new_tokens=1)[0].strip()
+    known = {**PLAIN, "target_new": answer, "target_true": "Zulu", "case_id": 7}
+    with pytest.raises(ValueError, match="no request could be edited: .*already the greedy"):
+        gpt2.edit(known, editor="rome", **FAST)
+    other = {"prompt": "{} plays the", "subject": "Miles Davis", "target_new": "violin"}
+    with gpt2.edit([known, other], editor="rome", **FAST) as edit:
+        assert edit.failed == [
+            {"id": 7, "error": f"target_new {answer!r} is already the greedy answer"}
+        ]
+        assert len(edit.updates) == 1 and edit.manifest()["failed"] == edit.failed
