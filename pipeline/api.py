@@ -86,7 +86,7 @@ def configure(
     n_layers: int | None = None,
 ) -> DictConfig:
     """The configuration of `load` and `Model.edit`, checked: conf/edit.yaml with the model, the
-    editor (conf/editor/<editor>.yaml) and `hparams` on it, then `settings` (any dotted key). An
+    editor (conf/editor/<editor>.yaml), `settings` (any dotted key), then `hparams`. An
     editor's setting goes by its name (`v_lr=0.1`), the edited layer(s) as `layer=` or
     `layers=` (either: the stages' `editor.layer`), the statistics' budget as `mom2={...}`."""
     if editor not in (None, "none"):
@@ -97,11 +97,11 @@ def configure(
     if model_spec is not None:
         cfg.model = model_spec
     cfg.device, cfg.dtype, cfg.seed = device, dtype, int(seed)
-    for key, value in (hparams or {}).items():
-        key = "layer" if key == "layers" else key
-        OmegaConf.update(cfg, f"editor.{key}", value, merge=True)
     for key, value in (settings or {}).items():
         OmegaConf.update(cfg, key, value, merge=True)
+    for key, value in (hparams or {}).items():  # the edit's own settings win over `settings`
+        key = "layer" if key == "layers" else key
+        OmegaConf.update(cfg, f"editor.{key}", value, merge=True)
     try:
         validate_config(cfg)
         if editor is not None:  # a model loaded by directory has no editor's layer preset
@@ -126,6 +126,9 @@ def load(
     `{"paths.cache": "/scratch/cache", "corpus.local_dir": "/data/wiki"}`."""
     options = dict(device=device, dtype=dtype, seed=seed, settings=dict(settings or {}))
     cfg = configure(name_or_path, **options)
+    directory = (model_choice(name_or_path)[1] or {}).get("path")
+    if directory:  # absolute: an edit later finds it from any working directory
+        name_or_path = directory
     lm = load_model(
         cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.paths.cache, seed=cfg.seed
     )

@@ -304,3 +304,14 @@ def test_a_request_the_model_already_answers_is_left_out_and_named(gpt2):
             {"id": 7, "error": f"target_new {answer!r} is already the greedy answer"}
         ]
         assert len(edit.updates) == 1 and edit.manifest()["failed"] == edit.failed
+
+
+def test_an_edits_own_settings_win_over_those_given_at_load():
+    from pipeline.api import configure
+
+    loaded = {"editor.v_num_grad_steps": 2, "editor.mom2.max_tokens": 1000}
+    cfg = configure("tiny-gpt2", "rome", {"v_num_grad_steps": 4}, settings=loaded)
+    assert cfg.editor.v_num_grad_steps == 4 and cfg.editor.mom2.max_tokens == 1000
+    cfg = configure("tiny-gpt2", "memit", {"layers": [1, 2], "mom2": {"max_tokens": 9}})
+    assert list(cfg.editor.layer) == [1, 2] and cfg.editor.mom2.max_length == 256
+    assert cfg.editor.mom2.max_tokens == 9
