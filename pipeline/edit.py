@@ -22,7 +22,13 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.app.edited_model import PendingEdit, as_records, generation_markdown, request_slug
+from pipeline.app.edited_model import (
+    NothingEdited,
+    PendingEdit,
+    as_records,
+    generation_markdown,
+    request_slug,
+)
 from pipeline.app.editors import check_settings
 from pipeline.app.stage import Run, stage
 from pipeline.core import files
@@ -86,7 +92,10 @@ def check(cfg: DictConfig) -> PendingEdit:
 
 @stage("edit", before=check)
 def main(cfg: DictConfig, run: Run, ready: PendingEdit) -> None:
-    edit = ready.apply()
+    try:
+        edit = ready.apply()
+    except NothingEdited as error:
+        raise SystemExit(f"error: {error}") from None
     run.write_json("requests.json", [c.to_dict() for c in edit.cases])
     prompts = [*edit.prompts(), *cfg.edit.prompts]
     rows = edit.generate(

@@ -147,3 +147,19 @@ def test_the_edit_config_is_the_stages_model_editor_and_corpus(editor):
         assert staged[group] == stats[group]
     api = configure("tiny-llama", editor)
     assert api.editor == staged.editor and api.model == staged.model and api.paths == staged.paths
+
+
+def test_a_request_the_model_already_answers_ends_the_run_in_one_line(tmp_path):
+    """Refused by the editor after looking at the model (so once the run has begun)."""
+    model = load("tiny-gpt2", settings=settings(tmp_path))
+    answer = model.generate("The mother tongue of Danielle Darrieux is", max_new_tokens=1)[0]
+    request = (
+        'request={prompt: "The mother tongue of {} is", subject: Danielle Darrieux, '
+        f'target_new: "{answer.strip()}"}}'
+    )
+    done = edit(tmp_path, request)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: no request could be edited: edit request 0 (id=0): target_new "
+        f"{answer.strip()!r} is already the greedy answer"
+    )

@@ -76,6 +76,10 @@ def _as_request(case: CounterfactCase) -> dict[str, Any]:
     return request | ({"target_true": case.target_true} if case.target_true is not None else {})
 
 
+class NothingEdited(ValueError):
+    """Every request was refused by the editor (e.g. its target is already the answer)."""
+
+
 @dataclass
 class PendingEdit:
     """Requests checked against the model and the configured editor; nothing edited yet."""
@@ -111,7 +115,7 @@ class PendingEdit:
         for result in refused:
             log.warning("not edited: %s", result.error)
         if len(refused) == len(edit.results):
-            raise ValueError(
+            raise NothingEdited(
                 "no request could be edited: " + "; ".join(str(r.error) for r in refused)
             )
         return EditedModel(self, edit, time.perf_counter() - started)
