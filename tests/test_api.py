@@ -315,3 +315,14 @@ def test_an_edits_own_settings_win_over_those_given_at_load():
     cfg = configure("tiny-gpt2", "memit", {"layers": [1, 2], "mom2": {"max_tokens": 9}})
     assert list(cfg.editor.layer) == [1, 2] and cfg.editor.mom2.max_length == 256
     assert cfg.editor.mom2.max_tokens == 9
+
+
+def test_scores_need_target_true_and_generate_names_a_prompt_that_fills_the_context(gpt2):
+    bare = {k: v for k, v in PLAIN.items() if k != "target_true"}
+    with gpt2.edit(bare, editor="rome", **FAST) as edit:
+        with pytest.raises(ValueError, match=r"requests with ids \[0\] have no target_true"):
+            edit.scores()
+        with pytest.raises(ValueError, match="no room to generate in the model's context of 256"):
+            edit.generate(["the river" * 300])
+        (row,) = edit.generate(max_new_tokens=500)  # clipped to the context, not an error
+        assert row["prompt"] == "The mother tongue of Danielle Darrieux is"
