@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -111,6 +111,13 @@ EVAL_CASES ?= 200
 evaluate: setup
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) $(OVERRIDES)
 	$(PY) -m pipeline.evaluate data.limit=$(EVAL_CASES) editor=none $(OVERRIDES)
+
+## Edit one fact (REQUEST, Hydra's dict syntax) into the model, print its generations before
+## and after, save the edited model: results/edit/<model>/<editor>/<name>/ (docs/api.md). A file
+## of requests instead: OVERRIDES='requests=FILE'.
+REQUEST ?= {prompt: "The mother tongue of {} is", subject: Danielle Darrieux, target_new: English, target_true: French}
+edit: setup
+	$(PY) -m pipeline.edit $(if $(REQUEST),'request=$(REQUEST)') $(OVERRIDES)
 
 ## The editors benchmark (the editors issue's acceptance runs; each run resumes where it stopped):
 ## every editor of EDITORS on the first EVAL_CASES cases, one at a time (Table 4); MASS_EDITORS

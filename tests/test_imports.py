@@ -54,3 +54,16 @@ def test_algorithms_need_only_torch_and_transformers_and_never_import_the_stages
 
 def test_benchmarks_need_only_torch_and_transformers():
     assert run(BENCH) == ["[]"]
+
+
+API = """
+import sys
+import pipeline.api
+print(sorted({"hydra", "wandb", "matplotlib"} & {name.split(".")[0] for name in sys.modules}))
+"""
+
+
+def test_the_editing_api_imports_without_hydra_or_wandb():
+    """`pipeline.api` is for Python users: Hydra composes its configuration when `load` is
+    called, never on import, and W&B is the stages' alone."""
+    assert run(API) == ["[]"]

@@ -108,6 +108,11 @@ SETTINGS: dict[str, Setting] = {
     "eval.perplexity_window": Setting(int, minimum=2),  # a window predicts all but its first
     "eval.perplexity_cases": COUNT,
     "eval.perplexity_batch": COUNT,
+    "edit.prompts": Setting(str, item=str),
+    "edit.max_new_tokens": COUNT,
+    "edit.top_k": COUNT,
+    "edit.save_model": FLAG,
+    "edit.name": Setting(str, nullable=True),
     "trace.samples": COUNT,
     "trace.noise_multiplier": Setting(float, minimum=0),
     "trace.scale": Setting(float, minimum=0, nullable=True),

@@ -393,6 +393,12 @@ def run_stage(name: str, cfg: DictConfig) -> Run:
 
 
 def _execute(name: str, fn: StageFn, resumable: bool, cfg: DictConfig) -> Run:
+    before = getattr(fn, "before", None)
+    if before is not None:  # the stage's own inputs, checked before the run has a side effect
+        validate_config(cfg)
+        check_settings(cfg)
+        ready = before(cfg)
+        fn = functools.partial(fn, ready=ready)
     run = Run(cfg, name, resumable=resumable)
     try:
         fn(cfg, run)
@@ -403,10 +409,16 @@ def _execute(name: str, fn: StageFn, resumable: bool, cfg: DictConfig) -> Run:
     return run
 
 
-def stage(name: str, resumable: bool = False) -> Callable[[StageFn], Callable[[], None]]:
-    """Make `fn(cfg, run)` a Hydra app reading `conf/<name>.yaml`."""
+def stage(
+    name: str, resumable: bool = False, before: Callable[[DictConfig], Any] | None = None
+) -> Callable[[StageFn], Callable[[], None]]:
+    """Make `fn(cfg, run)` a Hydra app reading `conf/<name>.yaml`. `before(cfg)`, if given,
+    checks what the config alone cannot show (inputs given on the command line, against the
+    model) before anything is written; what it returns reaches `fn(cfg, run, ready=...)`."""
 
     def decorate(fn: StageFn) -> Callable[[], None]:
+        if before is not None:
+            fn.before = before  # read by `_execute`, also where a launcher unpickled `fn`
         STAGES[name] = (fn, resumable)
 
         @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")

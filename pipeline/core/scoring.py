@@ -73,7 +73,7 @@ def too_long(
     )
     for name, prompts, extra in fields:
         for prompt in prompts:
-            for target in (case.target_new, case.target_true):
+            for target in (t for t in (case.target_new, case.target_true) if t is not None):
                 size = len(encode(tokenizer, prompt)) + len(target_ids(tokenizer, target, prompt))
                 if size - 1 + extra > limit:
                     what = " and the edit's context template" if extra else ""

@@ -72,7 +72,7 @@ class CounterfactCase:
     id: int
     subject: str
     template: str
-    target_true: str
+    target_true: str | None  # None: a request given without it (`load_requests`)
     target_new: str
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
@@ -343,6 +343,39 @@ def _parse_zsre(record: _Fields, target: str = "answers") -> ZsreCase:
     )
 
 
+def _parse_request(record: _Fields) -> CounterfactCase:
+    """A request as the editing API takes it: `prompt` (a "{}" template for the subject, or the
+    prompt with the subject written in), `subject`, `target_new`, optionally `target_true` (the
+    answer it replaces; scores need it) and ROME's lists of paraphrase, neighbourhood and
+    generation prompts; a CounterFact record of either schema is parsed as in a data file."""
+    if "requested_rewrite" in record.raw:
+        return _parse_counterfact_rome(record)
+    if "ground_truth" in record.raw:
+        return _parse_counterfact_easyedit(record)
+    subject = record.get("subject")
+    prompt = record.get("prompt")
+    if "{}" not in prompt:
+        _check_subject(record, subject, prompt, "subject")
+        prompt = _template_of(prompt, subject)
+    target_new = record.get("target_new")
+    target_true = record.get("target_true", required=False)
+    if target_true is not None:
+        _check_targets(record, target_true, target_new, "target_new")
+    paraphrases = record.get("paraphrase_prompts", list, required=False, default=())
+    for paraphrase in paraphrases:
+        _check_subject(record, subject, paraphrase, "paraphrase_prompts")
+    return CounterfactCase(
+        id=record.get("case_id", int, required=False, default=record.index),
+        subject=subject,
+        template=prompt,
+        target_true=target_true,
+        target_new=target_new,
+        paraphrase_prompts=paraphrases,
+        neighborhood_prompts=record.get("neighborhood_prompts", list, required=False, default=()),
+        generation_prompts=record.get("generation_prompts", list, required=False, default=()),
+    )
+
+
 SCHEMA_SIGNS = {"rome": ("requested_rewrite",), "easyedit": ("target_new", "ground_truth")}
 
 
@@ -392,17 +425,30 @@ def _load(
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
         parse = _parse_counterfact_rome if schema == "rome" else _parse_counterfact_easyedit
-    loaded = Loaded(path=str(path), schema=schema or "")
+    return _parse_all(str(path), raws, parse, id_key, on_error, schema, limit)
+
+
+def _parse_all(
+    source: str,
+    raws: Sequence[Any],
+    parse: Callable[[_Fields], Any],
+    id_key: str,
+    on_error: OnError,
+    schema: str | None,
+    limit: int | None,
+) -> Loaded:
+    """Each raw record parsed, bad ones raised or counted, ids unique; `source` names them."""
+    loaded = Loaded(path=source, schema=schema or "")
     first_at: dict[Any, int] = {}  # id -> the record that has it
     for index, raw in enumerate(raws):
         if limit is not None and len(loaded.records) >= limit:
             break
         try:
-            record = parse(_Fields(str(path), index, raw, id_key))
+            record = parse(_Fields(source, index, raw, id_key))
             if record.id in first_at:
                 # Results are keyed by id: a second record with it would replace the first's.
                 raise RecordError(
-                    str(path),
+                    source,
                     index,
                     record.id,
                     id_key,
@@ -441,6 +487,12 @@ def load_zsre(
     if target not in ZSRE_TARGETS:
         raise ValueError(f"the zsRE target must be one of {ZSRE_TARGETS}, got {target!r}")
     return _load(Path(path), lambda r: _parse_zsre(r, target), "case_id", on_error, "zsre", limit)
+
+
+def load_requests(raws: Sequence[Any], source: str = "requests") -> Loaded:
+    """Edit requests given in memory (`_parse_request`), checked as a data file's records are:
+    the first bad one raises a `RecordError` naming `source`, the request and the field."""
+    return _parse_all(source, list(raws), _parse_request, "case_id", "fail", "requests", None)
 
 
 LOADERS: dict[str, Callable[..., Loaded]] = {
