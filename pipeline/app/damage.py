@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from metrics import perplexity as ppl
 from pipeline.app.corpora import held_out_text
@@ -77,9 +78,10 @@ class HeldOutPerplexity:
 
     def over_edits(self, updates_per_edit: Sequence[Updates]) -> dict:
         """Each edit alone on the unedited model, averaged over the edits (metrics.perplexity)."""
+        edits = tqdm(updates_per_edit, desc="perplexity under each edit", unit="edit")
         table = [
             window_nlls(self.lm, self.windows, [updates], batch_size=self.batch_size)
-            for updates in updates_per_edit
+            for updates in edits
         ]
         return ppl.over_edits(table, self.tokens_per_window)
 
