@@ -89,6 +89,7 @@ SETTINGS: dict[str, Setting] = {
     "aggregate_only": FLAG,
     "allow_partial": FLAG,
     "snapshot_inputs": FLAG,
+    "data_kinds": Setting(str, item=str),
     "tracking.mode": Setting(str, choices=("offline", "online", "disabled"), nullable=True),
     "batch_size": COUNT,
     "known_batch_size": COUNT,
@@ -172,6 +173,13 @@ def validate_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not setting.accepts(value):
             problems.append(f"{key}={value!r} is not allowed (allowed: {setting.allowed()})")
+    kinds, kind = cfg.get("data_kinds"), OmegaConf.select(cfg, "data.kind", default=None)
+    if kinds is not None and kind is not None and kind not in kinds:
+        name = OmegaConf.select(cfg, "data.name", default=kind)
+        problems.append(
+            f"data ({name}) holds {kind} records, which this stage does not read "
+            f"(allowed: data of kind {', '.join(kinds)})"
+        )
     index = OmegaConf.select(cfg, "shard.index", default=0)
     count = OmegaConf.select(cfg, "shard.count", default=1)
     if not problems and not index < count:
