@@ -170,6 +170,14 @@ def summarize_run(
     for name in ("EM", "PM", "NM"):
         run.tracker.histogram(f"post/{name}", [r["post"]["metrics"][name] for r in done])
     print(headline(summary))
+    if cfg.model.get("source") == "random":
+        print(RANDOM_MODEL_NOTE.format(model=cfg.model.name))
+
+
+RANDOM_MODEL_NOTE = (
+    "note: {model} is a random test model: the run shows the pipeline's plumbing, not editing "
+    "(edits can be made, `ok`, while ES does not move: the model knows no facts to rewrite)"
+)
 
 
 if __name__ == "__main__":
