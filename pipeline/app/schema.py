@@ -121,6 +121,7 @@ SETTINGS: dict[str, Setting] = {
     "trace.limit": Setting(int, minimum=0, nullable=True),
     "trace.facts": Setting(str, choices=("known", "all")),
     "editor.layer": Setting((int, list), nullable=True),  # a list for multi-layer editors
+    "editor.layers": Setting((list, str), nullable=True),  # a list; KN: all
     "editor.batch_size": COUNT,
     "editor.mom2.max_samples": Setting(int, minimum=1, nullable=True),
     "editor.mom2.max_tokens": Setting(int, minimum=1, nullable=True),
