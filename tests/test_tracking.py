@@ -1,3 +1,4 @@
+import functools
 import json
 import time
 
@@ -125,6 +126,40 @@ def test_run_ids_are_stable_per_results_directory_and_part(tmp_path):
     again.finish()
     assert first_dir != again_dir  # two offline files, one W&B run once synced
     assert stored_run(first_dir)["run"]["id"] == stored_run(again_dir)["run"]["id"] == a
+
+
+def test_a_sweep_job_never_adopts_the_run_of_a_standalone_run_in_the_same_directory(tmp_path):
+    """A standalone run and a later sweep job writing one results directory shared a run id:
+    the sweep resumed the earlier run, moved it into its group and overwrote its summary."""
+    out = tmp_path / "evaluate/m/d/rome"
+    standalone = tracking.run_id(out, "shard 0 of 1")
+    in_sweep = tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,6")
+    assert standalone != in_sweep
+    assert in_sweep == tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,6")
+    assert in_sweep != tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,7")
+    assert standalone == tracking.run_id(out, "shard 0 of 1", None)  # a rerun still resumes
+
+
+def test_artifacts_are_named_by_results_path_stage_and_experiment_not_the_checkout(tmp_path):
+    """The report's artifact was named after the checkout folder (`house-reports-<experiment>`
+    from the last path parts of a directory outside the results)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.app.stage import Run
+
+    checkout = tmp_path / "some-checkout"
+    report = checkout / "reports/paper_gpt2xl"
+    cfg = OmegaConf.create(
+        {"paths": {"results": str(checkout / "results")}, "experiment_name": "paper_gpt2xl"}
+    )
+    run = SimpleNamespace(cfg=cfg, out_dir=report, stage="report")
+    name = functools.partial(Run.artifact_name, run)
+    assert name(report) == "report-paper_gpt2xl"
+    assert name(checkout / "results/trace/m/known_1000") == "trace-m-known_1000"
+    # the report's snapshot of an input: the upstream run's own artifact name
+    assert name(report / "inputs/trace/m/known_1000") == "trace-m-known_1000"
 
 
 def test_sweep_group_comes_from_the_sweeps_settings_not_its_start_time():

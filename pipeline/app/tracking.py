@@ -3,8 +3,8 @@
 Offline by default (no account needed; `wandb sync <dir>` uploads later). Any W&B failure — no
 network, no login, a broken install — is logged once and the tracker turns itself off.
 
-A run's id comes from its results directory and shard (`run_id`), so a requeued or rerun job
-resumes its W&B run instead of starting another; a `--multirun`'s group comes from the sweep's
+A run's id comes from its results directory, shard and sweep (`run_id`), so a requeued or rerun
+job resumes its W&B run instead of starting another, and a sweep job starts its own; a `--multirun`'s group comes from the sweep's
 own overrides (`sweep_group`), so continuing a sweep stays in its group. Each stage logs its
 results directory as an artifact (`log_directory`) and declares the directories it read
 (`use_directory`): online W&B draws the lineage known -> trace -> report and stats -> evaluate
@@ -236,10 +236,13 @@ def gpu_visible() -> bool:
         return False
 
 
-def run_id(out_dir: str | Path, part: str = "") -> str:
-    """A W&B run id that is the same for every run of one job: its results directory and part
-    (the shard, or the merge), so a requeued or rerun job resumes its W&B run."""
-    key = f"{Path(out_dir).resolve()}|{part}"
+def run_id(out_dir: str | Path, part: str = "", group: str | None = None) -> str:
+    """A W&B run id that is the same for every run of one job: its results directory, part
+    (the shard, or the merge) and sweep group (None: not in a sweep), so a requeued or rerun job
+    resumes its W&B run, while a sweep job never adopts the run of a standalone run (or of
+    another sweep) that wrote the same directory: it would move that run into its group and
+    overwrite its summary."""
+    key = f"{Path(out_dir).resolve()}|{part}" + (f"|{group}" if group else "")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
