@@ -10,7 +10,11 @@ results directory as an artifact (`log_directory`) and declares the directories 
 (`use_directory`): online W&B draws the lineage known -> trace -> report and stats -> evaluate
 -> summarize / report; offline (where W&B cannot record a use) the inputs' names and digests go
 into the run's config under `inputs`, and equal the digests of the artifacts the upstream runs
-logged.
+logged. After `wandb sync`, `link_inputs` turns that config key into W&B's own lineage (each
+synced run uses the upstream artifact version of that digest):
+
+    wandb sync results/wandb/offline-run-*
+    python -m pipeline.app.tracking <entity>/<project>
 """
 
 from __future__ import annotations
@@ -291,6 +295,31 @@ def directory_artifact(directory: str | Path, kind: str, name: str):
     return artifact
 
 
+def link_inputs(api: Any, project: str) -> list[str]:
+    """Record, on every synced run of `project` ("entity/project") that read results offline,
+    the use of each input's artifact version (`inputs` in its config: name, type, digest) as
+    W&B lineage, which an offline run cannot record itself. Idempotent: a run already using
+    that version is left as it is. `api` is a `wandb.Api()`; returns a line per link made, and
+    per input whose version is not (yet) synced."""
+    done = []
+    for run in api.runs(project):
+        inputs = (run.config or {}).get("inputs") or {}
+        if not inputs:
+            continue
+        used = {(a.name.split(":")[0], a.digest) for a in run.used_artifacts()}
+        for name, entry in sorted(inputs.items()):
+            if (name, entry["digest"]) in used:
+                continue
+            versions = api.artifacts(entry["type"], f"{project}/{name}")
+            match = next((v for v in versions if v.digest == entry["digest"]), None)
+            if match is None:
+                done.append(f"{run.id}: no synced version of {name} with digest {entry['digest']}")
+                continue
+            run.use_artifact(match)
+            done.append(f"{run.id} uses {name}:{match.version}")
+    return done
+
+
 class RunningRates:
     """Running ES, PS, NS (percent) over the cases finished so far, for logging as a run goes."""
 
@@ -415,3 +444,10 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
 
 def _item_key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
+
+
+if __name__ == "__main__":  # after `wandb sync`: python -m pipeline.app.tracking entity/project
+    import wandb
+
+    for line in link_inputs(wandb.Api(), sys.argv[1]):
+        print(line)
