@@ -300,7 +300,11 @@ def main(cfg: DictConfig, run: Run) -> None:
         run.uses(Path(cfg.known_dir), "known")  # W&B lineage: known -> trace
     facts = sorted(facts, key=lambda f: f["id"])
     if not facts:
-        raise SystemExit(f"no known facts to trace (from {facts_source})")
+        raise SystemExit(
+            f"no known facts to trace (from {facts_source}): the model predicts none of the "
+            "facts' answers (a random or very small model does not). Pass trace.facts=all to "
+            "trace every fact; on a random model the trace shows the plumbing, not knowledge."
+        )
     # One scale for every prompt, shard and limit: the std of subject-token embeddings over all
     # the known facts, so a run limited to a few prompts and its continuation agree.
     if options["scale"] is None:

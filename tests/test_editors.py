@@ -107,6 +107,21 @@ def test_multi_layer_presets_and_per_model_values_yield_to_the_command_line():
         editors.edit_layer(config("editor=rome", "editor.layer=[1,2]").editor, "gpt2")
 
 
+def test_editor_layers_is_the_list_a_user_sets_and_the_presets_are_layers_by_model():
+    """`editor.layers` held the per-model preset map, so `editor.layers=[0,1]` replaced the map
+    with a list and the run stopped ('no layer preset'); the map is `layers_by_model` now."""
+    memit = config("editor=memit", "model=gpt-j-6b", "editor.layers=[0,1]").editor
+    assert editors.editor_hparams(memit, "gpt-j-6b").layers == (0, 1)
+    assert editors.edit_layers(config("editor=rome", "editor.layers=[3]").editor, "gpt2") == [3]
+    preset = config("editor=memit", "model=gpt-j-6b").editor
+    assert preset.layers is None and list(preset.layers_by_model["gpt-j-6b"]) == [3, 4, 5, 6, 7, 8]
+    both = config("editor=memit", "editor.layer=[1]", "editor.layers=[0,1]").editor
+    with pytest.raises(ValueError, match="both set; set one"):
+        editors.edit_layers(both, "gpt-j-6b")
+    found = editors.layer_settings(evaluate_config("editor=memit", "editor.layers=[0,2]"))
+    assert found == {"editor.layers": [0, 2], "editor.v_loss_layer": -1}  # both checked
+
+
 def test_context_templates_of_another_model_under_the_same_name_are_its_own(tmp_path, monkeypatch):
     hp = RomeHparams(layer=1, context_templates=((3, 2),))
     editors.context_templates(tmp_path, tiny_model("tiny-gpt2"), hp)

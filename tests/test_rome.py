@@ -16,7 +16,7 @@ from pipeline.core.editing import rome
 from pipeline.core.editing.keys import projection_inputs
 from pipeline.core.editing.requests import EditRequest, prepare_all
 from pipeline.core.editing.rome import RomeHparams
-from pipeline.core.editing.values import Rows
+from pipeline.core.editing.rows import Rows
 from pipeline.core.second_moment import second_moment
 from pipeline.core.tokens import encode, fill, right_pad, subject_span, target_ids
 from tests.conftest import ROOT, TINY, tiny_model
@@ -382,7 +382,7 @@ def test_request_from_filled_prompt_uses_the_last_occurrence():
 WIKITEXT = Path(os.environ.get("ROME_DATA", ROOT.parent / "shared/data")) / "wikipedia"
 WIKITEXT = WIKITEXT / "wikitext-2-raw.wiki.test.raw"
 # Layer 6 of 30: inside the peak of SmolLM2's MLP causal trace at the last subject token, and
-# the earliest layer whose edits leave neighbouring French speakers alone (see pipeline/rome.py).
+# the earliest layer whose edits leave neighbouring French speakers alone (see conf/editor/rome.yaml).
 SMOL_LAYER = 6
 
 

@@ -173,8 +173,9 @@ def test_a_wrong_setting_stops_before_any_file_or_run_and_names_key_value_and_ch
         env={"ROME_WANDB_MODE": "offline"},
     )
     assert bad.returncode != 0
-    assert "dtype='float61' is not allowed (allowed: one of float32, bfloat16, float16, float64)" in (
-        bad.stderr
+    assert (
+        "dtype='float61' is not allowed (allowed: one of float32, bfloat16, float16, float64)"
+        in (bad.stderr)
     )
     assert "data.limit='abc' is not allowed (allowed: an integer, at least 0, or null)" in (
         bad.stderr

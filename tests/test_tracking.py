@@ -1,5 +1,7 @@
+import functools
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -127,6 +129,38 @@ def test_run_ids_are_stable_per_results_directory_and_part(tmp_path):
     assert stored_run(first_dir)["run"]["id"] == stored_run(again_dir)["run"]["id"] == a
 
 
+def test_a_sweep_job_never_adopts_the_run_of_a_standalone_run_in_the_same_directory(tmp_path):
+    """A standalone run and a later sweep job writing one results directory shared a run id:
+    the sweep resumed the earlier run, moved it into its group and overwrote its summary."""
+    out = tmp_path / "evaluate/m/d/rome"
+    standalone = tracking.run_id(out, "shard 0 of 1")
+    in_sweep = tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,6")
+    assert standalone != in_sweep
+    assert in_sweep == tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,6")
+    assert in_sweep != tracking.run_id(out, "shard 0 of 1", "evaluate: editor.layer=0,7")
+    assert standalone == tracking.run_id(out, "shard 0 of 1", None)  # a rerun still resumes
+
+
+def test_artifacts_are_named_by_results_path_stage_and_experiment_not_the_checkout(tmp_path):
+    """The report's artifact was named after the checkout folder (`house-reports-<experiment>`
+    from the last path parts of a directory outside the results)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.app.stage import Run
+
+    checkout = tmp_path / "some-checkout"
+    report = checkout / "reports/paper_gpt2xl"
+    cfg = OmegaConf.create(
+        {"paths": {"results": str(checkout / "results")}, "experiment_name": "paper_gpt2xl"}
+    )
+    run = SimpleNamespace(cfg=cfg, out_dir=report, stage="report")
+    name = functools.partial(Run.artifact_name, run)
+    assert name(report) == "report-paper_gpt2xl"
+    assert name(checkout / "results/trace/m/known_1000") == "trace-m-known_1000"
+    # the report's snapshot of an input: the upstream run's own artifact name
+    assert name(report / "inputs/trace/m/known_1000") == "trace-m-known_1000"
+
+
 def test_sweep_group_comes_from_the_sweeps_settings_not_its_start_time():
     group = tracking.sweep_group(
         "evaluate", ["sweep=layers", "editor.layer=0,6,14", "data.limit=5"]
@@ -157,6 +191,12 @@ def test_figures_are_logged_in_one_step(tmp_path):
 
 
 def test_directories_are_artifacts_and_inputs_carry_their_digest(tmp_path):
+    offline_pair(tmp_path)
+
+
+def offline_pair(tmp_path):
+    """An upstream run logging a results directory and a downstream run reading it, offline;
+    both as stored."""
     results = tmp_path / "known/m/d"
     (results / "figures").mkdir(parents=True)
     (results / "known.json").write_text("[1, 2]")
@@ -180,6 +220,53 @@ def test_directories_are_artifacts_and_inputs_carry_their_digest(tmp_path):
     assert logged[0]["files"] == ["figures/f.png", "known.json", "summary.json"]
     used = stored_run(downstream_dir, lambda s: "inputs" in s["config"])["config"]["inputs"]
     assert used["known-m-d"]["digest"] == logged[0]["digest"]  # the exact input, traceable
+    return stored_run(upstream_dir), stored_run(downstream_dir, lambda s: "inputs" in s["config"])
+
+
+class Synced:
+    """What `wandb sync` puts on the server, as the public API shows it: the runs read back
+    from their offline files, each upstream artifact as version v0 (no network here)."""
+
+    def __init__(self, *stored):
+        self.used: dict[str, list] = {}
+        self.stored = stored
+
+    def runs(self, project):
+        return [SimpleRun(self, s) for s in self.stored]
+
+    def artifacts(self, kind, name):
+        short = name.rsplit("/", 1)[-1]
+        return [
+            SimpleNamespace(name=f"{a['name']}:v0", digest=a["digest"], version="v0")
+            for s in self.stored
+            for a in s["artifacts"]
+            if a["name"] == short and a["type"] == kind
+        ]
+
+
+class SimpleRun:
+    def __init__(self, api, stored):
+        self.api, self.id, self.config = api, stored["run"]["id"], stored["config"]
+
+    def used_artifacts(self):
+        return self.api.used.get(self.id, [])
+
+    def use_artifact(self, artifact):
+        self.api.used.setdefault(self.id, []).append(artifact)
+
+
+def test_offline_lineage_becomes_w_and_bs_own_after_sync(tmp_path):
+    """Offline runs kept their inputs only as a config key: after a sync W&B drew no lineage.
+    `link_inputs` makes each synced run use the upstream version of the recorded digest."""
+    upstream, downstream = offline_pair(tmp_path)
+    api = Synced(upstream, downstream)
+    made = tracking.link_inputs(api, "me/rome-pipeline")
+    assert made == [f"{downstream['run']['id']} uses known-m-d:v0"]
+    (used,) = api.used[downstream["run"]["id"]]
+    assert used.digest == upstream["artifacts"][0]["digest"]
+    assert tracking.link_inputs(api, "me/rome-pipeline") == []  # once only
+    unsynced = Synced(downstream)  # the upstream run not synced yet: said, not guessed
+    assert "no synced version of known-m-d" in tracking.link_inputs(unsynced, "me/p")[0]
 
 
 def test_running_rates():

@@ -99,7 +99,7 @@ EDITORS: dict[str, EditorSpec] = {
     "kn": EditorSpec(KnHparams, None, _knowledge_neurons, needs_keys=False),
 }
 # Keys of an editor config read here, not by the algorithm.
-STAGE_KEYS = {"name", "layer", "layers", "per_model", "batch_size", "mom2"}
+STAGE_KEYS = {"name", "layer", "layers", "layers_by_model", "per_model", "batch_size", "mom2"}
 
 
 def spec(editor: DictConfig) -> EditorSpec:
@@ -108,22 +108,40 @@ def spec(editor: DictConfig) -> EditorSpec:
     return EDITORS[editor.name]
 
 
+def chosen_layers(editor: DictConfig) -> tuple[str, object] | None:
+    """The edit layer(s) the user set, with the key that set it: `editor.layer` (an int, or a
+    list for multi-layer editors) or `editor.layers` (a list); None: the model's preset."""
+    given = {
+        key: editor.get(key)
+        for key in ("layer", "layers")
+        if editor.get(key) is not None and editor.get(key) != "all"
+    }
+    if len(given) > 1:
+        raise ValueError(
+            f"editor '{editor.name}': editor.layer={given['layer']} and "
+            f"editor.layers={given['layers']} both set; set one"
+        )
+    return next(iter(given.items()), None)
+
+
 def edit_layers(editor: DictConfig, model_name: str) -> list[int]:
-    """`editor.layer` (an int, or a list for multi-layer editors) if set, else the editor's
-    preset for this model in `editor.layers`."""
-    chosen = editor.get("layer")
-    if chosen is None and editor.get("layers") == "all":
+    """`editor.layer` or `editor.layers` if set, else the editor's preset for this model in
+    `editor.layers_by_model`."""
+    if editor.get("layer") is None and editor.get("layers") == "all":
         raise ValueError(
             f"editor '{editor.name}' chooses its neurons in every layer: it has no edit layer"
         )
-    if chosen is None:
-        presets = editor.get("layers") or {}
+    given = chosen_layers(editor)
+    if given is None:
+        presets = editor.get("layers_by_model") or {}
         if model_name not in presets:
             raise ValueError(
                 f"editor '{editor.name}' has no layer preset for model '{model_name}' "
                 f"(presets: {sorted(presets)}); choose with editor.layer=N (or a list)"
             )
         chosen = presets[model_name]
+    else:
+        chosen = given[1]
     return (
         [int(x) for x in chosen] if isinstance(chosen, (list, tuple, ListConfig)) else [int(chosen)]
     )
@@ -162,8 +180,8 @@ def editor_hparams(editor: DictConfig, model_name: str):
 
 def layer_settings(cfg: DictConfig) -> dict[str, int | list[int]]:
     """Every layer a stage's config names, by the setting that names it: the statistics stage's
-    `layers`, else the editor's edit layer(s) (`editor.layer`, or its preset for the model,
-    `editor.layers.<model>`); and the layer `editor.v_loss_layer` reads the loss after."""
+    `layers`, else the editor's edit layer(s) (`editor.layer` or `editor.layers`, or its
+    preset for the model, `editor.layers_by_model.<model>`); and the layer `editor.v_loss_layer` reads the loss after."""
     found: dict[str, int | list[int]] = {}
     if cfg.get("layers") is not None:
         found["layers"] = [int(x) for x in cfg.layers]
@@ -171,10 +189,13 @@ def layer_settings(cfg: DictConfig) -> dict[str, int | list[int]]:
     if editor is None or editor.name == "none":
         return found
     if spec(editor).layer_field is not None and "layers" not in found:
-        model, given = cfg.model.name, editor.get("layer") is not None
-        value = editor.layer if given else (editor.get("layers") or {}).get(model)
+        model, given = cfg.model.name, chosen_layers(editor)
+        if given is not None:
+            name, value = f"editor.{given[0]}", given[1]
+        else:
+            name = f"editor.layers_by_model.{model}"
+            value = (editor.get("layers_by_model") or {}).get(model)
         if value is not None:  # no preset: `editor_hparams` says so
-            name = "editor.layer" if given else f"editor.layers.{model}"
             found[name] = [int(x) for x in value] if isinstance(value, ListConfig) else int(value)
     if editor.get("v_loss_layer") is not None:
         found["editor.v_loss_layer"] = int(editor.v_loss_layer)

@@ -89,6 +89,7 @@ SETTINGS: dict[str, Setting] = {
     "aggregate_only": FLAG,
     "allow_partial": FLAG,
     "snapshot_inputs": FLAG,
+    "data_kinds": Setting(str, item=str),
     "tracking.mode": Setting(str, choices=("offline", "online", "disabled"), nullable=True),
     "batch_size": COUNT,
     "known_batch_size": COUNT,
@@ -126,6 +127,7 @@ SETTINGS: dict[str, Setting] = {
     "trace.limit": Setting(int, minimum=0, nullable=True),
     "trace.facts": Setting(str, choices=("known", "all")),
     "editor.layer": Setting((int, list), nullable=True),  # a list for multi-layer editors
+    "editor.layers": Setting((list, str), nullable=True),  # a list; KN: all
     "editor.batch_size": COUNT,
     "editor.mom2.max_samples": Setting(int, minimum=1, nullable=True),
     "editor.mom2.max_tokens": Setting(int, minimum=1, nullable=True),
@@ -178,6 +180,13 @@ def validate_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not setting.accepts(value):
             problems.append(f"{key}={value!r} is not allowed (allowed: {setting.allowed()})")
+    kinds, kind = cfg.get("data_kinds"), OmegaConf.select(cfg, "data.kind", default=None)
+    if kinds is not None and kind is not None and kind not in kinds:
+        name = OmegaConf.select(cfg, "data.name", default=kind)
+        problems.append(
+            f"data ({name}) holds {kind} records, which this stage does not read "
+            f"(allowed: data of kind {', '.join(kinds)})"
+        )
     index = OmegaConf.select(cfg, "shard.index", default=0)
     count = OmegaConf.select(cfg, "shard.count", default=1)
     if not problems and not index < count:

@@ -254,14 +254,16 @@ class Run:
             "tracking": {"mode": mode, "from": mode_from},
         }
         files.write_json(self.out_dir / "run.json", self.meta)
+        group = _sweep_group()
         self.tracker = tracking.from_config(
             cfg.tracking,
-            group=_sweep_group(),
+            group=group,
             name=self._display_name(),
             job_type=stage,
             config=resolved,
             directory=Path(cfg.paths.results),  # W&B adds wandb/offline-run-*
-            run_id=tracking.run_id(self.out_dir, self._part()),  # a rerun resumes its W&B run
+            # a rerun resumes its W&B run; a sweep job never adopts a standalone run's
+            run_id=tracking.run_id(self.out_dir, self._part(), group),
         )
 
     def check_data(self, path: str | Path, **provenance: Any) -> dict[str, Any]:
@@ -296,10 +298,18 @@ class Run:
         return f"shard {shard.index} of {shard.count}" if shard else ""
 
     def artifact_name(self, directory: Path) -> str:
-        """An artifact name for a results directory: its path under `paths.results`."""
-        results, directory = Path(self.cfg.paths.results).resolve(), Path(directory).resolve()
-        relative = directory.relative_to(results) if directory.is_relative_to(results) else None
-        return tracking.artifact_name(relative or Path(*directory.parts[-3:]))
+        """An artifact name for a results directory: its path under `paths.results`, or under
+        this run's `inputs/` (a report's snapshot of its inputs mirrors that layout, so the
+        name is the upstream run's artifact); this run's own directory elsewhere (a report
+        under `reports/`) by stage and experiment, never by the checkout's folders."""
+        directory = Path(directory).resolve()
+        for root in (Path(self.cfg.paths.results).resolve(), self.out_dir.resolve() / "inputs"):
+            if directory.is_relative_to(root) and directory != root:
+                return tracking.artifact_name(directory.relative_to(root))
+        if directory == self.out_dir.resolve():
+            experiment = self.cfg.get("experiment_name") or directory.name
+            return tracking.artifact_name(Path(self.stage, experiment))
+        return tracking.artifact_name(Path(*directory.parts[-3:]))
 
     def uses(self, directory: Path, kind: str) -> None:
         """Record that this run read results directory `directory` (W&B lineage)."""

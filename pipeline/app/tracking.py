@@ -3,14 +3,18 @@
 Offline by default (no account needed; `wandb sync <dir>` uploads later). Any W&B failure — no
 network, no login, a broken install — is logged once and the tracker turns itself off.
 
-A run's id comes from its results directory and shard (`run_id`), so a requeued or rerun job
-resumes its W&B run instead of starting another; a `--multirun`'s group comes from the sweep's
+A run's id comes from its results directory, shard and sweep (`run_id`), so a requeued or rerun
+job resumes its W&B run instead of starting another, and a sweep job starts its own; a `--multirun`'s group comes from the sweep's
 own overrides (`sweep_group`), so continuing a sweep stays in its group. Each stage logs its
 results directory as an artifact (`log_directory`) and declares the directories it read
 (`use_directory`): online W&B draws the lineage known -> trace -> report and stats -> evaluate
 -> summarize / report; offline (where W&B cannot record a use) the inputs' names and digests go
 into the run's config under `inputs`, and equal the digests of the artifacts the upstream runs
-logged.
+logged. After `wandb sync`, `link_inputs` turns that config key into W&B's own lineage (each
+synced run uses the upstream artifact version of that digest):
+
+    wandb sync results/wandb/offline-run-*
+    python -m pipeline.app.tracking <entity>/<project>
 """
 
 from __future__ import annotations
@@ -236,10 +240,13 @@ def gpu_visible() -> bool:
         return False
 
 
-def run_id(out_dir: str | Path, part: str = "") -> str:
-    """A W&B run id that is the same for every run of one job: its results directory and part
-    (the shard, or the merge), so a requeued or rerun job resumes its W&B run."""
-    key = f"{Path(out_dir).resolve()}|{part}"
+def run_id(out_dir: str | Path, part: str = "", group: str | None = None) -> str:
+    """A W&B run id that is the same for every run of one job: its results directory, part
+    (the shard, or the merge) and sweep group (None: not in a sweep), so a requeued or rerun job
+    resumes its W&B run, while a sweep job never adopts the run of a standalone run (or of
+    another sweep) that wrote the same directory: it would move that run into its group and
+    overwrite its summary."""
+    key = f"{Path(out_dir).resolve()}|{part}" + (f"|{group}" if group else "")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -286,6 +293,31 @@ def directory_artifact(directory: str | Path, kind: str, name: str):
     for path in paths:
         artifact.add_file(str(path), name=str(path.relative_to(directory)))
     return artifact
+
+
+def link_inputs(api: Any, project: str) -> list[str]:
+    """Record, on every synced run of `project` ("entity/project") that read results offline,
+    the use of each input's artifact version (`inputs` in its config: name, type, digest) as
+    W&B lineage, which an offline run cannot record itself. Idempotent: a run already using
+    that version is left as it is. `api` is a `wandb.Api()`; returns a line per link made, and
+    per input whose version is not (yet) synced."""
+    done = []
+    for run in api.runs(project):
+        inputs = (run.config or {}).get("inputs") or {}
+        if not inputs:
+            continue
+        used = {(a.name.split(":")[0], a.digest) for a in run.used_artifacts()}
+        for name, entry in sorted(inputs.items()):
+            if (name, entry["digest"]) in used:
+                continue
+            versions = api.artifacts(entry["type"], f"{project}/{name}")
+            match = next((v for v in versions if v.digest == entry["digest"]), None)
+            if match is None:
+                done.append(f"{run.id}: no synced version of {name} with digest {entry['digest']}")
+                continue
+            run.use_artifact(match)
+            done.append(f"{run.id} uses {name}:{match.version}")
+    return done
 
 
 class RunningRates:
@@ -412,3 +444,10 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
 
 def _item_key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
+
+
+if __name__ == "__main__":  # after `wandb sync`: python -m pipeline.app.tracking entity/project
+    import wandb
+
+    for line in link_inputs(wandb.Api(), sys.argv[1]):
+        print(line)

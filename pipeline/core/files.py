@@ -4,7 +4,11 @@ after a SIGKILL) and exclusive locks (concurrent jobs build a shared cache entry
 Every file the pipeline writes gets the permissions an ordinary `open` would give it (0666 less
 the umask), so teammates can read results and caches on a shared filesystem: atomic writes
 change mkstemp's 0600, and `follow_umask` does the same for files written by libraries that
-create them 0600 (safetensors' `save_file`, hence `save_pretrained`'s weights)."""
+create them 0600 (safetensors' `save_file`, hence `save_pretrained`'s weights).
+
+A model's files are identified cheaply (`files_identity`) and their absence is one error
+(`ModelNotAvailableError`), here below both the model loader (`models`) and the GGUF
+conversion (`gguf`), which share them."""
 
 from __future__ import annotations
 
@@ -135,3 +139,21 @@ def _digest(entry: dict[str, Any]) -> str:
     # json round-trips floats exactly (repr), so a row read back hashes as it was written.
     text = json.dumps(entry, sort_keys=True, default=_default)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model's files are not here (a path, a package's GGUF, a hub download offline)."""
+
+
+def files_identity(*paths: str | Path) -> dict[str, Any]:
+    """Each file's resolved path, size and modification time (for a directory: every file in
+    it). Cheap, and it changes whenever a file is replaced or rewritten in place; a byte flipped
+    without touching the mtime is caught by the converted model's checksum, not by this."""
+    entries = []
+    for path in paths:
+        path = Path(path).resolve()
+        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for member in members:
+            stat = member.stat()
+            entries.append([str(member), stat.st_size, stat.st_mtime_ns])
+    return {"files": entries}

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.files import file_lock, follow_umask
-from pipeline.core.models import ModelNotAvailableError, files_identity
+from pipeline.core.files import ModelNotAvailableError, file_lock, files_identity, follow_umask
 
 log = logging.getLogger(__name__)
 

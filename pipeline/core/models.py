@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.files import ModelNotAvailableError, files_identity  # shared with gguf
+
 log = logging.getLogger(__name__)
 
 
@@ -104,10 +106,6 @@ MODEL_TYPES: dict[str, str] = {
 
 
 class UnsupportedModelError(ValueError):
-    pass
-
-
-class ModelNotAvailableError(RuntimeError):
     pass
 
 
@@ -262,20 +260,6 @@ def digest(description: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def files_identity(*paths: str | Path) -> dict[str, Any]:
-    """Each file's resolved path, size and modification time (for a directory: every file in
-    it). Cheap, and it changes whenever a file is replaced or rewritten in place; a byte flipped
-    without touching the mtime is caught by the converted model's checksum, not by this."""
-    entries = []
-    for path in paths:
-        path = Path(path).resolve()
-        members = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for member in members:
-            stat = member.stat()
-            entries.append([str(member), stat.st_size, stat.st_mtime_ns])
-    return {"files": entries}
-
-
 def parameters_identity(model: nn.Module) -> str:
     """A digest of every parameter's bytes (for models handed in without a source)."""
     hasher = hashlib.sha256()
@@ -346,7 +330,7 @@ def load_model(
         origin = str(spec["path"])
         identity = digest({"path": files_identity(spec["path"])})
     elif source == "gguf":
-        from pipeline.core.gguf import convert_gguf, gguf_identity  # they use this module
+        from pipeline.core.gguf import convert_gguf, gguf_identity  # only for gguf models
 
         directory = convert_gguf(spec, cache_dir)
         model, tokenizer = _load_pretrained(str(directory), torch_dtype, local_only=True)

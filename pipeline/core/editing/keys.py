@@ -22,7 +22,7 @@ from pipeline.core.tokens import right_pad
 if TYPE_CHECKING:
     from pipeline.core.editing.prefixes import Frozen
     from pipeline.core.editing.requests import PreparedRequest
-    from pipeline.core.editing.values import Rows
+    from pipeline.core.editing.rows import Rows
 
 
 @torch.no_grad()

@@ -45,10 +45,10 @@ from pipeline.core.editing.keys import KeySolver, read_states
 from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.ranges import VALUE_RANGES, Range, check_ranges, positive
 from pipeline.core.editing.requests import EditResult, PreparedRequest, prepare_all
+from pipeline.core.editing.rows import Rows
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import LowRankUpdate, apply_update, preserved_weights
 from pipeline.core.editing.values import (
-    Rows,
     ValueOptions,
     ValueStore,
     edited_weights_digest,

@@ -18,18 +18,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
 from pipeline.core import kvcache
+from pipeline.core.editing.rows import Rows
 from pipeline.core.hooks import StopForward, output_of, run_until_stopped
 from pipeline.core.models import LoadedModel
 from pipeline.core.tokens import right_pad
-
-if TYPE_CHECKING:
-    from pipeline.core.editing.values import Rows
 
 
 def _shared_start(token_lists: Sequence[Sequence[int]]) -> list[int]:

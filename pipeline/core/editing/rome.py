@@ -43,9 +43,10 @@ from pipeline.core.editing.keys import KeySolver, request_keys
 from pipeline.core.editing.prefixes import Frozen
 from pipeline.core.editing.ranges import VALUE_RANGES, Range, at_least, check_ranges, positive
 from pipeline.core.editing.requests import EditRequest, EditResult, PreparedRequest, prepare_all
+from pipeline.core.editing.rows import Rows
 from pipeline.core.editing.templates import templates_for
 from pipeline.core.editing.updates import RankOneUpdate
-from pipeline.core.editing.values import Rows, ValueOptions, optimise_values, optimised_dtype
+from pipeline.core.editing.values import ValueOptions, optimise_values, optimised_dtype
 from pipeline.core.models import LoadedModel, check_layers
 from pipeline.core.second_moment import SecondMoment
 
