@@ -63,7 +63,7 @@ def known_facts(
             report = files.read_json(summary).get("data", {}) if summary.exists() else {}
             return files.read_json(path), str(path), report
         log.warning("ignoring %s: it was computed with other data or model settings", path)
-    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     loaded = load_known(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     loaded.reject(lambda fact: too_long(lm, fact), cfg.data.on_error)
     for error in loaded.skipped[:20]:
@@ -292,7 +292,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     prompts_dir.mkdir(exist_ok=True)
     options = OmegaConf.to_container(cfg.trace, resolve=True)
     kinds = list(options["kinds"])
-    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     run.check_data(data_file)  # a resume must see the same records
     lm = run.load_model()
     facts, facts_source, data_report = known_facts(cfg, lm)
@@ -347,7 +347,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     averages = aggregate(records, list(options["kinds"]), options.get("buckets", "prompt"))
     run.write_json("averages.json", averages)
     # The file `known` read too (reusing its facts requires the same data and paths.data).
-    data_file, data_origin = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, data_origin = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     figure_paths = figures.trace_figures(run.path("figures"), averages, examples, cfg.model.name)
     run.tracker.images({f"figures/{name}": path for name, path in figure_paths.items()})
     summary = {

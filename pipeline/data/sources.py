@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import current_umask
-from pipeline.data import counterfact_join
+from pipeline.data import counterfact_join, counterfact_known
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ BUNDLED = Path(__file__).resolve().parents[2] / "data" / "samples"
 # the sources missing from a data root, and the builder (data root, cache) -> the file's path.
 DERIVED = {
     counterfact_join.NAME: (counterfact_join.missing_sources, counterfact_join.build),
+    counterfact_known.NAME: (counterfact_known.missing_sources, counterfact_known.build),
 }
 
 
