@@ -31,6 +31,7 @@ from pipeline.core import files
 from pipeline.core.models import LoadedModel
 from pipeline.core.patching import (
     BUCKETS,
+    ESTIMATES,
     POOLINGS,
     TraceOptions,
     average_by_bucket,
@@ -120,6 +121,8 @@ def trace_fact(
         "answer_ids": list(fact["answer_ids"]),
         "seed": seed,
         "window": options["window"],
+        # an attribution-patching estimate of the restored probabilities, not restored runs
+        "estimate": how.engine in ESTIMATES,
         "kinds": {},
     }
     for kind, result in results.items():
@@ -181,6 +184,7 @@ def aggregate(
         "pooling": pooling,
         "poolings": {},
         "window": records[0].get("window", 10) if records else None,  # MLP/attn: layers restored
+        "estimate": any(r.get("estimate", False) for r in records),  # see trace_fact
     }
     spans = [tuple(r["subject_span"]) for r in records]
     for how in POOLINGS:
@@ -365,6 +369,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         "samples": options["samples"],
         "window": options["window"],
         "engine": options["engine"],
+        "estimate": averages["estimate"],
         "mean_clean": averages["clean"]["mean"][0],
         "mean_corrupted": averages["corrupted"]["mean"][0],
         "peaks": headline(averages),
