@@ -89,7 +89,8 @@ class AttributionTracer:
     """The clean run and the corrupted run with its gradients, and the estimates from them.
 
     The same interface as `FastTracer` (`clean`, `corrupted`, `grid(kind, window)`,
-    `severed()`), so `trace_all_kinds` and `trace_severed` take either."""
+    `severed()`), so `trace_all_kinds` and `trace_severed` take either. `linearize` may be
+    changed between calls: both read the same gradients."""
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class AttributionTracer:
             log_p, self.clean_states = self._run(self.sequence[None], noise=None)
         self.clean = log_p.exp()[0].item()
         self.log_p, self.terms = self._gradient_terms()
+        self._severed: dict[str, tuple] = {}
         self.corrupted = self.log_p.exp().mean().item()
 
     def _run(self, input_ids: torch.Tensor, noise: torch.Tensor | None, detach=None):
@@ -182,10 +184,11 @@ class AttributionTracer:
         token = self.span[1] - 1
         out = {}
         for name in SEVERED:
-            if name == "none":
-                log_p, term = self.log_p, self.terms["hidden"]
-            else:
-                log_p, terms = self._gradient_terms(detach=(name, token))
-                term = terms["hidden"]
-            out[name] = self._estimate(log_p, term[:, token]).cpu()
+            if name not in self._severed:  # the gradient runs, once (either linearization)
+                detach = None if name == "none" else (name, token)
+                self._severed[name] = (
+                    self._gradient_terms(detach) if detach else (self.log_p, self.terms)
+                )
+            log_p, terms = self._severed[name]
+            out[name] = self._estimate(log_p, terms["hidden"][:, token]).cpu()
         return out
