@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-attribution bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -212,6 +212,11 @@ bench-scaling: setup
 
 bench-trace: setup
 	$(PY) scripts/bench_trace.py $(BENCH_ARGS)
+
+## The attribution screen against the exact trace: agreement on SmolLM2's known facts, and
+## prompts/s of both engines in one run (docs/tracing-attribution.md).
+bench-attribution: setup
+	$(PY) scripts/attribution_agreement.py --threads 1 --exact 3 $(BENCH_ARGS)
 
 bench-edit: setup
 	$(PY) scripts/bench_edit.py $(BENCH_ARGS)

@@ -31,6 +31,7 @@ from pipeline.core import files
 from pipeline.core.models import LoadedModel
 from pipeline.core.patching import (
     BUCKETS,
+    ESTIMATES,
     POOLINGS,
     TraceOptions,
     average_by_bucket,
@@ -63,7 +64,7 @@ def known_facts(
             report = files.read_json(summary).get("data", {}) if summary.exists() else {}
             return files.read_json(path), str(path), report
         log.warning("ignoring %s: it was computed with other data or model settings", path)
-    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     loaded = load_known(data_file, on_error=cfg.data.on_error, limit=cfg.data.limit)
     loaded.reject(lambda fact: too_long(lm, fact), cfg.data.on_error)
     for error in loaded.skipped[:20]:
@@ -120,6 +121,8 @@ def trace_fact(
         "answer_ids": list(fact["answer_ids"]),
         "seed": seed,
         "window": options["window"],
+        # an attribution-patching estimate of the restored probabilities, not restored runs
+        "estimate": how.engine in ESTIMATES,
         "kinds": {},
     }
     for kind, result in results.items():
@@ -181,6 +184,7 @@ def aggregate(
         "pooling": pooling,
         "poolings": {},
         "window": records[0].get("window", 10) if records else None,  # MLP/attn: layers restored
+        "estimate": any(r.get("estimate", False) for r in records),  # see trace_fact
     }
     spans = [tuple(r["subject_span"]) for r in records]
     for how in POOLINGS:
@@ -292,7 +296,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     prompts_dir.mkdir(exist_ok=True)
     options = OmegaConf.to_container(cfg.trace, resolve=True)
     kinds = list(options["kinds"])
-    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, _ = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     run.check_data(data_file)  # a resume must see the same records
     lm = run.load_model()
     facts, facts_source, data_report = known_facts(cfg, lm)
@@ -351,7 +355,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     averages = aggregate(records, list(options["kinds"]), options.get("buckets", "prompt"))
     run.write_json("averages.json", averages)
     # The file `known` read too (reusing its facts requires the same data and paths.data).
-    data_file, data_origin = resolve_data_file(cfg.data, cfg.paths.data)
+    data_file, data_origin = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
     figure_paths = figures.trace_figures(run.path("figures"), averages, examples, cfg.model.name)
     run.tracker.images({f"figures/{name}": path for name, path in figure_paths.items()})
     summary = {
@@ -369,6 +373,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         "samples": options["samples"],
         "window": options["window"],
         "engine": options["engine"],
+        "estimate": averages["estimate"],
         "mean_clean": averages["clean"]["mean"][0],
         "mean_corrupted": averages["corrupted"]["mean"][0],
         "peaks": headline(averages),

@@ -251,6 +251,9 @@ def severed_bars(out_dir: Path, averages: dict[str, Any], model: str) -> Path:
 def trace_figures(
     out_dir: Path, averages: dict[str, Any], examples: list[dict[str, Any]], model: str
 ) -> dict[str, Path]:
+    """The trace's figures; every title says "estimate" when the averages are one."""
+    if averages.get("estimate"):
+        model = f"{model}, ESTIMATE (attribution patching)"
     paths: dict[str, Path] = {}
     for index, record in enumerate(examples):
         for kind in record["kinds"]:

@@ -25,7 +25,7 @@ Layers are counted from 0; MLP and attention effects are placed at the centre of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -526,11 +526,14 @@ def read_results(
     `one_layer`: the averages of a one-layer (window 1) MLP trace, where there is one."""
     found = []
     if averages:
-        found += [
-            early_mlp_site(averages, one_layer),
-            late_attention_site(averages),
-            severed_mlp(averages),
-        ]
+        traced = [early_mlp_site(averages, one_layer), late_attention_site(averages)]
+        traced = [*traced, severed_mlp(averages)]
+        if averages.get("estimate"):  # an attribution-patching trace: say so in each reading
+            traced = [
+                f and replace(f, evidence=f"ESTIMATED by attribution patching, {f.evidence}")
+                for f in traced
+            ]
+        found += traced
     found += [
         edit_where_trace_peaks(sweep, averages, seed=seed),
         rome_generalizes(table),

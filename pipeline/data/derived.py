@@ -49,18 +49,20 @@ def build(
     data_root: str | Path,
     cache_dir: str | Path,
     sources: Sequence[str],
-    make: Callable[[Path], list[dict[str, Any]]],
+    make: Callable[[Path], list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]],
     how: str,
 ) -> Path:
     """The derived file `name` in the cache, made by `make(data_root)` if missing (or if it no
-    longer has the sha256 its sidecar records); returns its path."""
+    longer has the sha256 its sidecar records); returns its path. `make` returns the records,
+    or the records and more for the sidecar (e.g. counts of what was left out)."""
     digests = source_digests(data_root, sources)
     path = target_path(cache_dir, name, digests)
     with files.file_lock(path.with_suffix(".lock")):
         meta = provenance(path) if path.exists() else None
         if meta and meta.get("sha256") == files.sha256_file(path):
             return path
-        records = make(Path(data_root))
+        made = make(Path(data_root))
+        records, extra = made if isinstance(made, tuple) else (made, {})
         text = serialize(records)
         files.atomic_write(path, text)
         files.write_json(
@@ -70,6 +72,7 @@ def build(
                 "derived": True,
                 "sha256": hashlib.sha256(text.encode()).hexdigest(),
                 "records": len(records),
+                **extra,
                 "sources": digests,
                 "how": how,
             },

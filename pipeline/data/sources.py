@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import current_umask
-from pipeline.data import counterfact_join, counterfact_tune, counterfact_union, derived
+from pipeline.data import (
+    counterfact_join,
+    counterfact_known,
+    counterfact_tune,
+    counterfact_union,
+    derived,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ DERIVED = {
     counterfact_join.NAME: (counterfact_join.missing_sources, counterfact_join.build),
     counterfact_tune.NAME: (counterfact_tune.missing_sources, counterfact_tune.build),
     counterfact_union.NAME: (counterfact_union.missing_sources, counterfact_union.build),
+    counterfact_known.NAME: (counterfact_known.missing_sources, counterfact_known.build),
 }
 
 

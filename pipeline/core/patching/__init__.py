@@ -3,7 +3,9 @@
 The subject's input embeddings are corrupted with noise (S copies); then one clean state at a time
 (token t, layer l) is restored and the answer's probability measured. Two engines compute the
 same numbers: `reference` (a full forward pass with hooks per cell, as the original code) and
-`fast` (cached runs, restored runs started at the patched layer and token; see `fast.py`).
+`fast` (cached runs, restored runs started at the patched layer and token; see `fast.py`). A
+third, `attribution`, ESTIMATES them to first order from one forward and one backward pass
+(attribution patching; see `attribution.py`).
 
     ids = encode(lm.tokenizer, prompt)
     span = subject_span(lm.tokenizer, prompt, subject)
@@ -30,6 +32,7 @@ from pipeline.core.patching.aggregate import (
     paper_bucket_rows,
     prompt_bucket_row,
 )
+from pipeline.core.patching.attribution import LINEARIZE, AttributionTracer
 from pipeline.core.patching.common import (
     DISTRIBUTIONS,
     KINDS,
@@ -44,10 +47,14 @@ from pipeline.core.patching.common import (
 )
 from pipeline.core.patching.fast import FastTracer
 
-ENGINES = ("fast", "reference")
+ENGINES = ("fast", "reference", "attribution")
+ESTIMATES = ("attribution",)  # engines whose grids are estimates, not restored runs
 
 __all__ = [
+    "AttributionTracer",
     "BUCKETS",
+    "ESTIMATES",
+    "LINEARIZE",
     "DISTRIBUTIONS",
     "ENGINES",
     "KINDS",
@@ -121,12 +128,15 @@ class TraceOptions:
     seed: int = 0
     window: int = 10  # layers restored together for the mlp / attn kinds
     whole_answer: bool = False  # False: P(first answer token), as in the paper
-    engine: str = "fast"  # fast | reference
+    engine: str = "fast"  # fast | reference | attribution (an estimate)
     batch_size: int = 512  # rows per forward pass (fast engine)
+    linearize: str = "prob"  # attribution engine: prob | logprob (see attribution.py)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got '{self.engine}'")
+        if self.linearize not in LINEARIZE:
+            raise ValueError(f"linearize must be one of {LINEARIZE}, got '{self.linearize}'")
 
     @classmethod
     def of(cls, options: TraceOptions | None = None, **overrides) -> TraceOptions:
@@ -152,6 +162,15 @@ def _prepare(
     return span, noise, Readout.build(prompt_ids, answer_ids, options.whole_answer)
 
 
+def _tracer(lm, readout, span, noise, options: TraceOptions):
+    """The engine's cached runs (None for the reference, which runs each cell afresh)."""
+    if options.engine == "fast":
+        return FastTracer(lm, readout, span, noise, options.batch_size)
+    if options.engine == "attribution":
+        return AttributionTracer(lm, readout, span, noise, options.linearize)
+    return None
+
+
 def trace_all_kinds(
     lm: LoadedModel,
     prompt_ids: Sequence[int],
@@ -173,8 +192,7 @@ def trace_all_kinds(
     options = TraceOptions.of(options, **overrides)
     span, noise, readout = _prepare(lm, prompt_ids, subject_span, answer_ids, options, noise)
     results = {}
-    fast = options.engine == "fast"
-    tracer = FastTracer(lm, readout, span, noise, options.batch_size) if fast else None
+    tracer = _tracer(lm, readout, span, noise, options)
     window = options.window
     for kind in kinds:
         if tracer is not None:
@@ -215,8 +233,8 @@ def trace_severed(
     """Hidden-state effect at the last subject token, per layer, with MLP / attn paths severed."""
     options = TraceOptions.of(options, **overrides)
     span, noise, readout = _prepare(lm, prompt_ids, subject_span, answer_ids, options, noise)
-    if options.engine == "fast":
-        tracer = FastTracer(lm, readout, span, noise, options.batch_size)
+    tracer = _tracer(lm, readout, span, noise, options)
+    if tracer is not None:
         clean, corrupted, restored = tracer.clean, tracer.corrupted, tracer.severed()
     else:
         clean, corrupted, restored = reference.trace_severed(lm, readout, span, noise)

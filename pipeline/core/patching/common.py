@@ -107,15 +107,19 @@ class Readout:
         )
 
 
+def answer_log_prob(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """(rows, read positions, vocab) logits -> (rows,) mean log p(target), in float32."""
+    log_probs = logits.float().log_softmax(-1)
+    index = torch.as_tensor(targets, device=logits.device)
+    return log_probs[:, torch.arange(len(targets), device=logits.device), index].mean(-1)
+
+
 def answer_prob(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
     """(rows, read positions, vocab) logits -> (rows,) exp(mean log p(target)), in float32.
 
     With one target this is the softmax probability of the answer's first token.
     """
-    log_probs = logits.float().log_softmax(-1)
-    index = torch.as_tensor(targets, device=logits.device)
-    picked = log_probs[:, torch.arange(len(targets), device=logits.device), index]
-    return picked.mean(-1).exp()
+    return answer_log_prob(logits, targets).exp()
 
 
 def corrupt_embeddings(
