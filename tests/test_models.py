@@ -180,3 +180,18 @@ def test_a_damaged_converted_model_is_converted_again(tmp_path):
     out = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert lm.tokenizer.decode(out[0, ids.shape[1] :]).startswith(" French")
     assert weights.read_bytes() != bytes(data)  # rewritten
+
+
+def test_a_new_bundled_sample_does_not_change_the_random_models_tokenizer(tmp_path, monkeypatch):
+    """The tokenizer learns from named samples only: a sample added to data/samples/ for another
+    purpose had changed every tiny model's tokens and so the numbers of the tests on them."""
+    import shutil
+
+    from pipeline.core import random_models
+
+    before = random_models._training_text()
+    samples = tmp_path / "samples"
+    shutil.copytree(random_models.BUNDLED_TEXT, samples)
+    (samples / "another_sample.json").write_text('[{"prompt": "zebra quokka axolotl"}]')
+    monkeypatch.setattr(random_models, "BUNDLED_TEXT", samples)
+    assert random_models._training_text() == before
