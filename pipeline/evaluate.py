@@ -28,9 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.app import zsre
-from pipeline.app.corpora import statistics_corpus
-from pipeline.app.damage import HeldOutPerplexity
-from pipeline.app.editors import spec
+from pipeline.app.damage import record_texts
 from pipeline.app.protocols import (
     PROTOCOLS,
     generation_ids,
@@ -42,7 +40,6 @@ from pipeline.app.protocols import (
 from pipeline.app.results import headline, read_jsonl, summarize_records
 from pipeline.app.stage import Run, finished_records, stage
 from pipeline.core import files
-from pipeline.core.models import LoadedModel
 from pipeline.data.records import CounterfactCase, load_counterfact, take_shard
 from pipeline.data.sources import derived_provenance, resolve_data_file
 
@@ -95,22 +92,6 @@ def main(cfg: DictConfig, run: Run) -> None:
             return
     report = {**loaded.report(), "origin": origin, "sha256": digest, **provenance}
     summarize_run(cfg, run, cases, report, loaded.schema)
-
-
-def record_texts(cfg: DictConfig, run: Run, lm: LoadedModel) -> HeldOutPerplexity | None:
-    """Record in run.json the text the key statistics read and the held-out perplexity text
-    (files, sha256, tokens); the perplexity measurer, or None with `eval.perplexity=false`."""
-    uses_keys = cfg.editor.name != "none" and spec(cfg.editor).needs_keys
-    run.record(
-        "statistics_text",
-        statistics_corpus(cfg.corpus).describe()
-        if uses_keys
-        else f"none: editor {cfg.editor.name} uses no key statistics",
-    )
-    damage = HeldOutPerplexity.of(cfg, lm)
-    if damage is not None:
-        run.record("perplexity_text", damage.describe())
-    return damage
 
 
 def uses_statistics(cfg: DictConfig, run: Run) -> None:

@@ -157,8 +157,16 @@ def test_zsre_in_the_unedited_run_and_the_summarize_stage(tmp_path):
     done = run_stage("summarize", f"paths.results={tmp_path / 'results'}")
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "results/summary/zsre_table.md").read_text().splitlines()
-    assert table[0].startswith("| model | data | editor | n | Efficacy | Paraphrase | Specificity")
+    assert table[0] == "| model | data | editor | n | Efficacy | Paraphrase | Specificity | PPL |"
     assert [row.split(" | ")[2] for row in table[2:]] == ["none", "rome"]
+    # The damage, as CounterFact's runs measure it: the first cases' edits on the held-out text.
+    summary = json.loads(
+        (tmp_path / "results/evaluate/tiny-gpt2/zsre/rome/summary.json").read_text()
+    )
+    damage = summary["perplexity"]
+    assert damage["cases"] == [0, 1] and damage["edited"]["edits"] == 2
+    ppl = f"{damage['edited']['mean']:.1f} [{damage['edited']['low']:.1f}, "
+    assert table[3].split(" | ")[-1].startswith(ppl)
     assert not (tmp_path / "results/summary/table.md").exists()  # no CounterFact runs: no Table 4
     csv_head = (tmp_path / "results/summary/zsre_table.csv").read_text().splitlines()[0]
     assert csv_head.startswith("model,data,editor,n,efficacy_mean,efficacy_low")

@@ -25,7 +25,9 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import perplexity as ppl
-from pipeline.app.corpora import held_out_text
+from pipeline.app.corpora import held_out_text, statistics_corpus
+from pipeline.app.editors import spec
+from pipeline.app.stage import Run
 from pipeline.core import files
 from pipeline.core.editing.updates import Updates
 from pipeline.core.models import LoadedModel, identity_of
@@ -108,6 +110,22 @@ class HeldOutPerplexity:
         nlls = window_nlls(self.lm, self.windows, batch_size=self.batch_size)
         files.write_json(path, {"key": key, "nlls": nlls, "sha256": _checksum(nlls)})
         return ppl.perplexity(nlls, self.tokens_per_window)
+
+
+def record_texts(cfg: DictConfig, run: Run, lm: LoadedModel) -> HeldOutPerplexity | None:
+    """Record in run.json the text the key statistics read and the held-out perplexity text
+    (files, sha256, tokens); the perplexity measurer, or None with `eval.perplexity=false`."""
+    uses_keys = cfg.editor.name != "none" and spec(cfg.editor).needs_keys
+    run.record(
+        "statistics_text",
+        statistics_corpus(cfg.corpus).describe()
+        if uses_keys
+        else f"none: editor {cfg.editor.name} uses no key statistics",
+    )
+    damage = HeldOutPerplexity.of(cfg, lm)
+    if damage is not None:
+        run.record("perplexity_text", damage.describe())
+    return damage
 
 
 def _checksum(nlls: Sequence[float]) -> str:

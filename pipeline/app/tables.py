@@ -279,7 +279,7 @@ def write_table(run: Run, table: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------------------------
 # zsRE: a table of its own (efficacy, paraphrase, specificity; ROME's Table of zsRE results)
 
-ZSRE_COLUMNS = ("efficacy", "paraphrase", "specificity")
+ZSRE_COLUMNS = ("efficacy", "paraphrase", "specificity", "PPL")  # PPL: as in Table 4
 
 
 def collect_zsre(runs_dir: Path) -> list[dict[str, Any]]:
@@ -293,10 +293,13 @@ def collect_zsre(runs_dir: Path) -> list[dict[str, Any]]:
         model, data, editor = run_dir.relative_to(runs_dir).parts
         records = {r["id"]: r for r in read_jsonl(sorted(run_dir.glob(zsre.CASES_GLOB)))}
         summary = zsre.summarize_records(list(records.values()))
+        damage = perplexities(run_dir)
         base = {"model": model, "data": data, "n": summary["n_cases"], "dir": str(run_dir)}
-        rows.append({**base, "editor": editor, "metrics": summary["post"]})
+        post = {**summary["post"], **damage.get("edited", {})}
+        rows.append({**base, "editor": editor, "metrics": post})
         if editor != "none":
-            rows.append({**base, "editor": "none (pre)", "metrics": summary["pre"]})
+            pre = {**summary["pre"], **damage.get("unedited", {})}
+            rows.append({**base, "editor": "none (pre)", "metrics": pre})
     table = []
     for key in sorted({(r["model"], r["data"]) for r in rows}):
         group = [r for r in rows if (r["model"], r["data"]) == key]
@@ -311,7 +314,7 @@ def collect_zsre(runs_dir: Path) -> list[dict[str, Any]]:
 
 def zsre_texts(table: list[dict[str, Any]]) -> dict[str, str]:
     """The zsRE table as Markdown, LaTeX and CSV (percent; `mean [low, high]` cells)."""
-    head = ["model", "data", "editor", "n", *(c.capitalize() for c in ZSRE_COLUMNS)]
+    head = ["model", "data", "editor", "n", *(c[0].upper() + c[1:] for c in ZSRE_COLUMNS)]
     rows = [
         [r["model"], r["data"], r["editor"], str(r["n"])]
         + [cell(r["metrics"].get(c)) for c in ZSRE_COLUMNS]
@@ -319,7 +322,7 @@ def zsre_texts(table: list[dict[str, Any]]) -> dict[str, str]:
     ]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
-    tex = [r"\begin{tabular}{lllrrrr}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    tex = [r"\begin{tabular}{lllrrrrr}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
     tex += [" & ".join(c.replace("_", r"\_") for c in row) + r" \\" for row in rows]
     tex += [r"\bottomrule", r"\end{tabular}"]
     out = text_io.StringIO()

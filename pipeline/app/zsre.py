@@ -21,9 +21,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import zsre as zm
+from pipeline.app.damage import record_texts
 from pipeline.app.editors import CaseEditor
+from pipeline.app.protocols import independent_perplexity
 from pipeline.app.results import append_jsonl, edit_summary, read_jsonl
 from pipeline.app.stage import Run, finished_records
+from pipeline.core import files
 from pipeline.core.editing.requests import EditResult, update_of
 from pipeline.core.models import LoadedModel
 from pipeline.core.scoring import score_zsre_cases
@@ -62,7 +65,10 @@ def evaluate(cfg: DictConfig, run: Run, data_file: Path, data_report: dict[str, 
         lm = run.load_model()
         if cfg.editor.name != "none":  # the key statistics' metadata, for W&B lineage
             run.uses(Path(cfg.paths.results) / "stats" / cfg.model.name / cfg.corpus.name, "stats")
+        damage = record_texts(cfg, run, lm)
         run_cases(cfg, run, lm, take_shard(loaded.records, index, count), f"{index}of{count}")
+        if damage is not None and index == 0:  # the first cases' edits, as CounterFact's runs
+            independent_perplexity(cfg, run, lm, loaded, damage)
         if count > 1:
             print(
                 f"shard {index} of {count} done; when all are, combine them with\n"
@@ -156,6 +162,8 @@ def summarize(cfg: DictConfig, run: Run, loaded: Loaded, data_report: dict[str, 
     if not done:
         raise SystemExit("no evaluated zsRE cases to summarize")
     summary = summarize_records(done)
+    if run.path("perplexity.json").exists():  # the damage, over the first cases (its note)
+        summary["perplexity"] = files.read_json(run.path("perplexity.json"))
     summary.update(
         {
             "model": cfg.model.name,
