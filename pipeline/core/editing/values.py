@@ -142,7 +142,6 @@ def optimise_values(
     optimisers = [torch.optim.Adam([d], lr=opts.lr) for d in deltas]
     max_norms = opts.clamp_norm_factor * reference_outputs.norm(dim=-1)
     ref_sq = reference_outputs.norm(dim=-1) ** 2
-    split = torch.as_tensor(rows.split, device=device)
     nll_reads = torch.as_tensor(rows.nll_reads, device=device).view(-1, 3)
     nll_tokens = torch.as_tensor(rows.nll_tokens, device=device)
     kl_reads = torch.as_tensor(rows.kl_reads, device=device).view(-1, 3)
@@ -152,74 +151,136 @@ def optimise_values(
     active = list(range(n_req))
 
     for iteration in range(opts.steps):
-        is_active = torch.zeros(n_req, dtype=torch.bool, device=device)
-        is_active[active] = True
-        slot = torch.full((n_req,), -1, device=device)  # request -> its slot among the active
-        slot[active] = torch.arange(len(active), device=device)
+        slot, nll_mask, kl_mask, reads = _active_reads(active, n_req, nll_reads, kl_reads)
         active_deltas = torch.stack([deltas[r] for r in active])
-        # The NLL reads, then the KL reads, of the requests still optimising.
-        nll_mask, kl_mask = is_active[nll_reads[:, 2]], is_active[kl_reads[:, 2]]
-        reads = torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]])
-        group_of = torch.full((len(rows.tokens),), -1, device=device)
-        place = torch.zeros(len(rows.tokens), dtype=torch.long, device=device)
-        states, order = [], []
-        still = set(active)
-        active_rows = [row for row, owner in enumerate(rows.owner) if owner in still]
-        for g, members in enumerate(rows.groups(active_rows, opts.whole_rows)):
-            index = torch.as_tensor(members, device=device)
-            group_of[index] = g
-            place[index] = torch.arange(len(members), device=device)
-            owners = slot[torch.as_tensor([rows.owner[r] for r in members], device=device)]
-            hidden = _run_rows(lm, opts, rows, frozen, members, active_deltas[owners])
-            in_group = (group_of[reads[:, 0]] == g).nonzero().squeeze(-1)
-            r, c = reads[in_group, 0], reads[in_group, 1]
-            states.append(hidden[place[r], c - split[r]])
-            order.append(in_group)
-        states = torch.cat(states)[torch.argsort(torch.cat(order))]
+        states = _read_states(lm, opts, rows, frozen, active, slot, active_deltas, reads)
         logits = lm.logits(states).to(dtype)
-
-        owner = slot[reads[:, 2]]
-        n_active, n_nll = len(active), int(nll_mask.sum())
-        # Fused log-softmax + NLL: no (reads, vocab) log-probabilities to keep for backward.
-        token_nll = F.cross_entropy(logits[:n_nll], nll_tokens[nll_mask], reduction="none")
-        zeros = torch.zeros(n_active, device=device, dtype=dtype)
-        per_request = zeros.index_add(0, owner[:n_nll], token_nll)
-        nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
-        kl_log_probs, kl_owner = logits[n_nll:].log_softmax(-1), owner[n_nll:]
+        norms = torch.stack([deltas[r].norm() for r in active])
+        nll, totals, kl_log_probs = _losses(
+            opts,
+            logits,
+            slot[reads[:, 2]],
+            nll_tokens[nll_mask],
+            None if kl_init is None else kl_init[kl_mask],
+            norms,
+            ref_sq[active],
+        )
         if kl_init is None:  # iteration 0: δ is still zero, the original distributions
             kl_init = kl_log_probs.detach()
-        # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
-        kl_terms = (kl_log_probs.exp() * (kl_log_probs - kl_init[kl_mask])).sum(-1)
-        kl = zeros.index_add(0, kl_owner, kl_terms)
-        kl = kl / torch.bincount(kl_owner, minlength=n_active)
-        norms = torch.stack([deltas[r].norm() for r in active])
-        decay = opts.weight_decay * norms / ref_sq[active]
-        totals = nll + opts.kl_factor * kl + decay
-        loss = totals.sum()  # requests are independent
 
-        finished = set()
         for s, r in enumerate(active):
             nlls[r] = float(nll[s].detach())
-            watched = float(totals[s].detach()) if opts.early_stop_on_total else nlls[r]
-            if watched < opts.early_stop_nll or iteration == opts.steps - 1:
-                finished.add(r)
-        if iteration == opts.steps - 1:
+        if iteration == opts.steps - 1:  # the last pass only measures
             break
-        loss.backward()
-        for r in active:
-            if r in finished:
-                continue
-            optimisers[r].step()
-            optimisers[r].zero_grad(set_to_none=True)
+        moving = _moving_on(opts, active, nll, totals)
+        totals.sum().backward()  # requests are independent
+        _step(optimisers, deltas, max_norms, moving)
+        for r in moving:
             steps[r] += 1
-            with torch.no_grad():
-                norm = deltas[r].norm()
-                if norm > max_norms[r]:
-                    deltas[r].mul_(max_norms[r] / norm)
-        active = [r for r in active if r not in finished]
+        active = moving
         if not active:
             break
     return torch.stack([d.detach() for d in deltas]), nlls, steps
+
+
+def _active_reads(
+    active: list[int], n_req: int, nll_reads: torch.Tensor, kl_reads: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reads (row, column, owner) of a pass over the requests still optimising: each
+    request's slot among them (-1: stopped), which NLL reads and which KL reads are theirs, and
+    those reads, the NLL reads first."""
+    slot = torch.full((n_req,), -1, device=nll_reads.device)
+    slot[active] = torch.arange(len(active), device=nll_reads.device)
+    nll_mask, kl_mask = slot[nll_reads[:, 2]] >= 0, slot[kl_reads[:, 2]] >= 0
+    return slot, nll_mask, kl_mask, torch.cat([nll_reads[nll_mask], kl_reads[kl_mask]])
+
+
+def _moving_on(
+    opts: ValueOptions, active: list[int], nll: torch.Tensor, totals: torch.Tensor
+) -> list[int]:
+    """The active requests that take another step: those whose target NLL (with
+    `early_stop_on_total`, total loss) is not yet below `early_stop_nll`."""
+    watched = (totals if opts.early_stop_on_total else nll).detach()
+    return [r for s, r in enumerate(active) if not float(watched[s]) < opts.early_stop_nll]
+
+
+def _read_states(
+    lm: LoadedModel,
+    opts: ValueOptions,
+    rows: Rows,
+    frozen: Frozen | None,
+    active: list[int],
+    slot: torch.Tensor,
+    active_deltas: torch.Tensor,
+    reads: torch.Tensor,
+) -> torch.Tensor:
+    """The block outputs at `opts.loss_layer` at each read (row, column, owner), in the reads'
+    order, each row with its request's δ (active_deltas[slot[owner]]) added: one pass per group of
+    the active requests' rows (`Rows.groups`)."""
+    device = lm.device
+    split = torch.as_tensor(rows.split, device=device)
+    group_of = torch.full((len(rows.tokens),), -1, device=device)
+    place = torch.zeros(len(rows.tokens), dtype=torch.long, device=device)
+    states, order = [], []
+    still = set(active)
+    active_rows = [row for row, owner in enumerate(rows.owner) if owner in still]
+    for g, members in enumerate(rows.groups(active_rows, opts.whole_rows)):
+        index = torch.as_tensor(members, device=device)
+        group_of[index] = g
+        place[index] = torch.arange(len(members), device=device)
+        owners = slot[torch.as_tensor([rows.owner[r] for r in members], device=device)]
+        hidden = _run_rows(lm, opts, rows, frozen, members, active_deltas[owners])
+        in_group = (group_of[reads[:, 0]] == g).nonzero().squeeze(-1)
+        r, c = reads[in_group, 0], reads[in_group, 1]
+        states.append(hidden[place[r], c - split[r]])
+        order.append(in_group)
+    return torch.cat(states)[torch.argsort(torch.cat(order))]
+
+
+def _losses(
+    opts: ValueOptions,
+    logits: torch.Tensor,
+    owner: torch.Tensor,
+    nll_tokens: torch.Tensor,
+    kl_init: torch.Tensor | None,
+    norms: torch.Tensor,
+    ref_sq: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module docstring's loss of each active request, from the logits of its NLL reads (one
+    per entry of `nll_tokens`) then its KL reads, `owner` giving each read's request (its slot):
+    (mean NLL, total loss, the KL reads' log-probabilities). `kl_init` holds the KL reads'
+    original log-probabilities; None at the first pass (δ = 0), where they are these. `norms`:
+    ‖δ‖, `ref_sq`: ‖v₀‖², per request."""
+    n_active, n_nll = len(norms), len(nll_tokens)
+    # Fused log-softmax + NLL: no (reads, vocab) log-probabilities to keep for backward.
+    token_nll = F.cross_entropy(logits[:n_nll], nll_tokens, reduction="none")
+    zeros = torch.zeros(n_active, device=logits.device, dtype=logits.dtype)
+    per_request = zeros.index_add(0, owner[:n_nll], token_nll)
+    nll = per_request / torch.bincount(owner[:n_nll], minlength=n_active)  # mean over tokens
+    kl_log_probs, kl_owner = logits[n_nll:].log_softmax(-1), owner[n_nll:]
+    original = kl_log_probs.detach() if kl_init is None else kl_init
+    # KL(current ‖ original) on the "{} is a" prompts keeps what the subject is.
+    kl_terms = (kl_log_probs.exp() * (kl_log_probs - original)).sum(-1)
+    kl = zeros.index_add(0, kl_owner, kl_terms)
+    kl = kl / torch.bincount(kl_owner, minlength=n_active)
+    decay = opts.weight_decay * norms / ref_sq
+    return nll, nll + opts.kl_factor * kl + decay, kl_log_probs
+
+
+def _step(
+    optimisers: list[torch.optim.Adam],
+    deltas: list[torch.Tensor],
+    max_norms: torch.Tensor,
+    requests: list[int],
+) -> None:
+    """One Adam step of each given request's δ, then δ back into its ball ‖δ‖ ≤ max_norms[r]."""
+    for r in requests:
+        optimisers[r].step()
+        optimisers[r].zero_grad(set_to_none=True)
+        with torch.no_grad():
+            norm = deltas[r].norm()
+            if norm > max_norms[r]:
+                deltas[r].mul_(max_norms[r] / norm)
 
 
 # --------------------------------------------------------------------------------------------
