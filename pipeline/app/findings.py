@@ -120,7 +120,7 @@ def one_layer_note(one_layer: dict[str, Any] | None) -> str:
     """What restoring one MLP at a time (a trace with `trace.window=1`) shows at the last
     subject token: its largest layer with the interval, and the next largest layer's effect.
     A 10-layer window places an effect only to within its width; one layer at a time shows
-    whether one layer carries it (README, "One layer at a time")."""
+    whether one layer carries it (docs/tracing.md, "One layer at a time")."""
     if one_layer is None:
         return (
             "; restoring one MLP at a time (a trace with trace.window=1, the report's "
