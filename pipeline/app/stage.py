@@ -232,8 +232,8 @@ class Run:
         self.headline: float | None = None  # the stage's one number (`headline`)
         seed_everything(int(cfg.seed))
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        git = git_state()  # before writing: a report's own tracked files are not "changes"
         files.atomic_write(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        git = git_state()
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
         # A resumed run's sittings, each with its commit and (once it finishes) its seconds:
         # which code wrote which part, and the time of the whole run, not just the last sitting.
