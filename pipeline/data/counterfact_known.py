@@ -34,9 +34,7 @@ time when missing (`pipeline.data.sources.resolve_data_file`), or with
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -167,15 +165,7 @@ def build(data_root: str | Path, cache_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default=os.environ.get("ROME_DATA", "data"))
-    parser.add_argument("--cache", default=os.environ.get("ROME_CACHE", ".cache"))
-    args = parser.parse_args(argv)
-    path = build(args.root, args.cache)
-    meta = derived.provenance(path)
-    print(f"{path}\n  {meta['records']} records, sha256 {meta['sha256']} (derived)")
-    print(f"  {json.dumps(meta['counts'])}")
-    return 0
+    return derived.main(build, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ rebuilt, under a lock so that concurrent stages build it once.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,18 @@ def build(
             },
         )
     return path
+
+
+def main(build_file: Callable[[str, str], Path], doc: str, argv: list[str] | None = None) -> int:
+    """`python -m pipeline.data.<module> [--root DATA] [--cache CACHE]`: build one derived
+    file and print its path, records, sha256 and any counts its sidecar records."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--root", default=os.environ.get("ROME_DATA", "data"))
+    parser.add_argument("--cache", default=os.environ.get("ROME_CACHE", ".cache"))
+    args = parser.parse_args(argv)
+    path = build_file(args.root, args.cache)
+    meta = provenance(path)
+    print(f"{path}\n  {meta['records']} records, sha256 {meta['sha256']} (derived)")
+    if "counts" in meta:
+        print(f"  {json.dumps(meta['counts'])}")
+    return 0
