@@ -24,6 +24,7 @@ from pipeline.data import (
     counterfact_tune,
     counterfact_union,
     derived,
+    known_union,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ DERIVED = {
     counterfact_tune.NAME: (counterfact_tune.missing_sources, counterfact_tune.build),
     counterfact_union.NAME: (counterfact_union.missing_sources, counterfact_union.build),
     counterfact_known.NAME: (counterfact_known.missing_sources, counterfact_known.build),
+    known_union.NAME: (known_union.missing_sources, known_union.build),
 }
 
 
