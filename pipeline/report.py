@@ -140,6 +140,22 @@ def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return curves
 
 
+def generation_line(data_dir: Path, mode: str) -> str:
+    """What the GE column of a scaling table measured, and the unedited model's GE there."""
+    parts = []
+    for path in sorted(data_dir.glob(f"*/{mode}/{mode}.json")):
+        generation = files.read_json(path).get("generation") or {}
+        unedited = (generation.get("unedited") or {}).get("GE")
+        if unedited:
+            n = len(generation.get("cases", []))
+            parts.append(f"{path.parent.parent.name} {cell(unedited)} (n={n})")
+    where = "; ".join(parts) if parts else "not recorded"
+    return (
+        "GE: fluency of samples from the generation prompts of one fixed set of cases, the same "
+        f"prompts and seed at every point; the unedited model on the same prompts: {where}."
+    )
+
+
 def unedited_perplexity(data_dir: Path, mode: str) -> dict[str, Any] | None:
     """The unedited model's perplexity on the held-out text, from a mass or sequential
     summary under one model and data (the same for every editor there)."""
@@ -636,13 +652,19 @@ def scaling_section(
             image(f"{name}_perplexity", damage, out),
             "",
         ]
+    # GE where the run sampled a fixed set of cases at each point (sequential: generation_cases)
+    metrics = SWEEP_METRICS + tuple(
+        k for k in ("GE", "RS") if any(k in p["post"] for c in curves.values() for p in c)
+    )
+    if "GE" in metrics:
+        section.lines += [generation_line(data_dir, mode), ""]
     section.lines += [
-        "| editor | edits | " + " | ".join(SWEEP_METRICS) + f" | {kind.last} |",
-        "|---|---|" + "---|" * (len(SWEEP_METRICS) + 1),
+        "| editor | edits | " + " | ".join(metrics) + f" | {kind.last} |",
+        "|---|---|" + "---|" * (len(metrics) + 1),
     ]
     for editor, curve in sorted(curves.items()):
         for point in curve:
-            cells = [cell(point["post"].get(k)) for k in SWEEP_METRICS]
+            cells = [cell(point["post"].get(k)) for k in metrics]
             mark = " (collapsed)" if findings.point_collapse(point) else ""
             section.lines.append(
                 f"| {editor}{mark} | {point['size']} | "

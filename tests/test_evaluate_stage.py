@@ -175,6 +175,33 @@ def test_sequential_edits_report_each_checkpoint(tmp_path):
     assert curve[-1]["perplexity"]["mean"] != summary["perplexity"]["unedited"]["mean"]
 
 
+def test_sequential_checkpoints_sample_the_same_fixed_cases_each_time(tmp_path):
+    """`eval.generation_cases=1` in sequential mode: GE on the first case's generation prompts
+    at every checkpoint and once before the first edit; the unedited value, sampled with the same
+    prompts and seed, equals the independent protocol's unedited GE of that case."""
+    second = json.loads(json.dumps(ROME_CASE).replace("Danielle Darrieux", "Jean Galland"))
+    second["case_id"] = 1
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([ROME_CASE, second]))
+    common = ("data=counterfact", f"data.path={data}", "eval.max_new_tokens=4")
+    evaluate(
+        tmp_path,
+        *common,
+        "eval.mode=sequential",
+        "eval.checkpoints=[1]",
+        "eval.generation_cases=1",
+        "eval.perplexity=false",
+    )
+    out = tmp_path / "results/evaluate/tiny-gpt2/counterfact/rome/sequential"
+    saved = json.loads((out / "sequential.json").read_text())
+    assert [p["edits"] for p in saved["checkpoints"]] == [1, 2]
+    assert all(p["GE"]["n"] == 1 and p["generation_cases"] == 1 for p in saved["checkpoints"])
+    assert saved["generation"]["cases"] == [0]
+    evaluate(tmp_path, *common, "eval.generation_cases=1", "eval.perplexity=false")
+    rows, _ = cases(tmp_path, data="counterfact")
+    assert saved["generation"]["unedited"]["GE"]["mean"] == pytest.approx(rows[0]["pre"]["GE"])
+
+
 def test_sequential_editing_resumes_from_its_saved_edits_as_if_never_stopped(tmp_path):
     """AlphaEdit carries state from edit to edit (the keys it preserves): two edits, then a run
     over three cases going on from the saved weights and state, equals three in one go."""

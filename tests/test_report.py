@@ -94,9 +94,14 @@ def write_fixtures(results):
             }
             for n in (1, 4, 8)
         ]
+        saved: dict = {"checkpoints": checkpoints}
+        if editor == "memit":  # GE on one fixed case at each checkpoint (eval.generation_cases)
+            for n, point in zip((1, 4, 8), checkpoints, strict=True):
+                point["GE"] = {"mean": 6.0 - n / 10, "low": 5.0, "high": 6.5, "n": 2}
+            unedited_ge = {"mean": 6.1, "low": 5.9, "high": 6.3, "n": 2}
+            saved["generation"] = {"cases": [0, 1], "unedited": {"GE": unedited_ge}}
         files.write_json(
-            results / f"evaluate/tiny-gpt2/cf/{editor}/sequential/sequential.json",
-            {"checkpoints": checkpoints},
+            results / f"evaluate/tiny-gpt2/cf/{editor}/sequential/sequential.json", saved
         )
     for layer in range(LAYERS):
         out = results / f"sweeps/layers/evaluate/tiny-gpt2/cf/rome/editor.layer={layer}"
@@ -158,6 +163,9 @@ def test_report_from_fixture_results(tmp_path):
     assert "| kn | 35.6 / not run | 28.7 / not run |" in index
     assert "| MLP effect peak" in index
     sequential = index.split("## Sequential editing")[1].split("\n## ")[0]
+    assert "| editor | edits | S | ES | PS | NS | EM | PM | NM | GE | failed |" in sequential
+    assert "the same prompts: memit 6.1 [5.9, 6.3] (n=2)" in sequential
+    assert "| 5.2 [5.0, 6.5] | 0 |" in sequential  # memit's GE after 8 edits
     assert (
         sum(line.startswith(("| memit | ", "| rome | ")) for line in sequential.splitlines()) == 6
     )

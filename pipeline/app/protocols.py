@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from metrics import counterfact as cf
+from metrics.intervals import mean_ci
 from pipeline.app.damage import HeldOutPerplexity
 from pipeline.app.editors import CaseEditor
 from pipeline.app.generation_scores import Reference, generation_metrics
@@ -311,6 +312,11 @@ def _run_sequential(
     failed = list(resume["failed"]) if resume else []
     if resume:
         log.info("sequential editing resumes after %d edits", resume["done"])
+    fluency = CheckpointGeneration(cfg, lm, cases)
+    if fluency.cases and not resume:
+        fluency.unedited = fluency.measure()  # before the first edit, once
+    elif fluency.cases:
+        fluency.unedited = resume.get("generation_unedited")
     last = resume["done"] if resume else 0  # the edits done at the call before
 
     def on_checkpoint(done: int, results: list[EditResult]) -> None:
@@ -323,6 +329,8 @@ def _run_sequential(
             probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
             summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
             point = {"edits": done, "failed": sum(failed[:done]), **damage_of(damage)}
+            if fluency.cases:
+                point |= fluency.measure()
             moved = reached != [done]
             if moved:  # checkpoints inside the batch just written
                 point["requested"] = reached
@@ -331,7 +339,7 @@ def _run_sequential(
                 {f"sequential/{k}": summary[k]["mean"] for k in ("S", "ES", "PS", "NS")},
                 step=done,
             )
-            run.write_json("sequential.json", {"checkpoints": curve})
+            run.write_json("sequential.json", {"checkpoints": curve, **fluency.summary()})
             print(
                 f"after {done} edits: "
                 + " ".join(f"{k}={summary[k]['mean']:.1f}" for k in ("S", "ES", "PS", "NS"))
@@ -345,17 +353,67 @@ def _run_sequential(
         if saving:
             state = editor.snapshot(done) | {"ids": ids[:done], "failed": failed[:done]}
             state["curve"] = curve
+            state["generation_unedited"] = fluency.unedited
             save_progress(progress_path, state)
 
     if not resume or resume["done"] < len(cases):
         for start in range(last, len(cases), batch):  # the batches to write, before any edit
             refuse_contradictions(editor.requests(cases[start : start + batch]))
         editor.edit_sequentially(cases, on_checkpoint, batch, resume)
-    run.write_json("sequential.json", {"checkpoints": curve})
+    run.write_json("sequential.json", {"checkpoints": curve, **fluency.summary()})
     extra: dict[str, Any] = {"sequential_batch": batch, **perplexity_summary(damage)}
     if beyond:
         extra["checkpoints_beyond_the_cases"] = beyond
     write_protocol_summary(cfg, run, "sequential", loaded.report(), **extra)
+
+
+class CheckpointGeneration:
+    """GE (and RS where ROME's files are in the data root) of the model as it is at a sequential
+    checkpoint, on the generation prompts of one fixed set of cases: the data's first
+    `eval.generation_cases` (none when that is null: sampling every case edited so far at
+    every checkpoint would cost more than the edits). The same prompts and the same sampling
+    seed at every checkpoint, and once before the first edit (`unedited`), so the points differ
+    only by the edits written in. The fixed cases are edited in the course of the run (the first
+    of them at the first edits), as in AlphaEdit's setting (Fang et al. 2025)."""
+
+    def __init__(self, cfg: DictConfig, lm: LoadedModel, cases: Sequence[CounterfactCase]):
+        limit = cfg.eval.get("generation_cases")
+        wanted = cfg.eval.generation is True or cfg.eval.generation == "auto"
+        chosen = list(cases[: int(limit)]) if limit is not None and wanted else []
+        self.cases = [c for c in chosen if c.generation_prompts]
+        if cfg.eval.generation is True and chosen and not self.cases:
+            raise ValueError(
+                "eval.generation=true, but the cases have no generation prompts (CounterFact in "
+                "EasyEdit's reduced schema has none: use data=counterfact-first1000 or another "
+                "full-schema file)"
+            )
+        self.cfg, self.lm = cfg, lm
+        self.references = Reference(Path(cfg.paths.data), self.cases) if self.cases else None
+        self.unedited: dict[str, Any] | None = None
+
+    def measure(self) -> dict[str, Any]:
+        """{"GE": interval, "RS": interval (where computed), "generation_cases": n}."""
+        texts = generation_metrics(
+            self.lm, self.cases, [None] * len(self.cases), self.cfg, self.references
+        )
+        out: dict[str, Any] = {"GE": mean_ci([t["GE"] for t in texts])}
+        if all("RS" in t for t in texts):
+            rs = mean_ci([t["RS"] for t in texts])
+            out["RS"] = {k: v * 100 if k != "n" else v for k, v in rs.items()}
+        return out | {"generation_cases": len(self.cases)}
+
+    def summary(self) -> dict[str, Any]:
+        """What sequential.json records beside the curve: the cases and the unedited values."""
+        if not self.cases:
+            return {}
+        return {
+            "generation": {
+                "cases": [c.id for c in self.cases],
+                "unedited": self.unedited,
+                "note": "GE (RS) on these cases' generation prompts at every checkpoint, "
+                "the same prompts and sampling seed each time",
+            }
+        }
 
 
 def save_progress(path: Path, state: dict[str, Any]) -> None:
