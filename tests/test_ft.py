@@ -220,23 +220,24 @@ def config(*overrides: str):
 
 
 @pytest.mark.parametrize(
-    ("name", "model", "layer", "eps"),
+    ("name", "model", "layer", "eps", "lr"),
     [
-        ("ft", "gpt2-xl", 1, None),  # the reference's hparams/FT/*.json
-        ("ft", "gpt-j-6b", 21, None),
-        ("ft-l", "gpt2-xl", 0, 5e-4),
-        ("ft-l", "gpt-j-6b", 0, 5e-5),
-        ("ft", "smollm2-135m", 6, None),
-        ("ft-l", "tiny-llama", 1, 5e-4),
+        ("ft", "gpt2-xl", 1, None, 5e-4),  # the reference's hparams/FT/*.json
+        ("ft", "gpt-j-6b", 21, None, 5e-4),
+        ("ft-l", "gpt2-xl", 0, 5e-4, 5e-4),
+        ("ft-l", "gpt-j-6b", 0, 5e-5, 5e-4),
+        ("ft", "smollm2-135m", 24, None, 3.86e-4),  # tuned (conf/tune/ft.yaml's study)
+        ("ft-l", "smollm2-135m", 13, 7.16e-2, 4.73e-3),  # tuned (conf/tune/ft-l.yaml's study)
+        ("ft-l", "tiny-llama", 1, 5e-4, 5e-4),
     ],
 )
-def test_presets(name, model, layer, eps):
+def test_presets(name, model, layer, eps, lr):
     cfg = config(f"editor={name}", f"model={model}")
     hp = editors.editor_hparams(cfg.editor, cfg.model.name)
-    assert (hp.layer, hp.norm_constraint, hp.steps, hp.lr) == (layer, eps, 25, 5e-4)
-    assert hp == FtHparams(layer=layer, norm_constraint=eps)  # the YAML holds the defaults
-    override = config(f"editor={name}", f"model={model}", "editor.layer=3")
-    assert editors.editor_hparams(override.editor, model).layer == 3
+    assert (hp.layer, hp.norm_constraint, hp.steps, hp.lr) == (layer, eps, 25, lr)
+    assert hp == FtHparams(layer=layer, norm_constraint=eps, lr=lr)  # the rest: the defaults
+    override = config(f"editor={name}", f"model={model}", "editor.layer=3", "editor.lr=0.1")
+    assert (editors.editor_hparams(override.editor, model).layer, override.editor.lr) == (3, 0.1)
 
 
 def test_the_stage_builds_ft_without_statistics_or_templates(tmp_path, monkeypatch):
