@@ -43,6 +43,7 @@ from pipeline.app.tables import (
     write_table,
     write_zsre_table,
 )
+from pipeline.app.tuning import Study, read_studies
 from pipeline.core import files
 from pipeline.core.patching import BUCKETS
 
@@ -187,7 +188,9 @@ def provenance(directory: Path, report_dir: Path) -> str:
     )
 
 
-def sweep_provenance(jobs: list[Path], cases: list[int], report_dir: Path) -> str:
+def sweep_provenance(
+    jobs: list[Path], cases: list[int], report_dir: Path, unit: str = "layers"
+) -> str:
     """A sweep's jobs in one line: cases per job, every commit that ran them, their time in
     all, then the first job's provenance in full."""
     metas = [files.read_json(j / "run.json") if (j / "run.json").exists() else {} for j in jobs]
@@ -203,7 +206,7 @@ def sweep_provenance(jobs: list[Path], cases: list[int], report_dir: Path) -> st
     took = f", {sum(seconds) / 60:.0f} min of job time in all" if None not in seconds else ""
     counts = f"{min(cases)}" if min(cases) == max(cases) else f"{min(cases)}-{max(cases)}"
     return (
-        f"{len(jobs)} layers, {counts} cases each; jobs at commit{'s' if len(commits) > 1 else ''} "
+        f"{len(jobs)} {unit}, {counts} cases each; jobs at commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits)}{took}. The first job: {provenance(jobs[0], report_dir)}."
     )
 
@@ -558,6 +561,73 @@ def pairwise_section(run: Run, table: list[dict[str, Any]], model: str, seed: in
     )
 
 
+def short(value: float) -> str:
+    """A tuned value as the presets write it: an integer, or three significant digits."""
+    return str(value) if isinstance(value, int) else f"{value:.3g}"
+
+
+def study_provenance(study: Study, out: Path) -> str:
+    """The commits that ran a study's trials, its time (the cases' own seconds: a replayed
+    trial rewrites its summary's time, not its cases'), and the chosen trial's provenance."""
+    commits = dict.fromkeys(
+        f"`{((files.read_json(t.dir / 'run.json').get('git') or {}).get('commit') or '?')[:10]}`"
+        for t in study.trials
+        if (t.dir / "run.json").exists()
+    )
+    minutes = sum(t.summary["seconds_per_case"] * t.summary["n_cases"] for t in study.trials) / 60
+    return (
+        f"Trials at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}, "
+        f"{minutes:.0f} min of editing and scoring in all. The chosen trial: "
+        f"{provenance(study.best.dir, out)}."
+    )
+
+
+def tuning_section(studies: list[Study], out: Path) -> Section:
+    """Each editor's tuning study: the budget, every trial and the chosen point."""
+    if not studies:
+        return Section()
+    section = Section(
+        [
+            "## Tuning studies",
+            "",
+            "Each editor's main settings for this model, chosen on cases it is not scored on "
+            "(the tuning split: no case_id and no subject of the scored cases) with one budget "
+            "for all (`python -m pipeline.evaluate --multirun tune=<editor>`, conf/tune/). The "
+            "objective: S, or S − 100 where the paired ES change's 95% interval reaches 0 (the "
+            "edit did not move the facts). The chosen trial is in bold; its values are the "
+            "editor's preset for this model (conf/editor/<editor>.yaml, rounded to 3 digits).",
+            "",
+        ]
+    )
+    for study in studies:
+        best, first = study.best, study.trials[0].summary["pre"]
+        keys = list(dict.fromkeys(k for t in study.trials for k in t.params))
+        cases = "/".join(map(str, study.cases))
+        section.lines += [
+            f"### {study.editor}",
+            "",
+            f"{len(study.trials)} trials of {cases} cases of `{study.data}`; the unedited model "
+            f"on them: S {first['S']['mean']:.1f}, ES {first['ES']['mean']:.1f}, "
+            f"PS {first['PS']['mean']:.1f}, NS {first['NS']['mean']:.1f}. Chosen: "
+            + ", ".join(f"{k.removeprefix('editor.')} {short(best.params[k])}" for k in keys)
+            + f" (objective {best.objective:.1f}). {study_provenance(study, out)}",
+            "",
+            "| "
+            + " | ".join(k.removeprefix("editor.") for k in keys)
+            + " | S | ES | PS | NS | ES change | objective |",
+            "|" + "---|" * (len(keys) + 6),
+        ]
+        for trial in study.trials:
+            post, bold = trial.summary["post"], "**" if trial is best else ""
+            change = trial.summary["change"]["ES"]
+            cells = [short(trial.params[k]) if k in trial.params else "–" for k in keys]
+            cells += [cell(post[k]) for k in ("S", "ES", "PS", "NS")]
+            cells += [cell(change), f"{trial.objective:.1f}"]
+            section.lines.append("| " + " | ".join(f"{bold}{c}{bold}" for c in cells) + " |")
+        section.lines.append("")
+    return section
+
+
 def zsre_section(run: Run, zsre_table: list[dict[str, Any]]) -> Section:
     """zsRE in ROME's layout, written as zsre_table.md, .tex and .csv; empty when not run."""
     if not zsre_table:
@@ -746,11 +816,17 @@ def main(cfg: DictConfig, run: Run) -> None:
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
     one_layer_dir = Path(cfg.one_layer_trace_dir)
+    tuning_dir = Path(cfg.tuning_dir)
     results = Path(cfg.paths.results)
     if cfg.snapshot_inputs and not inside(results, out / "inputs"):
+        studies_here = sorted(tuning_dir.glob("tune-*"))
         placed = snapshot_inputs(
-            results, out / "inputs", [trace_dir, runs_dir / model, sweep_dir, one_layer_dir]
+            results,
+            out / "inputs",
+            [trace_dir, runs_dir / model, sweep_dir, one_layer_dir, *studies_here],
         )
+        if studies_here and studies_here[0] in placed:
+            tuning_dir = placed[studies_here[0]].parent
         trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
         one_layer_dir = placed.get(one_layer_dir, one_layer_dir)
         if runs_dir / model in placed:
@@ -760,6 +836,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     rows = layer_sweep(sweep_dir, seed=seed) if sweep_dir.exists() else []
     table = [r for r in collect(runs_dir, seed=seed) if r["model"] == model]
     zsre_table = [r for r in collect_zsre(runs_dir) if r["model"] == model]
+    studies = read_studies(tuning_dir, model, seed=seed)
     data_dir = runs_dir / model / cfg.eval_data
     curves = {"mass": mass_curves(data_dir), "sequential": sequential_curves(data_dir)}
     same_data = [r for r in table if r["data"] == cfg.eval_data]
@@ -779,12 +856,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     }
     for mode, found_curves in curves.items():
         inputs_read |= {f"{e} {mode}": data_dir / e / mode for e in found_curves}
+    inputs_read |= {f"{s.editor} tuning": s.best.dir for s in studies}
 
     sections = [
         trace_section(run, trace_dir, averages, model, cfg.trace_dir),
         sweep_section(run, rows, averages, model, cfg.sweep_dir),
         table_section(run, table, model, cfg.runs_dir),
         pairwise_section(run, table, model, seed),
+        tuning_section(studies, out),
         zsre_section(run, zsre_table),
         *[
             scaling_section(
