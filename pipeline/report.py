@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import figures, findings, pairwise
+from pipeline.app import agreement, figures, findings, pairwise
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, describe_machine, stage
@@ -251,7 +251,9 @@ def trace_facts(averages: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     """Markdown: where the traced facts came from, how many, and a warning when they are few."""
     n = averages["n_prompts"]
     origin = summary.get("data_origin")
-    source = summary.get("data_file") or summary.get("facts_source") or "unknown (older trace)"
+    source = summary.get("data_file") or summary.get("facts_source")
+    # The file's name, not this machine's path to it (the Data section gives its sha256).
+    source = Path(source).name if source else "unknown (older trace)"
     setting = [
         f"noise scale {summary['noise_scale']:.4g}" if summary.get("noise_scale") else "",
         f"{summary['samples']} corrupted copies" if summary.get("samples") else "",
@@ -456,6 +458,117 @@ def trace_section(
     for name, path in section.figures.items():
         section.lines += [image(name, path, out), ""]
     return section
+
+
+def screen_section(
+    run: Run,
+    screen_dir: Path,
+    agreement_dir: Path,
+    exact: dict[str, Any] | None,
+    model: str,
+) -> Section:
+    """The attribution-patching screen (an estimate) over more known facts than the exact trace
+    covers, and how it agrees with the exact trace where both ran (pipeline.app.agreement)."""
+    out = run.out_dir
+    averages = read_averages(screen_dir, None)
+    if averages is None:
+        return Section()
+    run.uses(screen_dir, "trace")
+    summary = files.read_json(screen_dir / "summary.json")
+    section = Section(
+        [
+            f"## Attribution screen over {averages['n_prompts']:,} known facts (ESTIMATES)",
+            "",
+            "The same trace estimated by attribution patching (`trace.engine=attribution`, "
+            "docs/tracing-attribution.md): each restored probability is the corrupted run's plus "
+            "the first-order term (clean state − corrupted state) · ∂p/∂state, from one forward "
+            "and one backward pass of the corrupted copies. Every number here is an estimate; "
+            f"{provenance(screen_dir, out)}.",
+            "",
+            *trace_facts(averages, summary),
+            "",
+            *peaks_table(averages),
+            "",
+        ]
+    )
+    drawn = figures.trace_figures(out / "figures" / "screen", averages, [], model)
+    section.figures = {f"screen_{name}": path for name, path in drawn.items()}
+    for name in ("screen_average_mlp", "screen_average_attn", "screen_last_subject_aie"):
+        if name in section.figures:
+            section.lines += [image(name, section.figures[name], out), ""]
+    section.lines += ["Its readings:", ""]
+    section.lines += [f"- {f.name}: **{f.verdict}**: {f.evidence}" for f in read_trace(averages)]
+    section.lines.append("")
+    path = agreement_dir / "agreement.json"
+    if exact is None or not path.exists():
+        return section
+    saved = files.read_json(path)
+    section.lines += [
+        "### Agreement with the exact trace",
+        "",
+        f"The screen over the exact trace's own {saved['facts']} facts (the same noise per "
+        f"prompt, scale {saved['noise_scale']:.4g}), from `{path.name}` "
+        "(`python scripts/attribution_agreement.py --save`, commit "
+        f"`{((saved.get('git') or {}).get('commit') or 'not recorded')[:10]}`"
+        f"{' (uncommitted changes)' if (saved.get('git') or {}).get('dirty') else ''}). "
+        "Bucket averages (the "
+        "(token bucket, layer) means the figures draw), estimate against exact:",
+        "",
+        r"| kind | linearized | r | max \|difference\| | mean \|difference\| | largest exact "
+        "| peak layer at the last subject token, exact / estimate | at the last token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, estimate in saved["averages"].items():
+        for row in agreement.on_averages(exact, estimate):
+            peaks = row["peaks"]
+            section.lines.append(
+                f"| {row['kind']} | {mode} | {row['r']:.3f} | {row['max_difference']:.4f} | "
+                f"{row['mean_difference']:.4f} | {row['largest_exact']:.4f} | "
+                f"{peaks['last_subject']['exact']} / {peaks['last_subject']['estimate']} | "
+                f"{peaks['last']['exact']} / {peaks['last']['estimate']} |"
+            )
+    if saved.get("exact"):
+        section.lines += [
+            "",
+            f"Per cell, on the first {len(saved['exact'])} facts traced both ways in that run "
+            "(effects, restored − corrupted; cells from the first subject token on):",
+            "",
+            r"| kind | linearized | r | mean \|error\| | max \|error\| | mean \|exact\| "
+            "| largest mean error at |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for mode, records in saved["estimates"].items():
+            for row in agreement.per_cell(saved["exact"], records, saved["kinds"]):
+                worst = row.get("worst")
+                at = f"{worst['bucket']} token, layer {worst['layer']}" if worst else "–"
+                section.lines.append(
+                    f"| {row['kind']} | {mode} | {row['r']:.3f} | {row['mae']:.4f} | "
+                    f"{row['max_error']:.4f} | {row['mean_abs_exact']:.4f} | {at} |"
+                )
+    speed = saved.get("speed") or {}
+    if "speedup" in speed:
+        section.lines += [
+            "",
+            f"Speed in that run ({saved.get('threads', '?')} thread): the screen "
+            f"{speed['screen_prompts_per_second']:.3f} prompts/s over all {saved['facts']} facts "
+            f"({speed['screen_hours_per_1000_prompts']:.2f} h per 1,000); on the prompts traced "
+            f"both ways {speed['speedup']:.0f}× the exact fast engine.",
+        ]
+    section.lines += [
+        "",
+        "The readings of the exact trace and of the screen on the same facts:",
+        "",
+    ]
+    for name, averages_of in (("exact", exact), *saved["averages"].items()):
+        for f in read_trace(averages_of):
+            section.lines.append(f"- {name}: {f.name}: **{f.verdict}**")
+    section.lines.append("")
+    return section
+
+
+def read_trace(averages: dict[str, Any]) -> list[Any]:
+    """The findings a trace alone speaks to (no sweep, table or curves)."""
+    return findings.read_results(averages, [], [], {})
 
 
 def sweep_section(
@@ -817,14 +930,25 @@ def main(cfg: DictConfig, run: Run) -> None:
     sweep_dir = Path(cfg.sweep_dir)
     one_layer_dir = Path(cfg.one_layer_trace_dir)
     tuning_dir = Path(cfg.tuning_dir)
+    screen_dir, agreement_dir = Path(cfg.screen_dir), Path(cfg.agreement_dir)
     results = Path(cfg.paths.results)
     if cfg.snapshot_inputs and not inside(results, out / "inputs"):
         studies_here = sorted(tuning_dir.glob("tune-*"))
         placed = snapshot_inputs(
             results,
             out / "inputs",
-            [trace_dir, runs_dir / model, sweep_dir, one_layer_dir, *studies_here],
+            [
+                trace_dir,
+                runs_dir / model,
+                sweep_dir,
+                one_layer_dir,
+                screen_dir,
+                agreement_dir,
+                *studies_here,
+            ],
         )
+        screen_dir = placed.get(screen_dir, screen_dir)
+        agreement_dir = placed.get(agreement_dir, agreement_dir)
         if studies_here and studies_here[0] in placed:
             tuning_dir = placed[studies_here[0]].parent
         trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
@@ -847,6 +971,8 @@ def main(cfg: DictConfig, run: Run) -> None:
         else None
     )
     inputs_read = {"trace": trace_dir}
+    if (screen_dir / "averages.json").exists():
+        inputs_read["attribution screen"] = screen_dir
     inputs_read |= {f"layer {r['layer']}": Path(r["dir"]) for r in rows}
     inputs_read |= {
         r["editor"]: Path(r["dir"]) for r in table if not r["editor"].startswith("none (")
@@ -860,6 +986,7 @@ def main(cfg: DictConfig, run: Run) -> None:
 
     sections = [
         trace_section(run, trace_dir, averages, model, cfg.trace_dir),
+        screen_section(run, screen_dir, agreement_dir, averages, model),
         sweep_section(run, rows, averages, model, cfg.sweep_dir),
         table_section(run, table, model, cfg.runs_dir),
         pairwise_section(run, table, model, seed),

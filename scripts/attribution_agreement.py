@@ -15,6 +15,9 @@ The exact trace's averages over the 279 facts SmolLM2 knows of ROME's known_1000
   the per-cell correlation and error of the estimated effects (cells from the first subject
   token on; earlier ones are equal by construction), where the error is largest, and the
   prompts per second of both engines on the same prompts (the benchmark row; `--json`).
+
+`--save FILE` keeps what the reference report reads (pipeline.app.agreement): the screen's
+averages under both linearizations and the prompts traced both ways, not the other grids.
 """
 
 from __future__ import annotations
@@ -26,17 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-import numpy as np
 import torch
 import yaml
 
+from pipeline.app import agreement
 from pipeline.app.findings import read_results
+from pipeline.app.stage import git_state
 from pipeline.core import files
 from pipeline.core.patching import (
-    BUCKETS,
     AttributionTracer,
     Readout,
-    bucket_positions,
     resolve_noise,
     trace_all_kinds,
     trace_severed,
@@ -90,41 +92,16 @@ def record(fact, span, window, clean, corrupted, grids, severed) -> dict[str, An
     }
 
 
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    return float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() > 2 else float("nan")
-
-
-def per_cell(exact: list[dict], estimate: list[dict], kinds: list[str]) -> None:
-    """Per kind: correlation and error of the effects, cells from the first subject token on."""
+def per_cell_table(exact: list[dict], estimate: dict[str, list[dict]], kinds: list[str]) -> None:
     print(f"\nper cell, {len(exact)} prompts traced exactly too (effects: restored - corrupted)")
-    print("kind    mode      r      MAE      max|err|  mean|exact|  largest mean error at")
-    for kind in kinds:
-        for mode, records in estimate.items():
-            x, y, where = [], [], {}
-            for ex, es in zip(exact, records, strict=True):
-                start = ex["subject_span"][0]
-                a = np.asarray(ex["kinds"][kind])[start:] - ex["corrupted"]
-                b = np.asarray(es["kinds"][kind])[start:] - es["corrupted"]
-                x.append(a.ravel()), y.append(b.ravel())
-                buckets = bucket_positions(len(ex["kinds"][kind]), tuple(ex["subject_span"]))
-                for t, row in enumerate(np.abs(a - b)):
-                    name = BUCKETS[buckets[start + t]]
-                    where.setdefault(name, []).append(row)
-            a, b = np.concatenate(x), np.concatenate(y)
-            worst = max(where, key=lambda n: np.mean(where[n]))
-            layer = int(np.argmax(np.mean(where[worst], axis=0)))
+    print("kind           mode      r      MAE      max|err|  mean|exact|  largest mean error at")
+    for mode, records in estimate.items():
+        for row in agreement.per_cell(exact, records, kinds):
+            worst = row.get("worst")
             print(
-                f"{kind:7s} {mode:8s} {correlation(a, b):6.3f} {np.mean(np.abs(a - b)):8.4f} "
-                f"{np.max(np.abs(a - b)):8.4f}  {np.mean(np.abs(a)):10.4f}   {worst}, layer {layer}"
-            )
-    for name in exact[0]["severed"]:
-        for mode, records in estimate.items():
-            a = np.array([np.asarray(r["severed"][name]) - r["corrupted"] for r in exact])
-            b = np.array([np.asarray(r["severed"][name]) - r["corrupted"] for r in records])
-            print(
-                f"severed {name:5s} {mode:8s} r {correlation(a.ravel(), b.ravel()):6.3f} "
-                f"MAE {np.mean(np.abs(a - b)):.4f} mean|exact| {np.mean(np.abs(a)):.4f}"
+                f"{row['kind']:14s} {mode:8s} {row['r']:6.3f} {row['mae']:8.4f} "
+                f"{row['max_error']:8.4f}  {row['mean_abs_exact']:10.4f}   "
+                + (f"{worst['bucket']}, layer {worst['layer']}" if worst else "")
             )
 
 
@@ -134,32 +111,15 @@ def side_by_side(exact: dict[str, Any], estimates: dict[str, dict[str, Any]]) ->
         f"\nbucket averages: exact (n = {exact['n_prompts']}) vs estimates (n = "
         f"{next(iter(estimates.values()))['n_prompts']}), pooling {exact['pooling']}"
     )
-    for kind in exact["kinds"]:
-        a = np.asarray(exact["kinds"][kind]["mean"], dtype=float)
-        for mode, averages in estimates.items():
-            b = np.asarray(averages["kinds"][kind]["mean"], dtype=float)
-            print(
-                f"  {kind:6s} {mode:8s} r {correlation(a.ravel(), b.ravel()):.3f}, "
-                f"max |diff| {np.nanmax(np.abs(a - b)):.4f}, mean |diff| "
-                f"{np.nanmean(np.abs(a - b)):.4f} (largest exact average {np.nanmax(a):.4f})"
+    for mode, averages in estimates.items():
+        for row in agreement.on_averages(exact, averages):
+            peaks = ", ".join(
+                f"{bucket} {p['exact']}/{p['estimate']}" for bucket, p in row["peaks"].items()
             )
-        for bucket in ("last_subject", "last"):
-            row = BUCKETS.index(bucket)
-            print(f"    {kind} at the {bucket} token, by layer: exact | " + " | ".join(estimates))
-            columns = [a[row]] + [
-                np.asarray(e["kinds"][kind]["mean"][row], dtype=float) for e in estimates.values()
-            ]
             print(
-                "      "
-                + "  ".join(
-                    f"{layer}:" + "/".join(f"{c[layer]:.3f}" for c in columns)
-                    for layer in range(len(a[row]))
-                )
-            )
-            peaks = [int(np.nanargmax(c)) for c in columns]
-            print(
-                f"      peak layer: exact {peaks[0]}, "
-                + ", ".join(f"{mode} {p}" for mode, p in zip(estimates, peaks[1:], strict=True))
+                f"  {row['kind']:6s} {mode:8s} r {row['r']:.3f}, max |diff| "
+                f"{row['max_difference']:.4f}, mean |diff| {row['mean_difference']:.4f} (largest "
+                f"exact average {row['largest_exact']:.4f}); peak layer exact/estimate: {peaks}"
             )
     print("\nthe report's readings (verdict: evidence):")
     for name, averages in {"exact": exact, **estimates}.items():
@@ -238,11 +198,26 @@ def main() -> None:
             f"{speed['screen_prompts_per_second_same_prompts']:.3f} prompts/s: "
             f"{speed['speedup']:.0f}x"
         )
-        per_cell(exact, {m: r[: len(exact)] for m, r in estimates.items()}, kinds)
-    if args.save:
-        files.write_json(args.save, {"estimates": estimates, "exact": exact, "speed": speed})
+        per_cell_table(exact, {m: r[: len(exact)] for m, r in estimates.items()}, kinds)
     pooling = exact_averages["pooling"]
     averages = {mode: aggregate(records, kinds, pooling) for mode, records in estimates.items()}
+    if args.save:  # compact: the screen's averages, and the prompts traced both ways
+        files.write_json(
+            args.save,
+            {
+                "facts": len(facts),
+                "kinds": kinds,
+                "noise_scale": summary["noise_scale"],
+                "exact_dir": str(args.exact_dir),
+                "averages": averages,
+                "exact": exact,
+                "estimates": {m: r[: len(exact)] for m, r in estimates.items()},
+                "speed": speed,
+                "threads": torch.get_num_threads(),
+                "git": git_state(),
+                "machine": benchlib.machine(),
+            },
+        )
     side_by_side(exact_averages, averages)
     benchlib.write_json(
         args,

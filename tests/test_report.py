@@ -66,6 +66,27 @@ def write_fixtures(results):
     summary = {"complete": True, "facts": 5, "data_origin": "bundled sample"}
     files.write_json(trace / "summary.json", {**summary, "data_file": "samples/known.json"})
     run_dir(trace, {"model": {"name": "tiny-gpt2"}})
+    # An attribution screen over more facts, and its agreement with the exact trace.
+    screen = results / "trace/tiny-gpt2/known-union-attribution"
+    estimated = [{**trace_record(rng, i), "estimate": True} for i in range(8)]
+    files.write_json(screen / "averages.json", aggregate(estimated, list(KINDS)))
+    files.write_json(screen / "summary.json", {**summary, "facts": 8})
+    run_dir(screen, {"model": {"name": "tiny-gpt2"}})
+    agreement = {
+        "facts": 5,
+        "kinds": list(KINDS),
+        "noise_scale": 0.1,
+        "averages": {"prob": aggregate(estimated[:5], list(KINDS))},
+        "exact": records[:2],
+        "estimates": {"prob": estimated[:2]},
+        "speed": {
+            "speedup": 40.0,
+            "screen_prompts_per_second": 0.3,
+            "screen_hours_per_1000_prompts": 0.9,
+        },
+        "threads": 1,
+    }
+    files.write_json(trace.parent / "known_1000-attribution-agreement/agreement.json", agreement)
     for editor in ("rome", "none"):
         out = results / "evaluate/tiny-gpt2/cf" / editor
         cases = [case_record(rng, i, editor == "rome") for i in range(8)]
@@ -133,6 +154,13 @@ def test_report_from_fixture_results(tmp_path):
         "NS: 72.9}}, mlp_peak_layers: 'layers 15-17'}",
     )
     assert "missing:" not in done.stdout
+    index = (out / "index.md").read_text()
+    screen = index.split("## Attribution screen over 8 known facts (ESTIMATES)")[1]
+    screen = screen.split("\n## ")[0]
+    assert "ESTIMATED by attribution patching" in screen  # its readings say so
+    assert "| mlp | prob |" in screen and "on the first 2 facts traced both ways" in screen
+    assert "40× the exact fast engine" in screen
+    assert (out / "figures/screen/average_mlp.png").exists()
     names = {p.stem for p in (out / "figures").glob("*.png")}
     assert {"example_0_hidden", "example_0_mlp", "example_0_attn", "average_mlp"} <= names
     assert {"last_subject_aie", "severed", "layer_sweep", "mass_scaling"} <= names
@@ -176,7 +204,7 @@ def test_report_from_fixture_results(tmp_path):
         "tokens) of the `wikipedia` corpus." in index
     )
     # Where the trace came from, how many, and a warning for both a sample and a small n.
-    assert "- **data**: `samples/known.json` (bundled sample)" in index
+    assert "- **data**: `known.json` (bundled sample)" in index  # a name, not a path
     assert "**n = 5** traced prompts of 5 facts" in index
     assert "traced on the bundled sample" in index and "only n = 5 prompts" in index
     assert "one sample per prompt and bucket" in index
