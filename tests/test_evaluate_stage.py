@@ -163,6 +163,31 @@ def test_generation_for_the_first_cases_only(tmp_path):
     assert "texts" in rows[0]["post"] and "texts" not in rows[1]["post"]
 
 
+def test_the_unedited_texts_are_sampled_once_for_every_editor(tmp_path):
+    """The unedited model's generation metrics are cached under the pre cache (`GenerationCache`):
+    a second editor's run reads them instead of sampling again, and they equal what sampling
+    gives afresh (a run with an empty cache), text for text."""
+    second = json.loads(json.dumps(ROME_CASE).replace("Danielle Darrieux", "Jean Galland"))
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([ROME_CASE, {**second, "case_id": 1}]))
+    common = ("data=counterfact", f"data.path={data}", "eval.max_new_tokens=4")
+    common += ("eval.perplexity=false",)
+    evaluate(tmp_path, *common, editor="none")
+    cached = list((tmp_path / "cache/pre").rglob("generation-*.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 1  # one batch
+    evaluate(tmp_path, *common)  # rome, the same cache
+    assert len(cached[0].read_text().splitlines()) == 1  # read, not sampled again
+    fresh = tmp_path / "fresh"
+    evaluate(fresh, *common)  # rome again, its own empty cache
+    rome, _ = cases(tmp_path, data="counterfact")
+    none, _ = cases(tmp_path, data="counterfact", editor="none")
+    again, _ = cases(fresh, data="counterfact")
+    for case_id in rome:
+        assert rome[case_id]["pre"]["texts"] == none[case_id]["pre"]["texts"]
+        assert rome[case_id]["pre"]["texts"] == again[case_id]["pre"]["texts"]
+        assert rome[case_id]["pre"]["GE"] == again[case_id]["pre"]["GE"]
+
+
 def test_sequential_edits_report_each_checkpoint(tmp_path):
     evaluate(tmp_path, "eval.mode=sequential", "data.limit=3", "eval.checkpoints=[1,2]")
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome/sequential"

@@ -17,6 +17,7 @@ the stage (`pipeline/evaluate.py`) reads the config, calls one and writes the su
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ from pipeline.app.damage import HeldOutPerplexity
 from pipeline.app.editors import CaseEditor
 from pipeline.app.generation_scores import Reference, generation_metrics
 from pipeline.app.results import (
+    GenerationCache,
     PreCache,
     append_jsonl,
     case_record,
@@ -217,6 +219,7 @@ def _run_independent(
     if not todo:
         return
     pre_cache = PreCache(Path(cfg.pre_dir), tag, lm)
+    generation_cache = GenerationCache(Path(cfg.pre_dir), tag, lm)
     rows_per_pass = int(cfg.eval.rows_per_pass)
     references = Reference(Path(data_file).parent, cases) if with_generation else None
     bar = tqdm(total=len(todo), desc=f"evaluate {editor.name}", unit="case")
@@ -230,7 +233,18 @@ def _run_independent(
         chosen = [i for i, c in enumerate(batch) if generated is None or c.id in generated]
         if with_generation and chosen:
             gen_cases, gen_results = [batch[i] for i in chosen], [results[i] for i in chosen]
-            unedited = generation_metrics(lm, gen_cases, [None] * len(chosen), cfg, references)
+            unedited = generation_cache.get(
+                gen_cases,
+                {
+                    "seed": int(cfg.seed),
+                    "max_new_tokens": int(cfg.eval.max_new_tokens),
+                    "top_k": int(cfg.eval.top_k),
+                    "rs": references.tfidf is not None,
+                },
+                functools.partial(
+                    generation_metrics, lm, gen_cases, [None] * len(gen_cases), cfg, references
+                ),
+            )
             # Sampling is seeded by the batch, so with no update written (the unedited model,
             # or every edit refused) the post-edit texts are the pre-edit ones: not sampled twice.
             edited = (

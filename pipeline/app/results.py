@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,42 @@ class PreCache:
                 append_jsonl(self.path, [sealed(row) for row in new_rows])
             self.rows.update({r["key"]: r for r in new_rows})
         return [{k: v for k, v in self.rows[key].items() if k not in ("id", "key")} for key in keys]
+
+
+class GenerationCache:
+    """The unedited model's generation metrics (texts, GE, RS) per batch of generated cases,
+    shared by every editor's run of this model and data: sampling them is half of a full-protocol
+    case's time, and every editor's run samples the same ones (`generation_metrics` seeds a
+    batch by its first case, so the same batch gives the same texts, bit for bit). A batch is
+    found by everything its texts depend on (`generation_key`); another batch of the same cases
+    (a run that stopped mid-batch, other rejected records) misses and is sampled afresh."""
+
+    def __init__(self, directory: Path, tag: str, lm: LoadedModel):
+        self.path = directory / f"generation-{tag}.jsonl"
+        self.lm = lm
+        self.rows = checked_rows(sorted(directory.glob("generation-*.jsonl")))
+
+    def get(
+        self,
+        cases: Sequence[CounterfactCase],
+        settings: dict[str, Any],
+        sample: Callable[[], list[dict[str, Any]]],
+    ) -> list[dict[str, Any]]:
+        """The cached metrics of these cases under `settings` (seed, lengths, references), or
+        `sample()`'s, cached."""
+        description = {
+            "model": identity_of(self.lm),
+            "dtype": str(self.lm.dtype),
+            "cases": [c.to_dict() for c in cases],
+            **settings,
+        }
+        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+        if key not in self.rows:
+            row = {"key": key, "ids": [c.id for c in cases], "metrics": sample()}
+            with file_lock(self.path.with_suffix(".lock")):
+                append_jsonl(self.path, [sealed(row)])
+            self.rows[key] = row
+        return self.rows[key]["metrics"]
 
 
 class ValueCache:
