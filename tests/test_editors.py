@@ -107,6 +107,21 @@ def test_multi_layer_presets_and_per_model_values_yield_to_the_command_line():
         editors.edit_layer(config("editor=rome", "editor.layer=[1,2]").editor, "gpt2")
 
 
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("smollm2-135m", (1570.0, 1.64e-2, 1.61)),  # the tuning studies' (conf/tune/)
+        ("gpt2-xl", (2e4, 0.02, 10.0)),  # the reference code's
+    ],
+)
+def test_tuned_presets_are_per_model_and_the_reference_models_keep_the_authors(model, expected):
+    memit = editors.editor_hparams(config("editor=memit", f"model={model}").editor, model)
+    alpha = editors.editor_hparams(config("editor=alphaedit", f"model={model}").editor, model)
+    assert (memit.mom2_update_weight, alpha.nullspace_threshold, alpha.l2) == expected
+    chosen = config("editor=alphaedit", f"model={model}", "editor.l2=3")
+    assert editors.editor_hparams(chosen.editor, model).l2 == 3  # the command line wins
+
+
 def test_editor_layers_is_the_list_a_user_sets_and_the_presets_are_layers_by_model():
     """`editor.layers` held the per-model preset map, so `editor.layers=[0,1]` replaced the map
     with a list and the run stopped ('no layer preset'); the map is `layers_by_model` now."""
