@@ -80,8 +80,8 @@ def test_evaluate_help_offers_only_data_it_reads_and_names_the_tune_extra():
     assert "hydra/sweeper=optuna" in done.stdout and "`tune` extra" in done.stdout
     trace = python_m("pipeline.trace", "--help").stdout
     (data,) = [line for line in trace.splitlines() if line.startswith("data: ")]
-    # Known facts only: ROME's known_1000 and those drawn from CounterFact, no edit cases.
-    assert data.removeprefix("data: ").split(", ") == ["counterfact-known", "known"]
+    # Known facts only: ROME's known_1000, those drawn from CounterFact and both, no edit cases.
+    assert data.removeprefix("data: ").split(", ") == ["counterfact-known", "known", "known-union"]
 
 
 def test_stage_of_reads_the_command_line():
