@@ -120,6 +120,9 @@ def test_tuned_presets_are_per_model_and_the_reference_models_keep_the_authors(m
     assert (memit.mom2_update_weight, alpha.nullspace_threshold, alpha.l2) == expected
     chosen = config("editor=alphaedit", f"model={model}", "editor.l2=3")
     assert editors.editor_hparams(chosen.editor, model).l2 == 3  # the command line wins
+    kn = editors.editor_hparams(config("editor=kn", f"model={model}").editor, model)
+    tuned = (5.04e-2, 1.69, 6.74) if model == "smollm2-135m" else (0.2, 2.0, 1.0)
+    assert (kn.adaptive_threshold, kn.erase_scale, kn.write_scale) == tuned
 
 
 def test_editor_layers_is_the_list_a_user_sets_and_the_presets_are_layers_by_model():
