@@ -164,9 +164,9 @@ def test_generation_for_the_first_cases_only(tmp_path):
 
 
 def test_the_unedited_texts_are_sampled_once_for_every_editor(tmp_path):
-    """The unedited model's generation metrics are cached under the pre cache (`GenerationCache`):
-    a second editor's run reads them instead of sampling again, and they equal what sampling
-    gives afresh (a run with an empty cache), text for text."""
+    """The unedited model's generation metrics are cached per case under the pre cache
+    (`GenerationCache`): a second editor's run reads them instead of sampling again, and they
+    equal what sampling gives afresh in other batches (each case is seeded by its id)."""
     second = json.loads(json.dumps(ROME_CASE).replace("Danielle Darrieux", "Jean Galland"))
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([ROME_CASE, {**second, "case_id": 1}]))
@@ -174,11 +174,11 @@ def test_the_unedited_texts_are_sampled_once_for_every_editor(tmp_path):
     common += ("eval.perplexity=false",)
     evaluate(tmp_path, *common, editor="none")
     cached = list((tmp_path / "cache/pre").rglob("generation-*.jsonl"))
-    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 1  # one batch
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 2  # one per case
     evaluate(tmp_path, *common)  # rome, the same cache
-    assert len(cached[0].read_text().splitlines()) == 1  # read, not sampled again
+    assert len(cached[0].read_text().splitlines()) == 2  # read, not sampled again
     fresh = tmp_path / "fresh"
-    evaluate(fresh, *common)  # rome again, its own empty cache
+    evaluate(fresh, *common, "eval.cases_per_batch=1")  # its own empty cache, other batches
     rome, _ = cases(tmp_path, data="counterfact")
     none, _ = cases(tmp_path, data="counterfact", editor="none")
     again, _ = cases(fresh, data="counterfact")

@@ -28,29 +28,28 @@ def generation_metrics(
     cfg: DictConfig,
     references: Reference,
 ) -> list[dict[str, Any]]:
-    """GE and RS per case from top-k samples of its generation prompts, under its update."""
-    prompts, owners = [], []
-    for index, case in enumerate(cases):
-        prompts += case.generation_prompts
-        owners += [index] * len(case.generation_prompts)
-    updates = [update_of(results[i]) for i in owners]
-    texts = generate(
-        lm,
-        prompts,
-        updates=updates,
-        max_new_tokens=int(cfg.eval.max_new_tokens),
-        top_k=int(cfg.eval.top_k),
-        seed=int(cfg.seed) + int(cases[0].id),
-    )
+    """GE and RS per case from top-k samples of its generation prompts, under its update.
+
+    Each case's prompts are sampled together, seeded by the case's id: a case's texts do not
+    depend on which cases share its batch (a resumed or sharded run, another editor's run), so
+    the unedited model's texts can be sampled once per case (`GenerationCache`)."""
     out = []
-    for index, case in enumerate(cases):
-        mine = [t for t, owner in zip(texts, owners, strict=True) if owner == index]
+    for case, result in zip(cases, results, strict=True):
+        texts = generate(
+            lm,
+            case.generation_prompts,
+            updates=[update_of(result)] * len(case.generation_prompts),
+            max_new_tokens=int(cfg.eval.max_new_tokens),
+            top_k=int(cfg.eval.top_k),
+            seed=int(cfg.seed) + int(case.id),
+            batch_size=max(16, len(case.generation_prompts)),
+        )
         out.append(
             {
-                "texts": mine,
-                "GE": gen.fluency(mine),
+                "texts": texts,
+                "GE": gen.fluency(texts),
                 **(
-                    {"RS": gen.consistency(references.tfidf, mine, references.texts_about(case))}
+                    {"RS": gen.consistency(references.tfidf, texts, references.texts_about(case))}
                     if references.tfidf is not None
                     else {}
                 ),

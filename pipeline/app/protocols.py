@@ -17,7 +17,6 @@ the stage (`pipeline/evaluate.py`) reads the config, calls one and writes the su
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -241,11 +240,11 @@ def _run_independent(
                     "top_k": int(cfg.eval.top_k),
                     "rs": references.tfidf is not None,
                 },
-                functools.partial(
-                    generation_metrics, lm, gen_cases, [None] * len(gen_cases), cfg, references
+                lambda missing: generation_metrics(
+                    lm, missing, [None] * len(missing), cfg, references
                 ),
             )
-            # Sampling is seeded by the batch, so with no update written (the unedited model,
+            # Sampling is seeded by the case, so with no update written (the unedited model,
             # or every edit refused) the post-edit texts are the pre-edit ones: not sampled twice.
             edited = (
                 unedited

@@ -149,39 +149,47 @@ class PreCache:
 
 
 class GenerationCache:
-    """The unedited model's generation metrics (texts, GE, RS) per batch of generated cases,
-    shared by every editor's run of this model and data: sampling them is half of a full-protocol
-    case's time, and every editor's run samples the same ones (`generation_metrics` seeds a
-    batch by its first case, so the same batch gives the same texts, bit for bit). A batch is
-    found by everything its texts depend on (`generation_key`); another batch of the same cases
-    (a run that stopped mid-batch, other rejected records) misses and is sampled afresh."""
+    """The unedited model's generation metrics (texts, GE, RS) per case, shared by every editor's
+    run of this model and data: sampling them is half of a full-protocol case's time, and every
+    editor's run samples the same ones (`generation_metrics` seeds each case by its id, so a case
+    gives the same texts in any batch, bit for bit). A case is found by everything its texts
+    depend on: the weights, their dtype, the case's content and `settings` (the seed, lengths,
+    whether RS is computed)."""
 
     def __init__(self, directory: Path, tag: str, lm: LoadedModel):
         self.path = directory / f"generation-{tag}.jsonl"
         self.lm = lm
         self.rows = checked_rows(sorted(directory.glob("generation-*.jsonl")))
 
+    def key(self, case: CounterfactCase, settings: dict[str, Any]) -> str:
+        description = {
+            "model": identity_of(self.lm),
+            "dtype": str(self.lm.dtype),
+            "case": case.to_dict(),
+            **settings,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
     def get(
         self,
         cases: Sequence[CounterfactCase],
         settings: dict[str, Any],
-        sample: Callable[[], list[dict[str, Any]]],
+        sample: Callable[[Sequence[CounterfactCase]], list[dict[str, Any]]],
     ) -> list[dict[str, Any]]:
-        """The cached metrics of these cases under `settings` (seed, lengths, references), or
-        `sample()`'s, cached."""
-        description = {
-            "model": identity_of(self.lm),
-            "dtype": str(self.lm.dtype),
-            "cases": [c.to_dict() for c in cases],
-            **settings,
-        }
-        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
-        if key not in self.rows:
-            row = {"key": key, "ids": [c.id for c in cases], "metrics": sample()}
+        """Each case's cached metrics under `settings`; `sample(missing cases)` for the rest,
+        cached."""
+        keys = [self.key(c, settings) for c in cases]
+        missing = [(c, k) for c, k in zip(cases, keys, strict=True) if k not in self.rows]
+        if missing:
+            fresh = sample([c for c, _ in missing])
+            new_rows = [
+                {"key": k, "id": c.id, "metrics": m}
+                for (c, k), m in zip(missing, fresh, strict=True)
+            ]
             with file_lock(self.path.with_suffix(".lock")):
-                append_jsonl(self.path, [sealed(row)])
-            self.rows[key] = row
-        return self.rows[key]["metrics"]
+                append_jsonl(self.path, [sealed(row) for row in new_rows])
+            self.rows.update({r["key"]: r for r in new_rows})
+        return [self.rows[key]["metrics"] for key in keys]
 
 
 class ValueCache:
