@@ -951,6 +951,8 @@ def main(cfg: DictConfig, run: Run) -> None:
         agreement_dir = placed.get(agreement_dir, agreement_dir)
         if studies_here and studies_here[0] in placed:
             tuning_dir = placed[studies_here[0]].parent
+        elif not studies_here and inside(tuning_dir, results):  # none here: the report's copies
+            tuning_dir = out / "inputs" / tuning_dir.resolve().relative_to(results.resolve())
         trace_dir, sweep_dir = placed.get(trace_dir, trace_dir), placed.get(sweep_dir, sweep_dir)
         one_layer_dir = placed.get(one_layer_dir, one_layer_dir)
         if runs_dir / model in placed:
