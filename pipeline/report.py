@@ -141,6 +141,19 @@ def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return curves
 
 
+def scaling_points(data_dir: Path, mode: str) -> dict[str, dict[int, dict[Any, dict]]]:
+    """Each case's scores at each point of each editor's curve, {editor: {size: {id: record}}},
+    from `mass-<N>.jsonl` (mass) or `checkpoint-<N>.jsonl` (sequential), where the run kept
+    them (sequential runs before the checkpoint files have none)."""
+    prefix = "mass" if mode == "mass" else "checkpoint"
+    points: dict[str, dict[int, dict[Any, dict]]] = {}
+    for path in sorted(data_dir.glob(f"*/{mode}/{prefix}-*.jsonl")):
+        size = int(path.stem.removeprefix(f"{prefix}-"))
+        records = {r["id"]: r for r in read_jsonl([path])}
+        points.setdefault(path.parent.parent.name, {})[size] = records
+    return points
+
+
 def generation_line(data_dir: Path, mode: str) -> str:
     """What the GE column of a scaling table measured, and the unedited model's GE there."""
     parts = []
@@ -803,8 +816,10 @@ def scaling_section(
     unedited: dict[str, Any] | None,
     model: str,
     where: Path,
+    pairs: list[dict[str, Any]],
 ) -> Section:
-    """Mass or sequential editing: metrics and perplexity against the number of edits."""
+    """Mass or sequential editing: metrics and perplexity against the number of edits, and
+    editor against editor at each size where two editors scored the same cases."""
     out, mode, name = run.out_dir, kind.mode, kind.name
     section = Section([f"## {kind.heading}", ""])
     if not curves:
@@ -826,7 +841,12 @@ def scaling_section(
     )
     if damage is not None:
         section.figures[f"{name}_perplexity"] = damage
-    section.lines += [kind.intro, "", image(name, section.figures[name], out), ""]
+    section.lines += [
+        f"{kind.intro} Data: `{data_dir.name}`.",
+        "",
+        image(name, section.figures[name], out),
+        "",
+    ]
     if damage is not None:
         section.lines += [
             "Damage to the model: perplexity on the held-out text (the dashed line: "
@@ -859,6 +879,17 @@ def scaling_section(
         *[f"- {editor}: {provenance(data_dir / editor / mode, out)}" for editor in curves],
         "",
     ]
+    if pairs:
+        files.atomic_write(run.path(f"{name}_pairwise.csv"), pairwise.csv_text(pairs))
+        section.lines += [
+            "### Editor against editor at each size",
+            "",
+            "Each pair of editors on the cases both scored after the same number of edits "
+            "(matched by id), A minus B in percentage points, as in the pairwise table above; "
+            f"Holm over the pairs of each size and metric. [CSV]({name}_pairwise.csv)",
+            "",
+            pairwise.scaling_markdown(pairs),
+        ]
     return section
 
 
@@ -928,6 +959,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     model, seed = cfg.model.name, int(cfg.seed)
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
+    scaling_data = {"mass": cfg.mass_data, "sequential": cfg.sequential_data}
     one_layer_dir = Path(cfg.one_layer_trace_dir)
     tuning_dir = Path(cfg.tuning_dir)
     screen_dir, agreement_dir = Path(cfg.screen_dir), Path(cfg.agreement_dir)
@@ -963,10 +995,18 @@ def main(cfg: DictConfig, run: Run) -> None:
     table = [r for r in collect(runs_dir, seed=seed) if r["model"] == model]
     zsre_table = [r for r in collect_zsre(runs_dir) if r["model"] == model]
     studies = read_studies(tuning_dir, model, seed=seed)
-    data_dir = runs_dir / model / cfg.eval_data
-    curves = {"mass": mass_curves(data_dir), "sequential": sequential_curves(data_dir)}
+    data_dirs = {mode: runs_dir / model / data for mode, data in scaling_data.items()}
+    curves = {
+        "mass": mass_curves(data_dirs["mass"]),
+        "sequential": sequential_curves(data_dirs["sequential"]),
+    }
+    scaling_pairs = {
+        mode: pairwise.scaling_comparisons(
+            scaling_points(data_dirs[mode], mode), model, scaling_data[mode], seed=seed
+        )
+        for mode in curves
+    }
     same_data = [r for r in table if r["data"] == cfg.eval_data]
-    unedited = next((r for r in same_data if r["editor"].startswith("none")), None)
     one_layer = (
         files.read_json(one_layer_dir / "averages.json")
         if (one_layer_dir / "averages.json").exists()
@@ -983,7 +1023,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         f"{r['editor']} zsRE": Path(r["dir"]) for r in zsre_table if r["editor"] != "none (pre)"
     }
     for mode, found_curves in curves.items():
-        inputs_read |= {f"{e} {mode}": data_dir / e / mode for e in found_curves}
+        inputs_read |= {f"{e} {mode}": data_dirs[mode] / e / mode for e in found_curves}
     inputs_read |= {f"{s.editor} tuning": s.best.dir for s in studies}
 
     sections = [
@@ -999,10 +1039,18 @@ def main(cfg: DictConfig, run: Run) -> None:
                 run,
                 SCALING[mode],
                 curves[mode],
-                data_dir,
-                unedited,
+                data_dirs[mode],
+                next(  # the unedited model on the curve's data, where it was run there
+                    (
+                        r
+                        for r in table
+                        if r["data"] == scaling_data[mode] and r["editor"].startswith("none")
+                    ),
+                    None,
+                ),
                 model,
-                Path(cfg.runs_dir) / model / cfg.eval_data,
+                Path(cfg.runs_dir) / model / scaling_data[mode],
+                scaling_pairs[mode],
             )
             for mode in ("mass", "sequential")
         ],
@@ -1019,6 +1067,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         curves["sequential"],
         one_layer=one_layer,
         seed=seed,
+        sequential_pairs=scaling_pairs["sequential"],
     )
     sections.append(findings_section(found))
 

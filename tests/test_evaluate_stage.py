@@ -194,6 +194,11 @@ def test_sequential_edits_report_each_checkpoint(tmp_path):
     curve = json.loads((out / "sequential.json").read_text())["checkpoints"]
     assert [row["edits"] for row in curve] == [1, 2, 3]
     assert curve[-1]["ES"]["n"] == 3
+    for point in curve:  # each case's scores at the checkpoint: the curve's point is their mean
+        rows = [json.loads(line) for line in (out / f"checkpoint-{point['edits']}.jsonl").open()]
+        assert len(rows) == point["edits"]
+        es = [row["post"]["metrics"]["ES"] for row in rows]
+        assert abs(100 * sum(es) / len(es) - point["ES"]["mean"]) < 1e-9  # the same floats
     summary = json.loads((out / "summary.json").read_text())
     windows = summary["perplexity"]["text"]["windows"]
     assert all(row["perplexity"]["n"] == windows for row in curve)  # at every checkpoint

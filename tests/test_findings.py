@@ -354,3 +354,27 @@ def test_a_curve_point_collapses_by_its_perplexity_against_the_unedited_models()
     assert findings.point_collapse({**point, "unedited_perplexity": {"mean": 22.0}})  # 3x
     assert findings.point_collapse({**point, "unedited_perplexity": {"mean": 23.0}}) is None
     assert findings.point_collapse(point) is None  # no unedited value: the rule cannot fire
+
+
+def test_alphaedit_against_memit_after_the_most_common_sequential_edits():
+    def point(size, es, ps, ns, half=3.0):
+        rates = {"ES": metric(es, half), "PS": metric(ps, half), "NS": metric(ns, half)}
+        return {"size": size, "post": rates}
+
+    sequential = {
+        "alphaedit": [point(500, 99, 90, 70), point(2000, 98, 88, 69)],
+        "memit": [point(500, 99, 90, 70), point(2000, 80, 70, 55), point(2500, 50, 50, 40)],
+    }
+    found = findings.read_results(None, [], [], {}, sequential)[-1]
+    assert found.name.startswith("AlphaEdit") and "after 2,000 edits" in found.evidence
+    assert found.verdict == findings.AGREES  # all three beyond the two intervals
+    assert "unpaired intervals" in found.evidence and "ES 99.0 → 80.0" in found.evidence
+    # The paired difference decides where the runs kept each case's scores: NS's holds zero.
+    pair = {"size": 2000, "a": "alphaedit", "b": "memit", "n": 2000, "metrics": {
+        "ES": metric(18, 2), "PS": metric(18, 3), "NS": metric(14, 15)}}  # fmt: skip
+    paired = findings.alphaedit_holds_in_sequence(sequential, [pair])
+    assert paired.verdict == findings.WITHIN and "on the same 2,000 cases" in paired.evidence
+    pair["metrics"]["NS"] = metric(-1, 0.5)  # AlphaEdit below MEMIT on the neighbours
+    paired = findings.alphaedit_holds_in_sequence(sequential, [pair])
+    assert paired.verdict == findings.DISAGREES
+    assert findings.alphaedit_holds_in_sequence({"memit": sequential["memit"]}) is None

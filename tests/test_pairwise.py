@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from metrics.paired import holm, rate_difference
-from pipeline.app.pairwise import comparisons, csv_text, latex, markdown
+from pipeline.app.pairwise import (
+    comparisons,
+    csv_text,
+    latex,
+    markdown,
+    scaling_comparisons,
+    scaling_markdown,
+)
 
 
 def row(editor, es_by_id, model="m"):
@@ -45,3 +52,37 @@ def test_pairs_are_matched_by_case_id_and_holm_adjusted_over_the_pairs():
         csv_text(found).splitlines()[0]
         == "model,data,a,b,metric,mean,low,high,n,p,p_holm,interval,p_bound"
     )
+
+
+def test_scaling_pairs_are_per_size_on_the_cases_both_scored_and_holm_within_a_size():
+    rng = np.random.default_rng(1)
+
+    def scored(p, ids):
+        return {
+            i: {"id": i, "post": {"metrics": {"ES": float(rng.random() < p), "PS": 0.5,
+                                              "NS": float(rng.random() < 0.7)}}}
+            for i in ids
+        }  # fmt: skip
+
+    points = {
+        "alphaedit": {100: scored(0.95, range(100)), 200: scored(0.9, range(200))},
+        "memit": {100: scored(0.9, range(100)), 200: scored(0.5, range(200))},
+        "emmet": {100: scored(0.9, range(50, 150))},  # other cases, and no point at 200
+    }
+    found = scaling_comparisons(points, "m", "cf-union", seed=0)
+    assert [(c["size"], c["a"], c["b"], c["n"]) for c in found] == [  # Table 4's order
+        (100, "emmet", "memit", 50),  # only the 50 cases both scored
+        (100, "alphaedit", "memit", 100),
+        (100, "alphaedit", "emmet", 50),
+        (200, "alphaedit", "memit", 200),
+    ]
+    es = [points[e][200][i]["post"]["metrics"]["ES"] for e in ("alphaedit", "memit")
+          for i in range(200)]  # fmt: skip
+    expected = rate_difference(es[:200], es[200:])
+    assert found[-1]["metrics"]["ES"]["mean"] == pytest.approx(100 * expected["mean"])
+    assert found[-1]["metrics"]["ES"]["p_holm"] == expected["p"]  # alone at its size: unadjusted
+    at_100 = [c["metrics"]["ES"]["p"] for c in found[:3]]
+    assert [c["metrics"]["ES"]["p_holm"] for c in found[:3]] == holm(at_100)
+    text = scaling_markdown(found)
+    assert "| 200 | alphaedit − memit | 200 |" in text and "ΔGE" not in text
+    assert csv_text(found).splitlines()[0].startswith("model,data,size,a,b,metric,")

@@ -285,3 +285,31 @@ def test_a_report_rebuilds_from_its_own_inputs_identically(tmp_path):
         if name == "index.md":
             text, again = (t.split("\n", 3)[3] for t in (text, again))
         assert again == text, name
+
+
+def test_scaling_curves_read_their_own_data_and_pair_the_editors_at_each_size(tmp_path):
+    """`sequential_data` apart from `eval_data` (AlphaEdit's setting runs on more cases than
+    Table 4), and editor against editor at each size from each case's scores there."""
+    results = tmp_path / "results"
+    write_fixtures(results)
+    rng = np.random.default_rng(1)
+    for editor in ("memit", "rome"):
+        moved = results / f"evaluate/tiny-gpt2/cf-union/{editor}/sequential"
+        moved.parent.mkdir(parents=True)
+        shutil.move(results / f"evaluate/tiny-gpt2/cf/{editor}/sequential", moved)
+        for n in (1, 4, 8):
+            for name in (f"checkpoint-{n}.jsonl", f"../../../cf/{editor}/mass/mass-{n}.jsonl"):
+                cases = [case_record(rng, i, True) for i in range(n)]
+                lines = "".join(json.dumps(c) + "\n" for c in cases)
+                files.atomic_write((moved / name).resolve(), lines)
+    done, out = report(tmp_path, "sequential_data=cf-union")
+    assert "missing:" not in done.stdout
+    index = (out / "index.md").read_text()
+    for heading, data in (("Editing at scale", "cf"), ("Sequential editing", "cf-union")):
+        section = index.split(f"## {heading}")[1].split("\n## ")[0]
+        assert f"Data: `{data}`." in section
+        pairs = section.split("### Editor against editor at each size")[1]
+        assert "| 8 | memit − rome | 8 |" in pairs  # Table 4's order: the successor first
+        assert "| 1 | memit − rome | 1 |" not in pairs  # one case: no pair
+    assert (out / "sequential_scaling_pairwise.csv").read_text().startswith("model,data,size,")
+    assert "inputs/evaluate/tiny-gpt2/cf-union/memit/sequential" in index

@@ -1,7 +1,7 @@
 """The report's reading of its results against the paper's findings.
 
 Each finding names a claim of Meng et al. 2022 (or, for editing at scale and in sequence, of
-the MEMIT and r-ROME papers), the numbers this run gives for it, and a verdict by a rule stated
+the MEMIT, r-ROME and AlphaEdit papers), the numbers this run gives for it, and a verdict by a rule stated
 beside it, so that any rerun is read by the same rules rather than by a sentence written for one
 set of numbers:
 
@@ -400,6 +400,69 @@ def r_rome_keeps_the_neighbours(sequential: dict[str, list[dict[str, Any]]]) -> 
     )
 
 
+def alphaedit_holds_in_sequence(
+    sequential: dict[str, list[dict[str, Any]]], pairs: list[dict[str, Any]] | None = None
+) -> Finding | None:
+    """After the most edits both were run with in sequence, AlphaEdit's ES, PS and NS are above
+    MEMIT's (Fang et al. 2025, Table 1: 2,000 edits in batches of 100). Each metric is judged on
+    the paired AlphaEdit − MEMIT difference over the cases both scored at that checkpoint where
+    the runs kept each case's scores (`pairs`, `pairwise.scaling_comparisons`), else on the two
+    points' own intervals. Agrees when all three agree; does not agree when any goes the other
+    way (AlphaEdit not above MEMIT); else the paper's direction, not significant. MEMIT's own
+    decline, first checkpoint to last, is shown beside it (different case sets: unpaired)."""
+    if "alphaedit" not in sequential or "memit" not in sequential:
+        return None
+    alpha = {p["size"]: p for p in sequential["alphaedit"]}
+    memit = {p["size"]: p for p in sequential["memit"]}
+    common = sorted(set(alpha) & set(memit))
+    if not common:
+        return None
+    size, first = common[-1], common[0]
+    paired = next(
+        (
+            c
+            for c in pairs or []
+            if c["size"] == size
+            and c["a"].split(" (")[0] == "alphaedit"
+            and c["b"].split(" (")[0] == "memit"
+        ),
+        None,
+    )
+    verdicts, parts = [], []
+    for name in ("ES", "PS", "NS"):
+        a, m = alpha[size]["post"][name], memit[size]["post"][name]
+        if paired is not None and name in paired["metrics"]:
+            d = paired["metrics"][name]
+            verdicts.append(_paired(d))
+            parts.append(
+                f"{name} {a['mean']:.1f} against {m['mean']:.1f}, paired "
+                f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+            )
+        else:
+            verdicts.append(_compare(a, m))
+            parts.append(f"{name} {_pct(a)} against {_pct(m)}")
+    verdict = (
+        DISAGREES if DISAGREES in verdicts else AGREES if set(verdicts) == {AGREES} else WITHIN
+    )
+    verdict, note = _never_better(verdict, alpha[size], "AlphaEdit", size)
+    how = f"on the same {paired['n']:,} cases" if paired is not None else "unpaired intervals"
+    decline = ", ".join(
+        f"{name} {memit[first]['post'][name]['mean']:.1f} → {memit[size]['post'][name]['mean']:.1f}"
+        for name in ("ES", "PS", "NS")
+    )
+    return Finding(
+        "AlphaEdit keeps its edits where MEMIT's decline in sequence",
+        "edits written batch after batch wear MEMIT's efficacy, generalization and specificity "
+        "down, while AlphaEdit's projection onto the preserved keys' null space keeps them "
+        "(Fang et al. 2025, Table 1: 2,000 edits in batches of 100)",
+        f"after {size:,} edits, AlphaEdit against MEMIT ({how}): "
+        + "; ".join(parts)
+        + f"; MEMIT from {first:,} to {size:,} edits: {decline}"
+        + note,
+        verdict,
+    )
+
+
 def _change(change: dict[str, Any], sign: float) -> str:
     """Verdict for a paired change expected to have `sign` (+1 up, -1 down)."""
     mean, low, high = (sign * change[k] for k in ("mean", "low", "high"))
@@ -520,9 +583,11 @@ def read_results(
     sequential: dict[str, list[dict[str, Any]]] | None = None,
     one_layer: dict[str, Any] | None = None,
     seed: int = 0,
+    sequential_pairs: list[dict[str, Any]] | None = None,
 ) -> list[Finding]:
     """Every finding the given results can speak to, in the paper's order (then the later
-    papers': MEMIT at scale, r-ROME in sequence; then the rows the collapse rule marks).
+    papers': MEMIT at scale, r-ROME and AlphaEdit in sequence; then the rows the collapse rule
+    marks). `sequential_pairs`: editor against editor at each sequential checkpoint.
     `one_layer`: the averages of a one-layer (window 1) MLP trace, where there is one."""
     found = []
     if averages:
@@ -540,6 +605,7 @@ def read_results(
         fine_tuning_tradeoff(table),
         memit_holds_where_rome_collapses(mass),
         r_rome_keeps_the_neighbours(sequential or {}),
+        alphaedit_holds_in_sequence(sequential or {}, sequential_pairs),
         collapsed_models(table, mass, sequential or {}),
     ]
     return [f for f in found if f is not None]

@@ -6,6 +6,9 @@ the exact McNemar test on 0/1 cases, a paired t and the sign test on case averag
 paired bootstrap over cases, seeded), and GE and perplexity where the cases carry them (paired
 t). Holm's correction runs over the pairs of one model, data set and metric. Rates and S are in
 percentage points. Written as Markdown, LaTeX and CSV beside Table 4.
+
+The same comparison at each size of a mass or sequential curve (`scaling_comparisons`): the
+editors' scores of the same cases after the same number of edits, Holm over the pairs of a size.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 
 from metrics.paired import holm, mean_difference, rate_difference, score_difference
 from pipeline.app.stage import Run
-from pipeline.app.tables import label
+from pipeline.app.tables import case_values, editor_order, label
 from pipeline.core import files
 
 RATES = ("ES", "PS", "NS")
@@ -68,12 +71,67 @@ def comparisons(table: list[dict[str, Any]], seed: int = 0) -> list[dict[str, An
                 if pair is not None:
                     found.append(pair)
     for key in {(c["model"], c["data"]) for c in found}:
-        group = [c for c in found if (c["model"], c["data"]) == key]
-        for name in METRICS:
-            members = [c["metrics"][name] for c in group if name in c["metrics"]]
-            for member, adjusted in zip(members, holm([m["p"] for m in members]), strict=True):
-                member["p_holm"] = adjusted
+        _adjust([c for c in found if (c["model"], c["data"]) == key])
     return found
+
+
+def scaling_comparisons(
+    points: dict[str, dict[int, dict[Any, dict[str, Any]]]],
+    model: str,
+    data: str,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Every pair of editors at each size of a mass or sequential curve, on the cases both
+    scored there (matched by id): `points[editor][size][case id]` holds the case's record
+    (`{"post": {"metrics": ...}}`, as `mass-<N>.jsonl` and `checkpoint-<N>.jsonl` keep them).
+    Each pair has its `size`, A the later editor in Table 4's order (a successor minus its
+    predecessor); Holm's correction runs over the pairs of one size and metric."""
+    found = []
+    editors = sorted(points, key=lambda name: editor_order({"editor": name}))
+    sizes = sorted({size for curve in points.values() for size in curve})
+    for size in sizes:
+        rows = [
+            {
+                "model": model,
+                "data": data,
+                "editor": editor,
+                "cases": {
+                    i: {"post": case_values(record, "post")}
+                    for i, record in points[editor][size].items()
+                },
+            }
+            for editor in editors
+            if size in points[editor]
+        ]
+        at_size = []
+        for index, b in enumerate(rows):
+            for a in rows[index + 1 :]:
+                pair = compare(a, b, seed)
+                if pair is not None:
+                    at_size.append({**pair, "size": size})
+        _adjust(at_size)
+        found += at_size
+    return found
+
+
+def _adjust(group: list[dict[str, Any]]) -> None:
+    """Holm's adjusted p (`p_holm`) over one family of pairs, metric by metric."""
+    for name in METRICS:
+        members = [c["metrics"][name] for c in group if name in c["metrics"]]
+        for member, adjusted in zip(members, holm([m["p"] for m in members]), strict=True):
+            member["p_holm"] = adjusted
+
+
+def scaling_markdown(found: list[dict[str, Any]]) -> str:
+    """The scaling pairs as a table: edits, A − B, n, then the differences."""
+    names = [m for m in columns(found) if m in ("S", *RATES)]
+    head = ["edits", "A − B", "n", *(f"Δ{m}" for m in names)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in found:
+        cells = [f"{c['size']:,}", f"{c['a']} − {c['b']}", str(c["n"])]
+        cells += [cell(c["metrics"].get(m)) for m in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _p(value: float) -> str:
@@ -129,12 +187,14 @@ def csv_text(found: list[dict[str, Any]]) -> str:
     """One line per pair and metric: the difference, its interval, p, Holm's p, n."""
     out = text_io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["model", "data", "a", "b", "metric", "mean", "low", "high", "n", "p",
-                     "p_holm", "interval", "p_bound"])  # fmt: skip
+    sized = any("size" in c for c in found)  # scaling pairs: the size after the data
+    writer.writerow(["model", "data", *(["size"] if sized else []), "a", "b", "metric", "mean",
+                     "low", "high", "n", "p", "p_holm", "interval", "p_bound"])  # fmt: skip
     for c in found:
         for name, m in c["metrics"].items():
             writer.writerow(
-                [c["model"], c["data"], c["a"], c["b"], name]
+                [c["model"], c["data"], *([c.get("size", "")] if sized else []), c["a"], c["b"]]
+                + [name]
                 + [m.get(k, "") for k in ("mean", "low", "high", "n", "p", "p_holm", "interval")]
                 + [m.get("p_bound", False)]
             )

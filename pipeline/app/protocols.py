@@ -292,6 +292,8 @@ def run_sequential(
     every case edited so far is scored again. A checkpoint inside a batch is scored at the end
     of that batch (the first count of edits at or after it that the model passes through): its
     curve point has `edits` (what was scored) and `requested` (the checkpoints it stands for).
+    Each case's scores at a checkpoint go to `checkpoint-<edits>.jsonl` (metrics only, no
+    probabilities: the paired comparisons between editors read them).
     The model's edited weights and the editor's state are saved to `sequential-progress.pt`
     every `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it
     stopped (with the same weights, bit for bit) and a run over more cases extends a finished
@@ -340,7 +342,15 @@ def _run_sequential(
         last = done
         if reached and all(point["edits"] != done for point in curve):
             probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
-            summary = cf.summarize([cf.case_metrics(p) for p in probs], seed=int(cfg.seed))
+            metrics = [cf.case_metrics(p) for p in probs]
+            files.atomic_write(  # each case's scores, for editor-against-editor comparisons
+                run.path(f"checkpoint-{done}.jsonl"),
+                "".join(
+                    json.dumps({"id": c.id, "post": {"metrics": m}}) + "\n"
+                    for c, m in zip(cases[:done], metrics, strict=True)
+                ),
+            )
+            summary = cf.summarize(metrics, seed=int(cfg.seed))
             point = {"edits": done, "failed": sum(failed[:done]), **damage_of(damage)}
             if fluency.cases:
                 point |= fluency.measure()
