@@ -39,6 +39,7 @@ from pipeline.app.tables import (
     cell,
     collect,
     collect_zsre,
+    headline,
     markdown,
     write_table,
     write_zsre_table,
@@ -629,8 +630,11 @@ def sweep_section(
     return section
 
 
-def table_section(run: Run, table: list[dict[str, Any]], model: str, where: str) -> Section:
-    """CounterFact in the paper's Table 4 layout, written as table.md, .tex and .csv."""
+def table_section(
+    run: Run, table: list[dict[str, Any]], model: str, where: str, data: str
+) -> Section:
+    """CounterFact in the paper's Table 4 layout, written as table.md, .tex and .csv, and the
+    rows of `data` (eval_data) as the README shows them (headline.md)."""
     out = run.out_dir
     section = Section(["## CounterFact (Table 4 layout)", ""])
     if not table:
@@ -639,6 +643,9 @@ def table_section(run: Run, table: list[dict[str, Any]], model: str, where: str)
         )
         return section
     write_table(run, table)
+    same_data = [r for r in table if r["data"] == data]
+    if same_data:
+        files.atomic_write(run.path("headline.md"), headline(same_data))
     for directory in sorted({row["dir"] for row in table}):
         run.uses(Path(directory), "evaluate")
     section.lines += [
@@ -1030,7 +1037,7 @@ def main(cfg: DictConfig, run: Run) -> None:
         trace_section(run, trace_dir, averages, model, cfg.trace_dir),
         screen_section(run, screen_dir, agreement_dir, averages, model),
         sweep_section(run, rows, averages, model, cfg.sweep_dir),
-        table_section(run, table, model, cfg.runs_dir),
+        table_section(run, table, model, cfg.runs_dir, cfg.eval_data),
         pairwise_section(run, table, model, seed),
         tuning_section(studies, out),
         zsre_section(run, zsre_table),

@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 from tests.test_stages import stage_process
 
 REPORT = ROOT / "reports/default_smollm2"
-WRITTEN = ("table.md", "table.tex", "table.csv", "index.md", "layer_sweep.json")
+WRITTEN = ("table.md", "table.tex", "table.csv", "headline.md", "index.md", "layer_sweep.json")
 
 
 def without_header(index: str) -> str:
@@ -43,3 +43,10 @@ def test_the_committed_report_rebuilds_identically_from_its_committed_inputs(tmp
     index = committed["index.md"]
     for link in re.findall(r"\]\(([^)]+)\)", index):
         assert (REPORT / link).exists(), f"index.md links {link}, which is not committed"
+
+
+def test_the_readmes_table_is_the_reports():
+    """The README's Table 4 is the report's `headline.md` verbatim: it cannot drift from the
+    runs (regenerate the report, then paste headline.md into the README)."""
+    table = (REPORT / "headline.md").read_text()
+    assert table in (ROOT / "README.md").read_text(), "README.md's table is not headline.md"

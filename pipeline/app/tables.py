@@ -229,6 +229,42 @@ def markdown(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# How the README and other prose name the editors (the configs' names elsewhere).
+DISPLAY_NAMES = {
+    "none": "unedited",
+    "none (pre)": "unedited (before each edit)",
+    "ft": "FT",
+    "ft-l": "FT-L",
+    "kn": "KN",
+    "rome": "ROME",
+    "rome-reference": "ROME (reference switches)",
+    "r-rome": "r-ROME",
+    "memit": "MEMIT",
+    "memit-reference": "MEMIT (reference switches)",
+    "emmet": "EMMET",
+    "emmet-reference": "EMMET (reference switches)",
+    "alphaedit": "AlphaEdit",
+    "alphaedit-reference": "AlphaEdit (reference switches)",
+}
+HEADLINE = ("S", "ES", "PS", "NS")
+HEADLINE_EXTRA = ("GE", "PPL")  # shown where a row has them
+
+
+def headline(table: list[dict[str, Any]]) -> str:
+    """One data set's rows as the README shows them: the editors' display names with their
+    marks, S, ES, PS and NS, then GE and PPL where any row has them (`headline.md`, which
+    the README's table must equal: tests/test_reference_report.py)."""
+    extra = [c for c in HEADLINE_EXTRA if any(r["metrics"].get(c) for r in table)]
+    names = [*HEADLINE, *extra]
+    lines = ["| editor | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row in table:
+        found = marks(row)
+        name = DISPLAY_NAMES.get(row["editor"], row["editor"])
+        name += f" ({', '.join(found)})" if found else ""
+        lines.append(f"| {name} | " + " | ".join(cell(row["metrics"].get(c)) for c in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def latex(table: list[dict[str, Any]]) -> str:
     lines = [
         r"\begin{tabular}{lll" + "r" * (1 + len(COLUMNS)) + "}",
