@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.app import agreement, figures, findings, pairwise
+from pipeline.app import agreement, cost, figures, findings, pairwise
+from pipeline.app.cost import run_cost
 from pipeline.app.results import read_jsonl, summarize_records
 from pipeline.app.snapshot import inside, snapshot
 from pipeline.app.stage import Run, describe_machine, stage
@@ -233,12 +235,32 @@ def data_files(inputs: dict[str, Path]) -> list[str]:
         meta_path = directory / "run.json"
         data = (files.read_json(meta_path) if meta_path.exists() else {}).get("data") or {}
         if data.get("path"):
-            key = (Path(data["path"]).name, data.get("sha256") or "not recorded")
+            key = (data_name(data, directory), data.get("sha256") or "not recorded")
             readers.setdefault(key, []).append(label)
     lines = ["| file | sha256 | read by |", "|---|---|---|"]
     for (name, digest), labels in sorted(readers.items()):
-        lines.append(f"| `{name}` | `{digest}` | {', '.join(labels)} |")
+        lines.append(f"| {name} | `{digest}` | {', '.join(labels)} |")
     return lines if readers else []
+
+
+DERIVED_SUFFIX = re.compile(r"-[0-9a-f]{16}(\.\w+)$")  # the cache's key in a derived file's name
+
+
+def data_name(data: dict[str, Any], directory: Path) -> str:
+    """A data file as any machine can find it: its path under the data root (the run's
+    `paths.data`), or for a file derived into the cache, its name and the source files under
+    the data root it was made from (their digests are in the run's run.json); never this
+    machine's path."""
+    path = Path(data["path"])
+    if data.get("derived"):
+        name = DERIVED_SUFFIX.sub(r"\1", path.name)
+        sources = ", ".join(f"`{source}`" for source in sorted(data.get("sources") or {}))
+        return f"`{name}` (derived into the cache from {sources or 'sources not recorded'})"
+    config = directory / "config.yaml"
+    root = OmegaConf.select(OmegaConf.load(config), "paths.data") if config.exists() else None
+    if root and path.is_relative_to(root):
+        return f"`{path.relative_to(root)}`"
+    return f"`{path.name}`"
 
 
 def software(inputs: dict[str, Path]) -> list[str]:
@@ -908,6 +930,25 @@ def paper_section(
     return Section(["## Beside the paper", "", *paper_comparison(paper, same_data, peak), ""])
 
 
+def cost_section(runs: dict[str, Path]) -> Section:
+    """What the editing runs cost (`pipeline.app.cost`), with their total."""
+    costs = {label: c for label, directory in runs.items() if (c := run_cost(directory))}
+    if not costs:
+        return Section()
+    return Section(
+        [
+            "## What the runs cost",
+            "",
+            "Compute time of each editing run as its files record it (`pipeline/app/cost.py`): "
+            "for Table 4 and zsRE the sum of each case's seconds (its batch's wall time, "
+            "generation included), for the curves the sum of the run's sittings.",
+            "",
+            *cost.markdown(costs),
+            "",
+        ]
+    )
+
+
 def inputs_section(inputs_read: dict[str, Path]) -> Section:
     """Data and Software: the data files and package versions every input ran with."""
     section = Section()
@@ -1023,14 +1064,18 @@ def main(cfg: DictConfig, run: Run) -> None:
     if (screen_dir / "averages.json").exists():
         inputs_read["attribution screen"] = screen_dir
     inputs_read |= {f"layer {r['layer']}": Path(r["dir"]) for r in rows}
-    inputs_read |= {
-        r["editor"]: Path(r["dir"]) for r in table if not r["editor"].startswith("none (")
+    several = len({r["data"] for r in table}) > 1  # then each run is named with its data
+    editing_runs = {
+        (f"{r['editor']} on {r['data']}" if several else r["editor"]): Path(r["dir"])
+        for r in table
+        if not r["editor"].startswith("none (")
     }
-    inputs_read |= {
+    editing_runs |= {
         f"{r['editor']} zsRE": Path(r["dir"]) for r in zsre_table if r["editor"] != "none (pre)"
     }
     for mode, found_curves in curves.items():
-        inputs_read |= {f"{e} {mode}": data_dirs[mode] / e / mode for e in found_curves}
+        editing_runs |= {f"{e} {mode}": data_dirs[mode] / e / mode for e in found_curves}
+    inputs_read |= editing_runs
     inputs_read |= {f"{s.editor} tuning": s.best.dir for s in studies}
 
     sections = [
@@ -1065,6 +1110,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     if cfg.paper:
         paper = OmegaConf.to_container(cfg.paper, resolve=True)
         sections.append(paper_section(paper, same_data, averages))
+    sections.append(cost_section(editing_runs))
     sections.append(inputs_section(inputs_read))
     found = findings.read_results(
         averages,

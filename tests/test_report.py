@@ -179,6 +179,8 @@ def test_report_from_fixture_results(tmp_path):
     assert len(links) >= 12
     for link in links:
         assert (out / link).exists(), f"broken link {link}"
+    cost = index.split("## What the runs cost")[1].split("\n## ")[0]
+    assert "| rome | 0.00 | 8 | 1.0 | per-case seconds | ? |" in cost  # 8 cases of 1 s each
     findings = index.split("## What the runs show")[1]
     assert "**Early site: MLP at the last subject token**" in findings
     assert "**MEMIT holds up where ROME's edits pile up**" in findings
@@ -313,3 +315,23 @@ def test_scaling_curves_read_their_own_data_and_pair_the_editors_at_each_size(tm
         assert "| 1 | memit − rome | 1 |" not in pairs  # one case: no pair
     assert (out / "sequential_scaling_pairwise.csv").read_text().startswith("model,data,size,")
     assert "inputs/evaluate/tiny-gpt2/cf-union/memit/sequential" in index
+
+
+def test_data_files_are_named_under_the_data_root_never_by_this_machines_path(tmp_path):
+    from pipeline.report import data_name
+
+    run = tmp_path / "run"
+    files.atomic_write(run / "config.yaml", "paths:\n  data: /somewhere/data\n")
+    plain = {"path": "/somewhere/data/counterfact_easyedit/counterfact-edit.json"}
+    assert data_name(plain, run) == "`counterfact_easyedit/counterfact-edit.json`"
+    derived = {
+        "path": "/home/me/.cache/data/counterfact-first1000-7f5add3eadad37c5.json",
+        "derived": True,
+        "sources": {"counterfact_full/b.jsonl": "1", "counterfact_full/a.jsonl": "2"},
+    }
+    assert data_name(derived, run) == (
+        "`counterfact-first1000.json` (derived into the cache from "
+        "`counterfact_full/a.jsonl`, `counterfact_full/b.jsonl`)"
+    )
+    elsewhere = {"path": "/tmp/mine.json"}  # outside the data root: its name alone
+    assert data_name(elsewhere, run) == "`mine.json`"

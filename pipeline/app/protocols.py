@@ -378,6 +378,7 @@ def _run_sequential(
             state["curve"] = curve
             state["generation_unedited"] = fluency.unedited
             save_progress(progress_path, state)
+            run.note_time()
 
     if not resume or resume["done"] < len(cases):
         for start in range(last, len(cases), batch):  # the batches to write, before any edit
@@ -515,6 +516,7 @@ def _run_mass(
         point |= summary
         curve = sorted([*curve, point], key=lambda point: point["size"])
         files.write_json(saved, {"curve": curve})
+        run.note_time()
         run.tracker.log(
             {f"mass/{k}": summary["post"][k]["mean"] for k in ("S", "ES", "PS", "NS")}, step=n
         )
@@ -661,4 +663,5 @@ def _mass_one_after_another(
             if stop in sizes:
                 score(stop)  # before saving: a crash in between redoes the chunk, then scores
             save_progress(progress_path, state)
+            run.note_time()
         bar.close()

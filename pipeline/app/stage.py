@@ -342,6 +342,13 @@ class Run:
     def write_json(self, name: str, obj: Any) -> Path:
         return files.write_json(self.out_dir / name, obj)
 
+    def note_time(self) -> None:
+        """Record this sitting's seconds so far (`seconds_so_far` in run.json), so that a
+        sitting stopped before its summary still counts in the run's cost (`pipeline.app.cost`);
+        long protocols call it where they save their progress."""
+        self.meta["sittings"][-1]["seconds_so_far"] = round(time.time() - self.started, 3)
+        files.write_json(self.out_dir / "run.json", self.meta)
+
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """`summary.json` holds the headline numbers; the tracker gets the same."""
         wall = round(time.time() - self.started, 3)
