@@ -244,6 +244,7 @@ def data_files(inputs: dict[str, Path]) -> list[str]:
 
 
 DERIVED_SUFFIX = re.compile(r"-[0-9a-f]{16}(\.\w+)$")  # the cache's key in a derived file's name
+KEEP_SUFFIX = r"\1"  # the file's extension, after the key
 
 
 def data_name(data: dict[str, Any], directory: Path) -> str:
@@ -253,13 +254,15 @@ def data_name(data: dict[str, Any], directory: Path) -> str:
     machine's path."""
     path = Path(data["path"])
     if data.get("derived"):
-        name = DERIVED_SUFFIX.sub(r"\1", path.name)
+        name = DERIVED_SUFFIX.sub(KEEP_SUFFIX, path.name)
         sources = ", ".join(f"`{source}`" for source in sorted(data.get("sources") or {}))
         return f"`{name}` (derived into the cache from {sources or 'sources not recorded'})"
     config = directory / "config.yaml"
     root = OmegaConf.select(OmegaConf.load(config), "paths.data") if config.exists() else None
     if root and path.is_relative_to(root):
         return f"`{path.relative_to(root)}`"
+    if DERIVED_SUFFIX.search(path.name):  # a derived file from a run that did not name sources
+        return f"`{DERIVED_SUFFIX.sub(KEEP_SUFFIX, path.name)}` (derived into the cache)"
     return f"`{path.name}`"
 
 

@@ -43,7 +43,7 @@ from pipeline.core.patching import (
 from pipeline.core.recall import check_known, too_long
 from pipeline.core.tokens import encode, subject_span
 from pipeline.data.records import load_known, missing_by_shard, take_shard
-from pipeline.data.sources import resolve_data_file
+from pipeline.data.sources import derived_provenance, resolve_data_file
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     options = OmegaConf.to_container(cfg.trace, resolve=True)
     kinds = list(options["kinds"])
     data_file, _ = resolve_data_file(cfg.data, cfg.paths.data, cfg.paths.cache)
-    run.check_data(data_file)  # a resume must see the same records
+    # A resume must see the same records; a derived file (known-union) names its sources.
+    run.check_data(data_file, **derived_provenance(data_file))
     lm = run.load_model()
     facts, facts_source, data_report = known_facts(cfg, lm)
     if facts_source == str(Path(cfg.known_dir) / "known.json"):

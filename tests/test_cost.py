@@ -55,3 +55,10 @@ def test_the_sitting_time_so_far_is_recorded_where_protocols_save(tmp_path):
         run.meta["sittings"][0]["seconds_so_far"]
     )
     assert saved["sittings"][0]["seconds_so_far"] > 1e9  # since the epoch here: started = 0
+
+
+def test_a_run_from_before_sittings_is_one_sitting_timed_by_its_summary(tmp_path):
+    files.write_json(tmp_path / "run.json", {"started": "2026-12-01"})
+    files.write_json(tmp_path / "summary.json", {"seconds": 7200.0})
+    cost = run_cost(tmp_path)
+    assert cost["seconds"] == 7200.0 and cost["untimed"] == 0 and cost["basis"] == "1 sitting"

@@ -335,3 +335,5 @@ def test_data_files_are_named_under_the_data_root_never_by_this_machines_path(tm
     )
     elsewhere = {"path": "/tmp/mine.json"}  # outside the data root: its name alone
     assert data_name(elsewhere, run) == "`mine.json`"
+    unnamed = {"path": "/home/me/.cache/data/known-union-aa9469be6be7043b.json"}  # no sources
+    assert data_name(unnamed, run) == "`known-union.json` (derived into the cache)"

@@ -9,7 +9,8 @@ and the README's totals.
   times (run.json), each sitting's `seconds` at its end or, for one stopped before it,
   `seconds_so_far`, which the protocols write where they save their progress
   (`Run.note_time`). A sitting with neither (stopped before its first save, or run before
-  these were recorded) is counted as untimed, and the total is then a lower bound.
+  these were recorded) is counted as untimed, and the total is then a lower bound; a run.json
+  from before sittings were recorded counts as one sitting, timed by its summary's `seconds`.
 
 Times are wall-clock on the machine and threads each run records, so they compare runs made
 alike (the reference report's: one torch thread each, two jobs sharing two cores).
@@ -43,7 +44,11 @@ def run_cost(directory: Path) -> dict[str, Any] | None:
             "untimed": 0,
             "threads": threads,
         }
-    sittings = meta.get("sittings") or []
+    sittings = meta.get("sittings")
+    if sittings is None:  # a run.json from before sittings: one, timed by its summary
+        summary_path = directory / "summary.json"
+        summary = files.read_json(summary_path) if summary_path.exists() else {}
+        sittings = [{"seconds": summary["seconds"]}] if "seconds" in summary else []
     times = [s.get("seconds", s.get("seconds_so_far")) for s in sittings]
     if not any(t is not None for t in times):
         return None
