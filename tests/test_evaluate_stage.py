@@ -227,9 +227,26 @@ def test_sequential_checkpoints_sample_the_same_fixed_cases_each_time(tmp_path):
     assert [p["edits"] for p in saved["checkpoints"]] == [1, 2]
     assert all(p["GE"]["n"] == 1 and p["generation_cases"] == 1 for p in saved["checkpoints"])
     assert saved["generation"]["cases"] == [0]
-    evaluate(tmp_path, *common, "eval.generation_cases=1", "eval.perplexity=false")
-    rows, _ = cases(tmp_path, data="counterfact")
+    # The independent protocol's unedited GE of that case, sampled afresh (another cache).
+    evaluate(tmp_path / "fresh", *common, "eval.generation_cases=1", "eval.perplexity=false")
+    rows, _ = cases(tmp_path / "fresh", data="counterfact")
     assert saved["generation"]["unedited"]["GE"]["mean"] == pytest.approx(rows[0]["pre"]["GE"])
+    # Another editor's sequential run on the same data reads the unedited texts this one
+    # sampled (the generation cache), instead of sampling them again.
+    cached = tmp_path / "cache/pre/tiny-gpt2-float32/counterfact/generation-sequential.jsonl"
+    assert len(cached.read_text().splitlines()) == 1
+    evaluate(
+        tmp_path,
+        *common,
+        "eval.mode=sequential",
+        "eval.checkpoints=[1]",
+        "eval.generation_cases=1",
+        "eval.perplexity=false",
+        editor="r-rome",
+    )
+    assert len(cached.read_text().splitlines()) == 1
+    other = json.loads((out.parent.parent / "r-rome/sequential/sequential.json").read_text())
+    assert other["generation"]["unedited"] == saved["generation"]["unedited"]
 
 
 def test_sequential_editing_resumes_from_its_saved_edits_as_if_never_stopped(tmp_path):

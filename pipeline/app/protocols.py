@@ -232,18 +232,7 @@ def _run_independent(
         chosen = [i for i, c in enumerate(batch) if generated is None or c.id in generated]
         if with_generation and chosen:
             gen_cases, gen_results = [batch[i] for i in chosen], [results[i] for i in chosen]
-            unedited = generation_cache.get(
-                gen_cases,
-                {
-                    "seed": int(cfg.seed),
-                    "max_new_tokens": int(cfg.eval.max_new_tokens),
-                    "top_k": int(cfg.eval.top_k),
-                    "rs": references.tfidf is not None,
-                },
-                lambda missing: generation_metrics(
-                    lm, missing, [None] * len(missing), cfg, references
-                ),
-            )
+            unedited = unedited_generations(generation_cache, lm, gen_cases, cfg, references)
             # Sampling is seeded by the case, so with no update written (the unedited model,
             # or every edit refused) the post-edit texts are the pre-edit ones: not sampled twice.
             edited = (
@@ -264,6 +253,28 @@ def _run_independent(
         run.tracker.log({**running, "progress/seconds_per_case": seconds})
         bar.update(len(batch))
     bar.close()
+
+
+def unedited_generations(
+    cache: GenerationCache,
+    lm: LoadedModel,
+    cases: Sequence[CounterfactCase],
+    cfg: DictConfig,
+    references: Reference,
+) -> list[dict[str, Any]]:
+    """The unedited model's generation metrics of `cases`, from the cache where any run of this
+    model and data sampled them, else sampled (and cached): the model must be unedited now."""
+    settings = {
+        "seed": int(cfg.seed),
+        "max_new_tokens": int(cfg.eval.max_new_tokens),
+        "top_k": int(cfg.eval.top_k),
+        "rs": references.tfidf is not None,
+    }
+    return cache.get(
+        cases,
+        settings,
+        lambda missing: generation_metrics(lm, missing, [None] * len(missing), cfg, references),
+    )
 
 
 def within(requested: Sequence[int], available: int, setting: str) -> tuple[list[int], list[int]]:
@@ -328,8 +339,9 @@ def _run_sequential(
     if resume:
         log.info("sequential editing resumes after %d edits", resume["done"])
     fluency = CheckpointGeneration(cfg, lm, cases)
-    if fluency.cases and not resume:
-        fluency.unedited = fluency.measure()  # before the first edit, once
+    if fluency.cases and not resume:  # before the first edit, once; shared by every editor
+        cache = GenerationCache(Path(cfg.pre_dir), "sequential", lm)
+        fluency.unedited = fluency.measure(cache)
     elif fluency.cases:
         fluency.unedited = resume.get("generation_unedited")
     last = resume["done"] if resume else 0  # the edits done at the call before
@@ -396,8 +408,9 @@ class CheckpointGeneration:
     checkpoint, on the generation prompts of one fixed set of cases: the data's first
     `eval.generation_cases` (none when that is null: sampling every case edited so far at
     every checkpoint would cost more than the edits). The same prompts and the same sampling
-    seed at every checkpoint, and once before the first edit (`unedited`), so the points differ
-    only by the edits written in. The fixed cases are edited in the course of the run (the first
+    seed at every checkpoint, and once before the first edit (`unedited`, from the generation
+    cache every editor's run of this model and data shares), so the points differ only by the
+    edits written in. The fixed cases are edited in the course of the run (the first
     of them at the first edits), as in AlphaEdit's setting (Fang et al. 2025)."""
 
     def __init__(self, cfg: DictConfig, lm: LoadedModel, cases: Sequence[CounterfactCase]):
@@ -415,11 +428,16 @@ class CheckpointGeneration:
         self.references = Reference(Path(cfg.paths.data), self.cases) if self.cases else None
         self.unedited: dict[str, Any] | None = None
 
-    def measure(self) -> dict[str, Any]:
-        """{"GE": interval, "RS": interval (where computed), "generation_cases": n}."""
-        texts = generation_metrics(
-            self.lm, self.cases, [None] * len(self.cases), self.cfg, self.references
-        )
+    def measure(self, unedited: GenerationCache | None = None) -> dict[str, Any]:
+        """{"GE": interval, "RS": interval (where computed), "generation_cases": n} of the model
+        as it is now; `unedited`: the model is unedited, so its texts may come from (and go to)
+        that cache, which every editor's run of this model and data shares."""
+        if unedited is not None:
+            texts = unedited_generations(unedited, self.lm, self.cases, self.cfg, self.references)
+        else:
+            texts = generation_metrics(
+                self.lm, self.cases, [None] * len(self.cases), self.cfg, self.references
+            )
         out: dict[str, Any] = {"GE": mean_ci([t["GE"] for t in texts])}
         if all("RS" in t for t in texts):
             rs = mean_ci([t["RS"] for t in texts])
