@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-attribution bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune reference-edition sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-attribution bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -160,6 +160,14 @@ TUNE_EDITORS ?= ft-l ft memit alphaedit kn
 tune: setup
 	$(PY) -m pipeline.stats editor=memit $(OVERRIDES)
 	for e in $(TUNE_EDITORS); do $(PY) -m pipeline.evaluate --multirun tune=$$e $(OVERRIDES) || exit 1; done
+
+## The reference report's SmolLM2 runs at full size (Table 4 on 1,000 full-schema cases with GE
+## on 200, zsRE, mass N = 1..1,000, AlphaEdit's 2,000 sequential edits): one queue, WORKERS jobs
+## of one thread each; rerun to resume (scripts/reference_edition.sh; ~40 CPU-hours here).
+WORKERS ?= 2
+reference-edition: setup
+	$(PY) -m pipeline.stats editor=memit $(OVERRIDES)
+	bash scripts/reference_edition.sh $(WORKERS)
 
 ## Every figure and table of reports/$(EXPERIMENT)/ from the results on disk: seconds, no model.
 EXPERIMENT ?= default_smollm2

@@ -1,0 +1,65 @@
+#!/bin/bash
+# The reference report's SmolLM2 runs (issue 33's edition), as one queue that WORKERS jobs drain
+# (one per core, one torch thread each). Every run resumes, so this script is also how a stopped
+# edition goes on: run it again. State lives in $QUEUE (results/logs/queue by default):
+#   jobs      the edition's runs, one per line: <log name> <pipeline.evaluate overrides...>
+#   pending   the runs not yet taken (rebuilt from jobs minus done at each start)
+#   done      the runs finished (with the time); failed: those that exited non-zero
+#   worktree  the checkout each run starts from, read at each run's start: a clean worktree at
+#             a named commit (git worktree add --detach ../run HEAD), so every run.json names a
+#             commit without uncommitted changes; defaults to this checkout. With a worktree,
+#             export ROME_RESULTS, ROME_CACHE and ROME_DATA first, so that every run reads and
+#             writes the main checkout's results, cache and data, not the worktree's
+# Logs: $RESULTS/logs/evaluate/<log name>.log. Usage: scripts/reference_edition.sh [WORKERS]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORKERS=${1:-2}
+RESULTS=${ROME_RESULTS:-$ROOT/results}
+QUEUE=${QUEUE:-$RESULTS/logs/queue}
+PY=${PY:-$ROOT/.venv/bin/python}
+mkdir -p "$QUEUE" "$RESULTS/logs/evaluate"
+export ROME_RESULTS=$RESULTS ROME_WANDB_MODE=${ROME_WANDB_MODE:-disabled} OMP_NUM_THREADS=1
+[ -f "$QUEUE/worktree" ] || echo "$ROOT" > "$QUEUE/worktree"
+if [ ! -f "$QUEUE/jobs" ]; then
+  full="data=counterfact-first1000"
+  {
+    for e in none memit ft-l emmet alphaedit ft kn r-rome rome; do  # Table 4, GE on 200
+      echo "first1000-$e editor=$e $full eval.generation_cases=200"
+    done
+    for e in none rome memit r-rome emmet alphaedit ft; do echo "zsre-$e editor=$e data=zsre"; done
+    for e in memit emmet alphaedit; do  # mass editing, N = 1 to 1,000
+      echo "mass-$e editor=$e $full eval.mode=mass 'eval.mass_sizes=[1,10,100,1000]'"
+    done
+    for e in alphaedit memit emmet; do  # AlphaEdit's setting: 2,000 edits in batches of 100
+      echo "sequential-$e editor=$e data=counterfact-union data.limit=2000 eval.mode=sequential" \
+        "eval.sequential_batch=100 'eval.checkpoints=[500,1000,1500,2000]' eval.generation_cases=100"
+    done
+    echo "mass-rome editor=rome $full eval.mode=mass 'eval.mass_sizes=[1,10,100,1000]'"
+  } > "$QUEUE/jobs"
+fi
+touch "$QUEUE/done"
+grep -v -x -F -f <(cut -d" " -f2- "$QUEUE/done") "$QUEUE/jobs" > "$QUEUE/pending" || true
+echo "$(wc -l < "$QUEUE/pending") of $(wc -l < "$QUEUE/jobs") runs to go; $WORKERS workers"
+
+worker() {
+  while true; do
+    line=$(flock "$QUEUE/lock" bash -c "head -n1 '$QUEUE/pending'; sed -i 1d '$QUEUE/pending'")
+    [ -z "$line" ] && break
+    name=${line%% *}
+    args=${line#* }
+    tree=$(cat "$QUEUE/worktree")
+    echo "$(date -Is) start ($tree at $(git -C "$tree" rev-parse --short HEAD)) $line" \
+      >> "$QUEUE/running-$1"
+    if (cd "$tree" && eval "$PY" -m pipeline.evaluate "$args" \
+        > "$RESULTS/logs/evaluate/$name.log" 2>&1); then
+      echo "$(date -Is) $line" >> "$QUEUE/done"
+    else
+      echo "$(date -Is) rc=$? $line" >> "$QUEUE/failed"
+    fi
+  done
+}
+
+for w in $(seq 1 "$WORKERS"); do
+  worker "$w" > "$QUEUE/worker-$w.out" 2>&1 &
+done
+wait
