@@ -714,6 +714,12 @@ def pairwise_section(run: Run, table: list[dict[str, Any]], model: str, seed: in
             image("pairwise", figure, run.out_dir),
             "",
             pairwise.markdown(found_pairs),
+            "What this n resolves: the pairs whose difference is beyond chance after Holm's "
+            "correction, per metric, and the S differences it leaves open (each with its "
+            "interval: a difference inside it is not ruled out).",
+            "",
+            *pairwise.resolution(found_pairs),
+            "",
         ],
         {"pairwise": figure},
     )

@@ -9,6 +9,7 @@ from pipeline.app.pairwise import (
     csv_text,
     latex,
     markdown,
+    resolution,
     scaling_comparisons,
     scaling_markdown,
 )
@@ -86,3 +87,22 @@ def test_scaling_pairs_are_per_size_on_the_cases_both_scored_and_holm_within_a_s
     text = scaling_markdown(found)
     assert "| 200 | alphaedit − memit | 200 |" in text and "ΔGE" not in text
     assert csv_text(found).splitlines()[0].startswith("model,data,size,a,b,metric,")
+
+
+def test_the_resolution_counts_each_metrics_resolved_pairs_and_names_the_open_s_ones():
+    rng = np.random.default_rng(2)
+    ids = list(range(80))
+    runs = {name: {i: float(rng.random() < p) for i in ids} for name, p in
+            (("none", 0.3), ("rome", 0.95), ("memit", 0.95))}  # fmt: skip
+    found = comparisons([row(name, es) for name, es in runs.items()], seed=0)
+    lines = resolution(found)
+    assert len(lines) == 1 and lines[0].startswith("- cf (m, n = 80 cases per pair): resolved")
+    for name in ("S", "ES", "PS", "NS"):
+        hits = sum(c["metrics"][name]["p_holm"] < 0.05 for c in found)
+        assert f"{name} {hits} of 3" in lines[0]
+    # rome and memit edit alike: their S difference is open, and named with its interval.
+    memit_rome = next(c for c in found if (c["a"], c["b"]) == ("memit", "rome"))
+    assert memit_rome["metrics"]["S"]["p_holm"] >= 0.05
+    m = memit_rome["metrics"]["S"]
+    opened = lines[0].split("S not resolved: ")[1]
+    assert f"memit − rome ({m['mean']:+.1f} [{m['low']:+.1f}, {m['high']:+.1f}])" in opened

@@ -179,6 +179,8 @@ def test_report_from_fixture_results(tmp_path):
     assert len(links) >= 12
     for link in links:
         assert (out / link).exists(), f"broken link {link}"
+    resolves = index.split("What this n resolves")[1].split("\n## ")[0]
+    assert "- cf (tiny-gpt2, n = 8 cases per pair): resolved (Holm p < 0.05) S " in resolves
     cost = index.split("## What the runs cost")[1].split("\n## ")[0]
     assert "| rome | 0.00 | 8 | 1.0 | per-case seconds | ? |" in cost  # 8 cases of 1 s each
     findings = index.split("## What the runs show")[1]

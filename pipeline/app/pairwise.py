@@ -122,6 +122,34 @@ def _adjust(group: list[dict[str, Any]]) -> None:
             member["p_holm"] = adjusted
 
 
+def resolution(found: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines, one per model and data set: how many pairs each metric's difference
+    resolves at this n (Holm p < ALPHA), and which S differences it does not, with their
+    intervals: what a reader may and may not conclude from the matrix."""
+    lines = []
+    for key in sorted({(c["model"], c["data"]) for c in found}):
+        group = [c for c in found if (c["model"], c["data"]) == key]
+        sizes = sorted({c["n"] for c in group})
+        n = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}-{sizes[-1]:,}"
+        counts = []
+        for name in columns(group):
+            members = [c["metrics"][name] for c in group if name in c["metrics"]]
+            hits = sum(m.get("p_holm", math.nan) < ALPHA for m in members)
+            counts.append(f"{name} {hits} of {len(members)}")
+        open_s = [
+            f"{c['a']} − {c['b']} ({cell(c['metrics']['S']).split(' p ')[0]})"
+            for c in group
+            if "S" in c["metrics"] and not c["metrics"]["S"].get("p_holm", math.nan) < ALPHA
+        ]
+        unresolved = "; S not resolved: " + ", ".join(open_s) if open_s else "; every S resolved"
+        lines.append(
+            f"- {key[1]} ({key[0]}, n = {n} cases per pair): resolved (Holm p < {ALPHA}) "
+            + ", ".join(counts)
+            + unresolved
+        )
+    return lines
+
+
 def scaling_markdown(found: list[dict[str, Any]]) -> str:
     """The scaling pairs as a table: edits, A − B, n, then the differences."""
     names = [m for m in columns(found) if m in ("S", *RATES)]
