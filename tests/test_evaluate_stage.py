@@ -537,3 +537,27 @@ def test_contradictory_requests_in_one_edit_are_refused_naming_both_cases(tmp_pa
     assert "'English' vs 'Swahili'" in done.stderr
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/rome"
     assert not list(out.rglob("*.jsonl")) and not list(out.rglob("*progress*"))
+
+
+@pytest.mark.parametrize(
+    "protocol",
+    [("eval.mode=mass", "eval.mass_sizes=[1,2]"), ("eval.mode=sequential", "eval.checkpoints=[2]")],
+)
+def test_drop_later_leaves_out_the_later_of_two_contradicting_cases_and_says_so(tmp_path, protocol):
+    """`eval.contradictions=drop_later`: the run goes on without the later case of the pair
+    (a case loaded beyond it takes its place in N) and its summary names it."""
+    records = json.loads(json.dumps(EASYEDIT_SAMPLE[:3]))
+    records[1] = {**records[0], "case_id": 999, "target_new": "Swahili"}
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    evaluate(tmp_path, f"data.path={data}", *protocol, "eval.contradictions=drop_later",
+             "eval.perplexity=false")  # fmt: skip
+    mode = protocol[0].split("=")[1]
+    out = tmp_path / f"results/evaluate/tiny-gpt2/counterfact-easyedit/rome/{mode}"
+    summary = json.loads((out / "summary.json").read_text())
+    (dropped,) = summary["dropped_contradictions"]
+    assert dropped["id"] == 999 and dropped["with"] == 0
+    assert dropped["targets"] == [records[0]["target_new"], "Swahili"]
+    scored = (out / ("mass-2.jsonl" if mode == "mass" else "checkpoint-2.jsonl")).read_text()
+    ids = [json.loads(line)["id"] for line in scored.splitlines()]
+    assert ids == [0, records[2]["case_id"]]  # the third case in the dropped one's place

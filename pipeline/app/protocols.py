@@ -49,7 +49,12 @@ from pipeline.app.results import (
 from pipeline.app.stage import Run
 from pipeline.app.tracking import RunningRates
 from pipeline.core import files
-from pipeline.core.editing.requests import EditResult, refuse_contradictions, update_of
+from pipeline.core.editing.requests import (
+    EditResult,
+    contradictions,
+    refuse_contradictions,
+    update_of,
+)
 from pipeline.core.editing.updates import (
     DenseUpdate,
     LowRankUpdate,
@@ -145,6 +150,42 @@ def shard_of(loaded: Loaded, cases: Sequence[CounterfactCase]) -> Loaded:
     """The records `cases` of `loaded`, with their positions in the file (for error messages)."""
     index_of = dict(zip((c.id for c in loaded.records), loaded.indices, strict=True))
     return Loaded(loaded.path, loaded.schema, list(cases), [], [index_of[c.id] for c in cases])
+
+
+CONTRADICTIONS = ("refuse", "drop_later")
+
+
+def drop_contradictions(cfg: DictConfig, loaded: Loaded) -> tuple[Loaded, list[dict[str, Any]]]:
+    """`eval.contradictions`, for the protocols that write many requests into one model (mass,
+    sequential): `refuse` (the default) stops before any edit where two cases fill one prompt
+    with two targets (`refuse_contradictions`); `drop_later` leaves out the later case of each
+    such pair, in the data's order, and returns them (id, the earlier case, the prompt, both
+    targets) for the summary. The later edit would otherwise overwrite the earlier one, and
+    one of the two cases would be scored as a failure that no editor can avoid. MEMIT's and
+    AlphaEdit's own runs use multi_counterfact, built without such pairs; CounterFact's
+    first 1,000 cases hold one (978 and 1031, the twin city of two Athens), the 2,000 of
+    `counterfact-union` three. Load a case more per dropped case (`data.limit`) to keep N."""
+    rule = cfg.eval.get("contradictions", "refuse")
+    if rule == "refuse":
+        return loaded, []
+    if rule != "drop_later":
+        raise ValueError(f"eval.contradictions must be one of {CONTRADICTIONS}, got {rule!r}")
+    found = contradictions(CaseEditor.requests(loaded.records))
+    later = {request.id for _, request in found}
+    dropped = [
+        {"id": b.id, "with": a.id, "prompt": b.filled, "targets": [a.target_new, b.target_new]}
+        for a, b in found
+    ]
+    for row in dropped:
+        log.warning(
+            "eval.contradictions=drop_later: case %r left out, it contradicts case %r (%r: %r "
+            "vs %r)",
+            row["id"],
+            row["with"],
+            row["prompt"],
+            *row["targets"],
+        )
+    return shard_of(loaded, [c for c in loaded.records if c.id not in later]), dropped
 
 
 def reject_too_long(
@@ -322,6 +363,7 @@ def _run_sequential(
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("sequential mode needs an editor (editor=rome, memit, ...)")
+    loaded, dropped = drop_contradictions(cfg, loaded)
     reject_too_long(cfg, lm, editor, loaded, with_generation=False)
     cases = loaded.records
     batch = int(cfg.eval.sequential_batch)
@@ -400,6 +442,8 @@ def _run_sequential(
     extra: dict[str, Any] = {"sequential_batch": batch, **perplexity_summary(damage)}
     if beyond:
         extra["checkpoints_beyond_the_cases"] = beyond
+    if dropped:
+        extra["dropped_contradictions"] = dropped
     write_protocol_summary(cfg, run, "sequential", loaded.report(), **extra)
 
 
@@ -508,6 +552,7 @@ def _run_mass(
     editor = CaseEditor(cfg, lm)
     if editor.editor is None:
         raise ValueError("mass mode needs an editor (editor=memit, rome, ...)")
+    loaded, dropped = drop_contradictions(cfg, loaded)
     reject_too_long(cfg, lm, editor, loaded, with_generation=False)
     cases = loaded.records
     sizes, beyond = within(cfg.eval.mass_sizes, len(cases), "eval.mass_sizes")
@@ -563,7 +608,9 @@ def _run_mass(
         if "seconds" in edit.info:  # the editor's own split of edit_seconds (z, spread)
             info["edit_seconds_by_step"] = edit.info["seconds"]
         add_point(n, records, edit_seconds, info)
-    extra = {"sizes_beyond_the_cases": beyond} if beyond else {}
+    extra: dict[str, Any] = {"sizes_beyond_the_cases": beyond} if beyond else {}
+    if dropped:
+        extra["dropped_contradictions"] = dropped
     extra |= perplexity_summary(damage)
     write_protocol_summary(cfg, run, "mass", loaded.report(), **extra)
 

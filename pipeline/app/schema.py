@@ -97,6 +97,7 @@ SETTINGS: dict[str, Setting] = {
     "eval.mode": Setting(str, choices=("independent", "mass", "sequential")),
     "eval.mass_sizes": Setting(int, item=int),
     "eval.sequential_batch": COUNT,
+    "eval.contradictions": Setting(str, choices=("refuse", "drop_later")),
     "eval.cases_per_batch": COUNT,
     "eval.rows_per_pass": COUNT,
     "eval.checkpoints": Setting(int, item=int),

@@ -55,20 +55,28 @@ class ContradictoryRequests(ValueError):
     """Requests written in one edit that ask one prompt for two different targets."""
 
 
+def contradictions(requests: Sequence[EditRequest]) -> list[tuple[EditRequest, EditRequest]]:
+    """(first, later) for every request that fills a prompt an earlier request filled (the
+    same prompt and subject) with another target."""
+    first: dict[str, EditRequest] = {}
+    found = []
+    for request in requests:
+        seen = first.setdefault(request.filled.strip(), request)
+        if seen.target_new.strip() != request.target_new.strip():
+            found.append((seen, request))
+    return found
+
+
 def refuse_contradictions(requests: Sequence[EditRequest]) -> None:
     """Raise `ContradictoryRequests` naming every pair of `requests` (meant to be written in
     one edit: a mass edit, a sequential batch, joint fine-tuning) that fill the same prompt
     with the same subject and want different targets. One edit cannot make both true, and
     either one scored as a success would hide that the other failed."""
-    first: dict[str, EditRequest] = {}
-    pairs = []
-    for request in requests:
-        seen = first.setdefault(request.filled.strip(), request)
-        if seen.target_new.strip() != request.target_new.strip():
-            pairs.append(
-                f"{seen.id!r} and {request.id!r} ({request.filled!r}: "
-                f"{seen.target_new!r} vs {request.target_new!r})"
-            )
+    pairs = [
+        f"{seen.id!r} and {request.id!r} ({request.filled!r}: "
+        f"{seen.target_new!r} vs {request.target_new!r})"
+        for seen, request in contradictions(requests)
+    ]
     if pairs:
         raise ContradictoryRequests(
             f"{len(pairs)} pair(s) of requests to be written in one edit contradict each other "
