@@ -214,14 +214,9 @@ def test_sequential_checkpoints_sample_the_same_fixed_cases_each_time(tmp_path):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([ROME_CASE, second]))
     common = ("data=counterfact", f"data.path={data}", "eval.max_new_tokens=4")
-    evaluate(
-        tmp_path,
-        *common,
-        "eval.mode=sequential",
-        "eval.checkpoints=[1]",
-        "eval.generation_cases=1",
-        "eval.perplexity=false",
-    )
+    sequential = ("eval.mode=sequential", "eval.checkpoints=[1]", "eval.generation_cases=1",
+                  "eval.perplexity=false")  # fmt: skip
+    evaluate(tmp_path, *common, *sequential)
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact/rome/sequential"
     saved = json.loads((out / "sequential.json").read_text())
     assert [p["edits"] for p in saved["checkpoints"]] == [1, 2]
@@ -235,15 +230,7 @@ def test_sequential_checkpoints_sample_the_same_fixed_cases_each_time(tmp_path):
     # sampled (the generation cache), instead of sampling them again.
     cached = tmp_path / "cache/pre/tiny-gpt2-float32/counterfact/generation-sequential.jsonl"
     assert len(cached.read_text().splitlines()) == 1
-    evaluate(
-        tmp_path,
-        *common,
-        "eval.mode=sequential",
-        "eval.checkpoints=[1]",
-        "eval.generation_cases=1",
-        "eval.perplexity=false",
-        editor="r-rome",
-    )
+    evaluate(tmp_path, *common, *sequential, editor="r-rome")
     assert len(cached.read_text().splitlines()) == 1
     other = json.loads((out.parent.parent / "r-rome/sequential/sequential.json").read_text())
     assert other["generation"]["unedited"] == saved["generation"]["unedited"]

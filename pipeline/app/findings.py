@@ -347,15 +347,31 @@ def _never_better(verdict: str, better: dict[str, Any], name: str, size: int) ->
     return DISAGREES, f"; {name} at N = {size:,} is collapsed ({reason}): never counted as better"
 
 
+def _common_points(
+    curves: dict[str, list[dict[str, Any]]], a: str, b: str
+) -> tuple[dict[int, dict], dict[int, dict], list[int]] | None:
+    """Editors `a` and `b`'s curve points by size and the sizes both reached (ascending);
+    None where either has no curve or they share no size."""
+    if a not in curves or b not in curves:
+        return None
+    points_a = {p["size"]: p for p in curves[a]}
+    points_b = {p["size"]: p for p in curves[b]}
+    common = sorted(set(points_a) & set(points_b))
+    return (points_a, points_b, common) if common else None
+
+
+def _all_of(verdicts: list[str]) -> str:
+    """One verdict for a claim on several metrics: does not agree if any does not, agrees if
+    all agree, else the paper's direction without significance."""
+    return DISAGREES if DISAGREES in verdicts else AGREES if set(verdicts) == {AGREES} else WITHIN
+
+
 def memit_holds_where_rome_collapses(mass: dict[str, list[dict[str, Any]]]) -> Finding | None:
     """At the largest number of edits both were run with, MEMIT's S is above ROME's."""
-    if "memit" not in mass or "rome" not in mass:
+    found = _common_points(mass, "memit", "rome")
+    if found is None:
         return None
-    memit = {p["size"]: p for p in mass["memit"]}
-    rome = {p["size"]: p for p in mass["rome"]}
-    common = sorted(set(memit) & set(rome))
-    if not common:
-        return None
+    memit, rome, common = found
     size, smallest = common[-1], common[0]
     verdict, note = _never_better(
         _compare(memit[size]["post"]["S"], rome[size]["post"]["S"]), memit[size], "MEMIT", size
@@ -376,14 +392,12 @@ def r_rome_keeps_the_neighbours(sequential: dict[str, list[dict[str, Any]]]) -> 
     """After the most edits both were run with, one after another, r-ROME's NS is above ROME's.
 
     The claim is about damage beyond the edited facts, which NS measures; S is shown beside it."""
-    if "r-rome" not in sequential or "rome" not in sequential:
+    found = _common_points(sequential, "r-rome", "rome")
+    if found is None:
         return None
-    points = {p["size"]: p for p in sequential["r-rome"]}
+    points, rome_points, common = found
     r_rome = {size: p["post"] for size, p in points.items()}
-    rome = {p["size"]: p["post"] for p in sequential["rome"]}
-    common = sorted(set(r_rome) & set(rome))
-    if not common:
-        return None
+    rome = {size: p["post"] for size, p in rome_points.items()}
     size = common[-1]
     verdict, note = _never_better(
         _compare(r_rome[size]["NS"], rome[size]["NS"]), points[size], "r-ROME", size
@@ -410,13 +424,10 @@ def alphaedit_holds_in_sequence(
     points' own intervals. Agrees when all three agree; does not agree when any goes the other
     way (AlphaEdit not above MEMIT); else the paper's direction, not significant. MEMIT's own
     decline, first checkpoint to last, is shown beside it (different case sets: unpaired)."""
-    if "alphaedit" not in sequential or "memit" not in sequential:
+    found = _common_points(sequential, "alphaedit", "memit")
+    if found is None:
         return None
-    alpha = {p["size"]: p for p in sequential["alphaedit"]}
-    memit = {p["size"]: p for p in sequential["memit"]}
-    common = sorted(set(alpha) & set(memit))
-    if not common:
-        return None
+    alpha, memit, common = found
     size, first = common[-1], common[0]
     paired = next(
         (
@@ -441,9 +452,7 @@ def alphaedit_holds_in_sequence(
         else:
             verdicts.append(_compare(a, m))
             parts.append(f"{name} {_pct(a)} against {_pct(m)}")
-    verdict = (
-        DISAGREES if DISAGREES in verdicts else AGREES if set(verdicts) == {AGREES} else WITHIN
-    )
+    verdict = _all_of(verdicts)
     verdict, note = _never_better(verdict, alpha[size], "AlphaEdit", size)
     how = f"on the same {paired['n']:,} cases" if paired is not None else "unpaired intervals"
     decline = ", ".join(
@@ -497,9 +506,7 @@ def fine_tuning_tradeoff(table: list[dict[str, Any]]) -> Finding | None:
         )
     else:
         return None
-    verdict = (
-        DISAGREES if DISAGREES in verdicts else AGREES if set(verdicts) == {AGREES} else WITHIN
-    )
+    verdict = _all_of(verdicts)
     return Finding(
         "Fine-tuning: efficacy at the neighbours' cost",
         "FT reaches high efficacy but lowers neighbourhood success (Table 4)",

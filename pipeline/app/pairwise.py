@@ -137,7 +137,7 @@ def resolution(found: list[dict[str, Any]]) -> list[str]:
             hits = sum(m.get("p_holm", math.nan) < ALPHA for m in members)
             counts.append(f"{name} {hits} of {len(members)}")
         open_s = [
-            f"{c['a']} − {c['b']} ({cell(c['metrics']['S']).split(' p ')[0]})"
+            f"{c['a']} − {c['b']} ({interval(c['metrics']['S'])})"
             for c in group
             if "S" in c["metrics"] and not c["metrics"]["S"].get("p_holm", math.nan) < ALPHA
         ]
@@ -166,13 +166,19 @@ def _p(value: float) -> str:
     return "–" if value != value else f"{value:.2g}"
 
 
+def interval(metric: dict[str, Any], digits: int = 1) -> str:
+    """`+d [low, high]`, the difference alone where its interval is NaN."""
+    text = f"{metric['mean']:+.{digits}f}"
+    if not (math.isnan(metric["low"]) or math.isnan(metric["high"])):
+        text += f" [{metric['low']:+.{digits}f}, {metric['high']:+.{digits}f}]"
+    return text
+
+
 def cell(metric: dict[str, Any] | None, digits: int = 1) -> str:
     """`+d [low, high] p (Holm p)`, starred where the Holm-adjusted p is below ALPHA."""
     if not metric or metric.get("n", 0) == 0 or math.isnan(metric["mean"]):
         return "–"
-    text = f"{metric['mean']:+.{digits}f}"
-    if not (math.isnan(metric["low"]) or math.isnan(metric["high"])):
-        text += f" [{metric['low']:+.{digits}f}, {metric['high']:+.{digits}f}]"
+    text = interval(metric, digits)
     star = "*" if metric.get("p_holm", math.nan) < ALPHA else ""
     at = "≤" if metric.get("p_bound") else ""  # a bootstrap p at its floor is a bound
     holm_p = _p(metric.get("p_holm", math.nan))
