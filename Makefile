@@ -13,7 +13,7 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 OVERRIDES ?=
 
-.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune reference-edition sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-attribution bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
+.PHONY: setup lock demo test test-fast lint format data known trace stats evaluate edit editors tune reference-edition edition-save sweep-layers merge figures paper summarize bench bench-gpu bench-scaling bench-memory bench-trace bench-attribution bench-edit bench-memit bench-kn bench-eval bench-stats clean-results
 
 setup: $(STAMP)
 
@@ -168,6 +168,11 @@ WORKERS ?= 2
 reference-edition: setup
 	$(PY) -m pipeline.stats editor=memit $(OVERRIDES)
 	bash scripts/reference_edition.sh $(WORKERS)
+
+## The edition's progress into reports/default_smollm2/edition/, to commit: a fresh clone's
+## `make reference-edition` restores it and resumes every run from there.
+edition-save:
+	bash scripts/reference_edition.sh save
 
 ## Every figure and table of reports/$(EXPERIMENT)/ from the results on disk: seconds, no model.
 EXPERIMENT ?= default_smollm2

@@ -10,14 +10,37 @@
 #             commit without uncommitted changes; defaults to this checkout. With a worktree,
 #             export ROME_RESULTS, ROME_CACHE and ROME_DATA first, so that every run reads and
 #             writes the main checkout's results, cache and data, not the worktree's
-# Logs: $RESULTS/logs/evaluate/<log name>.log. Usage: scripts/reference_edition.sh [WORKERS]
+# Logs: $RESULTS/logs/evaluate/<log name>.log.
+# Between checkouts (each session of this project starts from a fresh clone), the runs' progress
+# travels in the repository: `save` copies the edition's run directories' small files (cases,
+# summaries, run.json; pipeline.app.snapshot) and the queue's jobs and done lists to $EDITION,
+# to be committed; a start restores from there whatever the results directory lacks, so every
+# run resumes where the saved copy left it (a sequential run, whose weights are not saved,
+# starts again).
+# Usage: scripts/reference_edition.sh [WORKERS] | scripts/reference_edition.sh save
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORKERS=${1:-2}
 RESULTS=${ROME_RESULTS:-$ROOT/results}
 QUEUE=${QUEUE:-$RESULTS/logs/queue}
 PY=${PY:-$ROOT/.venv/bin/python}
+EDITION=${EDITION:-$ROOT/reports/default_smollm2/edition}
+snapshot() { (cd "$ROOT" && "${SNAPSHOT_PY:-$ROOT/.venv/bin/python}" -m pipeline.app.snapshot "$@"); }
+RUNS=(counterfact-first1000 zsre counterfact-union)  # the edition's data, under evaluate/<model>
+RUNS=("${RUNS[@]/#/$RESULTS/evaluate/smollm2-135m/}")
+if [ "${1:-}" = save ]; then
+  snapshot save "$RESULTS" "$EDITION" "${RUNS[@]}"
+  mkdir -p "$EDITION/queue"
+  for list in jobs done; do [ ! -f "$QUEUE/$list" ] || cp "$QUEUE/$list" "$EDITION/queue/"; done
+  exit 0
+fi
+WORKERS=${1:-2}
 mkdir -p "$QUEUE" "$RESULTS/logs/evaluate"
+if [ -d "$EDITION" ]; then
+  snapshot restore "$EDITION/evaluate" "$RESULTS/evaluate"
+  for list in jobs done; do
+    [ -f "$QUEUE/$list" ] || [ ! -f "$EDITION/queue/$list" ] || cp "$EDITION/queue/$list" "$QUEUE/"
+  done
+fi
 export ROME_RESULTS=$RESULTS ROME_WANDB_MODE=${ROME_WANDB_MODE:-disabled} OMP_NUM_THREADS=1
 [ -f "$QUEUE/worktree" ] || echo "$ROOT" > "$QUEUE/worktree"
 if [ ! -f "$QUEUE/jobs" ]; then
