@@ -16,7 +16,7 @@
 # summaries, run.json; pipeline.app.snapshot) and the queue's jobs and done lists to $EDITION,
 # to be committed; a start restores from there whatever the results directory lacks, so every
 # run resumes where the saved copy left it (a sequential run, whose weights are not saved,
-# starts again).
+# makes its edits again and keeps the checkpoints it scored).
 # Usage: scripts/reference_edition.sh [WORKERS] | scripts/reference_edition.sh save
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -261,6 +261,31 @@ def test_sequential_editing_resumes_from_its_saved_edits_as_if_never_stopped(tmp
     assert resumed == whole
 
 
+def test_a_sequential_run_without_its_weights_replays_its_edits_and_keeps_what_it_scored(
+    tmp_path,
+):
+    """Its small files restored into a fresh checkout (no sequential-progress.pt): the edits are
+    made again; a checkpoint whose weights come out as they were (the same digest) is kept, not
+    scored again, and one whose digest differs is scored again, as is every one after it."""
+
+    def sequential(results, limit):
+        evaluate(tmp_path, "eval.mode=sequential", f"data.limit={limit}",
+                 "eval.checkpoints=[1,2]", results=results, editor="alphaedit")  # fmt: skip
+        out = tmp_path / results / "evaluate/tiny-gpt2/counterfact-easyedit/alphaedit/sequential"
+        return out, json.loads((out / "sequential.json").read_text())
+
+    _, whole = sequential("whole", 3)
+    out, first = sequential("copied", 2)
+    (out / "sequential-progress.pt").unlink()
+    first["checkpoints"][0]["failed"] = 99  # a mark: this point must be kept as it is
+    first["checkpoints"][1]["weights_sha256"] = "0" * 64  # as if other weights were scored
+    (out / "sequential.json").write_text(json.dumps(first))
+    _, replayed = sequential("copied", 3)
+    kept, rescored, new = replayed["checkpoints"]
+    assert kept == {**whole["checkpoints"][0], "failed": 99}
+    assert [rescored, new] == whole["checkpoints"][1:]
+
+
 def test_mass_edits_report_each_size_and_a_rerun_adds_only_new_sizes(tmp_path):
     evaluate(tmp_path, "eval.mode=mass", "data.limit=3", "eval.mass_sizes=[1,3]", editor="memit")
     out = tmp_path / "results/evaluate/tiny-gpt2/counterfact-easyedit/memit/mass"

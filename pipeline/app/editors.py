@@ -434,6 +434,16 @@ class CaseEditor:
                 on_checkpoint=checkpoint,
             )
 
+    def weights_digest(self) -> str:
+        """sha256 of the edited layers' weights as they are now, bit for bit: a sequential run
+        replayed without its progress file checks with it that it has the model it scored."""
+        assert self.editor is not None
+        digest = hashlib.sha256()
+        for layer in self.editor.layers:
+            weight = self.lm.mlp_out_weight(layer).detach().cpu().contiguous().flatten()
+            digest.update(weight.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def snapshot(self, done: int) -> dict:
         """The model's edited weights and the editor's state after `done` sequential cases."""
         assert self.editor is not None

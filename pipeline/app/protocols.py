@@ -349,8 +349,11 @@ def run_sequential(
     The model's edited weights and the editor's state are saved to `sequential-progress.pt`
     every `PROGRESS_EVERY` edits and at each checkpoint, so a stopped run goes on where it
     stopped (with the same weights, bit for bit) and a run over more cases extends a finished
-    one. Each point carries the model's perplexity on the held-out text (`damage`). One job per
-    directory (`exclusive`)."""
+    one. Without that file (a copy of the run's small files in another checkout) the edits are
+    made again from the first, and each checkpoint scored before is kept, not scored again, where
+    the edited weights come out as they were then (`weights_sha256`, each point's digest of
+    them); from the first that differs on, the points are scored again. Each point carries the
+    model's perplexity on the held-out text (`damage`). One job per directory (`exclusive`)."""
     with exclusive(run, "sequential", "editing sequentially"):
         _run_sequential(cfg, run, lm, loaded, damage)
 
@@ -378,14 +381,26 @@ def _run_sequential(
         )
     curve = [point for point in resume["curve"]] if resume else []
     failed = list(resume["failed"]) if resume else []
+    replayed = None if resume else scored_before(run)
     if resume:
         log.info("sequential editing resumes after %d edits", resume["done"])
+    elif replayed:  # a copy of the run's files without its weights (another checkout)
+        curve = [point for point in replayed["checkpoints"] if "weights_sha256" in point]
+        log.info(
+            "no %s: the edits are made again from the first; the %d checkpoints scored before "
+            "are kept where the weights come out the same, bit for bit",
+            progress_path.name,
+            len(curve),
+        )
     fluency = CheckpointGeneration(cfg, lm, cases)
-    if fluency.cases and not resume:  # before the first edit, once; shared by every editor
+    unedited_before = (replayed or {}).get("generation", {})
+    if fluency.cases and resume:
+        fluency.unedited = resume.get("generation_unedited")
+    elif fluency.cases and unedited_before.get("cases") == [c.id for c in fluency.cases]:
+        fluency.unedited = unedited_before["unedited"]
+    elif fluency.cases:  # before the first edit, once; shared by every editor
         cache = GenerationCache(Path(cfg.pre_dir), "sequential", lm)
         fluency.unedited = fluency.measure(cache)
-    elif fluency.cases:
-        fluency.unedited = resume.get("generation_unedited")
     last = resume["done"] if resume else 0  # the edits done at the call before
 
     def on_checkpoint(done: int, results: list[EditResult]) -> None:
@@ -394,6 +409,14 @@ def _run_sequential(
         reached = [n for n in checkpoints if last < n <= done]
         saving = reached or done // PROGRESS_EVERY > last // PROGRESS_EVERY
         last = done
+        digest = editor.weights_digest() if reached else None
+        if reached and any(p["edits"] == done and p.get("weights_sha256") != digest for p in curve):
+            log.warning(  # a replay whose floating point differs: score again from here
+                "the weights after %d edits are not those scored before: the checkpoints from "
+                "there on are scored again",
+                done,
+            )
+            curve[:] = [point for point in curve if point["edits"] < done]
         if reached and all(point["edits"] != done for point in curve):
             probs = score_cases(lm, cases[:done], batch_size=rows_per_pass)
             metrics = [cf.case_metrics(p) for p in probs]
@@ -405,7 +428,12 @@ def _run_sequential(
                 ),
             )
             summary = cf.summarize(metrics, seed=int(cfg.seed))
-            point = {"edits": done, "failed": sum(failed[:done]), **damage_of(damage)}
+            point = {
+                "edits": done,
+                "failed": sum(failed[:done]),
+                "weights_sha256": digest,
+                **damage_of(damage),
+            }
             if fluency.cases:
                 point |= fluency.measure()
             moved = reached != [done]
@@ -500,6 +528,13 @@ class CheckpointGeneration:
                 "the same prompts and sampling seed each time",
             }
         }
+
+
+def scored_before(run: Run) -> dict[str, Any] | None:
+    """The sequential.json of a run whose progress file is gone (its small files restored into
+    a fresh checkout: `pipeline.app.snapshot`), or None."""
+    path = run.path("sequential.json")
+    return files.read_json(path) if path.exists() else None
 
 
 def save_progress(path: Path, state: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ only the copy, so the report committed beside its `inputs/` is exactly what
 The same copy carries runs in progress between checkouts: `save` is `snapshot` from the command
 line, and `restore` copies a saved copy back into an empty results directory, where the runs
 resume (each stage resumes from its `cases-*.jsonl`, `mass.json` and `run.json`; a sequential
-run's weights, `sequential-progress.pt`, are not copied, so it starts again). A JSONL file is
+run's weights, `sequential-progress.pt`, are not copied: it makes its edits again and keeps the
+checkpoints it scored where the weights come out the same). A JSONL file is
 copied up to its last complete line, since a run may be writing it.
 
     python -m pipeline.app.snapshot save RESULTS SAVED DIR...   # DIRs under RESULTS
