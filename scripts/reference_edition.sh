@@ -10,7 +10,8 @@
 #             commit without uncommitted changes; defaults to this checkout. With a worktree,
 #             export ROME_RESULTS, ROME_CACHE and ROME_DATA first, so that every run reads and
 #             writes the main checkout's results, cache and data, not the worktree's
-# Logs: $RESULTS/logs/evaluate/<log name>.log.
+# Logs: $RESULTS/logs/evaluate/<log name>.log, appended to by each start (a run's speed over
+# sessions stays readable there).
 # Between checkouts (each session of this project starts from a fresh clone), the runs' progress
 # travels in the repository: `save` copies the edition's run directories' small files (cases,
 # summaries, run.json; pipeline.app.snapshot) and the queue's jobs and done lists to $EDITION,
@@ -76,8 +77,9 @@ worker() {
     tree=$(cat "$QUEUE/worktree")
     echo "$(date -Is) start ($tree at $(git -C "$tree" rev-parse --short HEAD)) $line" \
       >> "$QUEUE/running-$1"
+    echo "$(date -Is) start at $(git -C "$tree" rev-parse --short HEAD)" >> "$RESULTS/logs/evaluate/$name.log"
     if (cd "$tree" && eval "$PY" -m pipeline.evaluate "$args" \
-        > "$RESULTS/logs/evaluate/$name.log" 2>&1); then
+        >> "$RESULTS/logs/evaluate/$name.log" 2>&1); then
       echo "$(date -Is) $line" >> "$QUEUE/done"
     else
       echo "$(date -Is) rc=$? $line" >> "$QUEUE/failed"
