@@ -43,6 +43,7 @@ from pipeline.app.tables import (
     collect_zsre,
     headline,
     markdown,
+    subset_notes,
     write_table,
     write_zsre_table,
 )
@@ -685,7 +686,7 @@ def table_section(
         "",
         markdown(table),
         "",
-        *[f"- {note}" for note in blank_notes(table)],
+        *[f"- {note}" for note in blank_notes(table) + subset_notes(table)],
         *[f"- {r['editor']}: {provenance(Path(r['dir']), out)}" for r in table],
         "",
     ]

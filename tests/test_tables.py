@@ -94,6 +94,19 @@ def test_summarize_refuses_an_unmerged_sharded_run_unless_allowed(tmp_path):
     assert "rome (partial) − none" in (tmp_path / "summary/pairwise.md").read_text()
 
 
+def test_ge_on_fewer_cases_than_its_row_says_on_how_many():
+    def row(editor, n, generated):
+        return {"editor": editor, "n": n, "metrics": {"GE": {"mean": 6.0, "n": generated}}}
+
+    rows = [row("none", 1000, 200), row("rome", 1000, 200), row("kn", 20, 20), row("ft", 500, 100)]
+    assert tables.subset_notes(rows) == [
+        "GE is over the first 200 of the 1,000 cases in none, rome (`eval.generation_cases=200`): "
+        "sampling a case's generation prompts is the costliest part of evaluating it.",
+        "GE is over the first 100 of the 500 cases in ft (`eval.generation_cases=100`): "
+        "sampling a case's generation prompts is the costliest part of evaluating it.",
+    ]
+
+
 def test_blank_columns_are_explained_rs_by_its_missing_files():
     measured = {"mean": 5.0, "low": 4.0, "high": 6.0, "n": 3}
     rows = [

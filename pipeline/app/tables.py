@@ -199,6 +199,22 @@ def blank_notes(table: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def subset_notes(table: list[dict[str, Any]]) -> list[str]:
+    """Where GE is measured on fewer cases than its row (the data's first
+    `eval.generation_cases`): on how many, and why, so that its n is not taken for the row's."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for row in table:
+        generated = (row["metrics"].get("GE") or {}).get("n", 0)
+        if 0 < generated < row["n"]:
+            groups.setdefault((generated, row["n"]), []).append(label(row))
+    return [
+        f"GE is over the first {generated:,} of the {n:,} cases in {', '.join(names)} "
+        f"(`eval.generation_cases={generated}`): sampling a case's generation prompts is the "
+        "costliest part of evaluating it."
+        for (generated, n), names in groups.items()
+    ]
+
+
 def perplexities(run_dir: Path) -> dict[str, dict[str, Any]]:
     """{"edited": {"PPL": ...}, "unedited": {"PPL": ...}} from the run's perplexity.json."""
     path = run_dir / "perplexity.json"
