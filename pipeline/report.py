@@ -195,13 +195,22 @@ def provenance(directory: Path, report_dir: Path) -> str:
     link = f"[config]({os.path.relpath(config, report_dir)})" if config.exists() else "no config"
     took = f", {seconds / 60:.1f} min" if seconds is not None else ""
     sittings = meta.get("sittings") or []
-    if len(sittings) > 1:  # a resumed run: every commit that wrote part of it
+    started = meta.get("started", "?")
+    if len(sittings) > 1:  # a resumed run: its first start, all its sittings' time, each commit
+        # A summary's time spans every sitting (the trace: its prompts' own seconds) or only the
+        # last (evaluate): the larger of it and the sittings' sum is shown, the latter a lower
+        # bound where a sitting stopped before it recorded a time.
+        started = sittings[0].get("started") or started
+        times = [s.get("seconds", s.get("seconds_so_far")) for s in sittings]
+        timed = [t for t in times if t is not None]
+        if timed and (seconds is None or sum(timed) >= seconds):
+            at_least = "at least " if len(timed) < len(times) else ""
+            took = f", {at_least}{sum(timed) / 60:.1f} min"
         commits = dict.fromkeys(f"`{(s.get('commit') or 'unknown')[:10]}`" for s in sittings)
-        took += f"; resumed over {len(sittings)} sittings (commits {', '.join(commits)})"
+        took += f" over {len(sittings)} sittings (commits {', '.join(commits)})"
     return (
         f"from `{os.path.relpath(directory, report_dir)}`, commit `{commit[:10]}`{dirty}, "
-        f"{link}, started {meta.get('started', '?')} on {describe_machine(meta)}"
-        f"{took}"
+        f"{link}, started {started} on {describe_machine(meta)}{took}"
     )
 
 

@@ -339,3 +339,32 @@ def test_data_files_are_named_under_the_data_root_never_by_this_machines_path(tm
     assert data_name(elsewhere, run) == "`mine.json`"
     unnamed = {"path": "/home/me/.cache/data/known-union-aa9469be6be7043b.json"}  # no sources
     assert data_name(unnamed, run) == "`known-union.json` (derived into the cache)"
+
+
+def test_a_resumed_runs_provenance_gives_its_first_start_and_all_its_sittings_time(tmp_path):
+    from pipeline.report import provenance
+
+    run = tmp_path / "run"
+    sittings = [
+        {"started": "2026-12-01T10:00:00+0000", "commit": "a" * 40, "dirty": False},  # killed
+        {"started": "2026-12-02T10:00:00+0000", "commit": "b" * 40, "seconds": 600.0},
+        {"started": "2026-12-03T10:00:00+0000", "commit": "b" * 40, "seconds": 120.0},
+    ]
+    meta = {"git": {"commit": "b" * 40}, "started": sittings[-1]["started"], "sittings": sittings}
+    files.atomic_write(run / "run.json", json.dumps(meta))
+    files.atomic_write(run / "summary.json", json.dumps({"seconds": 120.0}))  # the last sitting's
+    line = provenance(run, tmp_path)
+    # 600 + 120 s of the timed sittings; the first, stopped before it recorded a time, makes the
+    # total a lower bound.
+    assert "started 2026-12-01T10:00:00+0000" in line
+    assert line.endswith(", at least 12.0 min over 3 sittings (commits `aaaaaaaaaa`, `bbbbbbbbbb`)")
+    sittings[0]["seconds_so_far"] = 60.0  # saved progress before it stopped: counted
+    files.atomic_write(run / "run.json", json.dumps(meta))
+    assert provenance(run, tmp_path).endswith(
+        ", 13.0 min over 3 sittings (commits `aaaaaaaaaa`, `bbbbbbbbbb`)"
+    )
+    # A summary whose time already spans the sittings (the trace's prompts' seconds) is shown.
+    files.atomic_write(run / "summary.json", json.dumps({"seconds": 3000.0}))
+    assert provenance(run, tmp_path).endswith(
+        ", 50.0 min over 3 sittings (commits `aaaaaaaaaa`, `bbbbbbbbbb`)"
+    )
