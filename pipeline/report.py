@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,14 @@ def sequential_curves(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
             path.parent,
         )
     return curves
+
+
+def data_names(value: Any) -> list[str]:
+    """A report's `mass_data` or `sequential_data`: one data name or a list of them."""
+    names = [value] if isinstance(value, str) else list(value)
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"a scaling section's data must be distinct names, got {names}")
+    return names
 
 
 def scaling_points(data_dir: Path, mode: str) -> dict[str, dict[int, dict[Any, dict]]]:
@@ -832,6 +840,10 @@ class Scaling:
     last: str
     value: Callable[[dict[str, Any]], Any]
 
+    def on(self, data: str) -> Scaling:
+        """The section for a further data set of this mode: its own heading and file names."""
+        return replace(self, heading=f"{self.heading} on `{data}`", name=f"{self.name}_{data}")
+
 
 SCALING = {
     "mass": Scaling(
@@ -881,11 +893,17 @@ def scaling_section(
         curves,
         model,
         name=name,
+        kind=f"{mode}_scaling",
         unedited=unedited["metrics"] if unedited else None,
         collapsed=findings.point_collapse,
     )
     damage = figures.perplexity_scaling(
-        out / "figures", curves, model, name=name, unedited=unedited_perplexity(data_dir, mode)
+        out / "figures",
+        curves,
+        model,
+        name=name,
+        kind=f"{mode}_scaling",
+        unedited=unedited_perplexity(data_dir, mode),
     )
     if damage is not None:
         section.figures[f"{name}_perplexity"] = damage
@@ -1026,7 +1044,11 @@ def main(cfg: DictConfig, run: Run) -> None:
     model, seed = cfg.model.name, int(cfg.seed)
     trace_dir, runs_dir = Path(cfg.trace_dir), Path(cfg.runs_dir)
     sweep_dir = Path(cfg.sweep_dir)
-    scaling_data = {"mass": cfg.mass_data, "sequential": cfg.sequential_data}
+    # (mode, data) of every scaling section: each mode's data in order, the first its headline
+    scaling = [
+        (mode, data) for mode in ("mass", "sequential") for data in data_names(cfg[f"{mode}_data"])
+    ]
+    first = {mode: next(d for m, d in scaling if m == mode) for mode in ("mass", "sequential")}
     one_layer_dir = Path(cfg.one_layer_trace_dir)
     tuning_dir = Path(cfg.tuning_dir)
     screen_dir, agreement_dir = Path(cfg.screen_dir), Path(cfg.agreement_dir)
@@ -1062,16 +1084,14 @@ def main(cfg: DictConfig, run: Run) -> None:
     table = [r for r in collect(runs_dir, seed=seed) if r["model"] == model]
     zsre_table = [r for r in collect_zsre(runs_dir) if r["model"] == model]
     studies = read_studies(tuning_dir, model, seed=seed)
-    data_dirs = {mode: runs_dir / model / data for mode, data in scaling_data.items()}
-    curves = {
-        "mass": mass_curves(data_dirs["mass"]),
-        "sequential": sequential_curves(data_dirs["sequential"]),
-    }
+    data_dirs = {(mode, data): runs_dir / model / data for mode, data in scaling}
+    read_curves = {"mass": mass_curves, "sequential": sequential_curves}
+    curves = {key: read_curves[key[0]](data_dirs[key]) for key in scaling}
     scaling_pairs = {
-        mode: pairwise.scaling_comparisons(
-            scaling_points(data_dirs[mode], mode), model, scaling_data[mode], seed=seed
+        (mode, data): pairwise.scaling_comparisons(
+            scaling_points(data_dirs[mode, data], mode), model, data, seed=seed
         )
-        for mode in curves
+        for mode, data in scaling
     }
     same_data = [r for r in table if r["data"] == cfg.eval_data]
     one_layer = (
@@ -1092,8 +1112,9 @@ def main(cfg: DictConfig, run: Run) -> None:
     editing_runs |= {
         f"{r['editor']} zsRE": Path(r["dir"]) for r in zsre_table if r["editor"] != "none (pre)"
     }
-    for mode, found_curves in curves.items():
-        editing_runs |= {f"{e} {mode}": data_dirs[mode] / e / mode for e in found_curves}
+    for (mode, data), found_curves in curves.items():
+        on = "" if data == first[mode] else f" on {data}"
+        editing_runs |= {f"{e} {mode}{on}": data_dirs[mode, data] / e / mode for e in found_curves}
     inputs_read |= editing_runs
     inputs_read |= {f"{s.editor} tuning": s.best.dir for s in studies}
 
@@ -1108,22 +1129,18 @@ def main(cfg: DictConfig, run: Run) -> None:
         *[
             scaling_section(
                 run,
-                SCALING[mode],
-                curves[mode],
-                data_dirs[mode],
+                SCALING[mode] if data == first[mode] else SCALING[mode].on(data),
+                curves[mode, data],
+                data_dirs[mode, data],
                 next(  # the unedited model on the curve's data, where it was run there
-                    (
-                        r
-                        for r in table
-                        if r["data"] == scaling_data[mode] and r["editor"].startswith("none")
-                    ),
+                    (r for r in table if r["data"] == data and r["editor"].startswith("none")),
                     None,
                 ),
                 model,
-                Path(cfg.runs_dir) / model / scaling_data[mode],
-                scaling_pairs[mode],
+                Path(cfg.runs_dir) / model / data,
+                scaling_pairs[mode, data],
             )
-            for mode in ("mass", "sequential")
+            for mode, data in scaling
         ],
     ]
     if cfg.paper:
@@ -1135,11 +1152,16 @@ def main(cfg: DictConfig, run: Run) -> None:
         averages,
         rows,
         same_data,
-        curves["mass"],
-        curves["sequential"],
+        curves["mass", first["mass"]],
+        curves["sequential", first["sequential"]],
         one_layer=one_layer,
         seed=seed,
-        sequential_pairs=scaling_pairs["sequential"],
+        sequential_pairs=scaling_pairs["sequential", first["sequential"]],
+        more=[
+            findings.MoreCurves(mode, data, curves[mode, data], scaling_pairs[mode, data])
+            for mode, data in scaling
+            if data != first[mode]
+        ],
     )
     sections.append(findings_section(found))
 

@@ -368,3 +368,34 @@ def test_a_resumed_runs_provenance_gives_its_first_start_and_all_its_sittings_ti
     assert provenance(run, tmp_path).endswith(
         ", 50.0 min over 3 sittings (commits `aaaaaaaaaa`, `bbbbbbbbbb`)"
     )
+
+
+def test_a_scaling_mode_on_several_data_has_a_section_each_and_reads_a_claim_on_one(tmp_path):
+    """`mass_data=[a, b]`: the full-schema curves first, an earlier data's curve (ROME's on the
+    reduced schema) after, each its own section; the MEMIT-against-ROME claim is read on the
+    first data holding both editors, never across two, and says which."""
+    results = tmp_path / "results"
+    write_fixtures(results)
+    union = results / "evaluate/tiny-gpt2/cf-union/memit/mass"
+    shutil.copytree(results / "evaluate/tiny-gpt2/cf/memit/mass", union)  # no ROME on cf-union
+    for mass in (union, results / "evaluate/tiny-gpt2/cf/memit/mass"):  # timed, for the costs
+        files.write_json(mass / "run.json", {"sittings": [{"started": "x", "seconds": 60.0}]})
+    done, out = report(tmp_path, "mass_data=[cf-union,cf]")
+    assert "missing:" not in done.stdout
+    index = (out / "index.md").read_text()
+    first = index.split("## Editing at scale\n")[1].split("\n## ")[0]
+    assert "Data: `cf-union`." in first and "| rome |" not in first
+    further = index.split("## Editing at scale on `cf`\n")[1].split("\n## ")[0]
+    assert "Data: `cf`." in further and "| rome | 8 |" in further
+    assert "](figures/mass_scaling_cf" in further
+    claim = next(line for line in index.splitlines() if "MEMIT holds up" in line)
+    assert claim.endswith("(on `cf`).")
+    assert "| memit mass on cf |" in index and "| memit mass |" in index  # the cost table
+    done = run_stage(
+        "report",
+        "model=tiny-gpt2",
+        "mass_data=[cf,cf]",
+        f"paths.results={results}",
+        f"paths.reports={tmp_path / 'again'}",
+    )
+    assert done.returncode != 0 and "distinct" in done.stderr

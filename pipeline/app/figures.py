@@ -370,6 +370,7 @@ def edit_scaling(
     curves: dict[str, list[dict[str, Any]]],
     model: str,
     name: str = "mass_scaling",
+    kind: str | None = None,
     unedited: dict[str, Any] | None = None,
     collapsed: Any = None,
 ) -> Path:
@@ -382,8 +383,9 @@ def edit_scaling(
     `unedited` (the unedited model's metrics, Table 4) is drawn as a dashed line in each panel.
     A point resting on one case has no whisker (its Wilson interval, [20.7, 100], would dwarf
     the rest) and is drawn hollow; `collapsed(point)` (a reason or None) marks collapsed points
-    with a cross."""
-    xlabel, title = SCALING[name]
+    with a cross. `kind` (a key of SCALING; default: `name`) sets the axis label and title
+    where the file is named apart (a further data set's curves)."""
+    xlabel, title = SCALING[kind or name]
     names = ("S", "ES", "PS", "NS")
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), sharey=True)
     colours = plt.get_cmap("tab10")
@@ -506,13 +508,14 @@ def perplexity_scaling(
     curves: dict[str, list[dict[str, Any]]],
     model: str,
     name: str = "mass_scaling",
+    kind: str | None = None,
     unedited: dict[str, Any] | None = None,
 ) -> Path | None:
     """Perplexity on the held-out text against the number of edits, one line per editor, with
     its interval over the text's windows, and the unedited model's as a dashed line: the damage
     beside `edit_scaling`'s scores (`<name>_perplexity`). Points are {"size", "perplexity"};
     None where no point has one (runs with eval.perplexity=false or from before it)."""
-    xlabel, title = SCALING[name]
+    xlabel, title = SCALING[kind or name]
     measured = {
         editor: [p for p in curve if p.get("perplexity")] for editor, curve in curves.items()
     }

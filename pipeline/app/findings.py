@@ -25,6 +25,7 @@ Layers are counted from 0; MLP and attention effects are placed at the centre of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -561,15 +562,20 @@ def collapsed_models(
     table: list[dict[str, Any]],
     mass: dict[str, list[dict[str, Any]]],
     sequential: dict[str, list[dict[str, Any]]],
+    more: list[MoreCurves] = (),
 ) -> Finding | None:
-    """Every Table 4 row and curve point the collapse rule marks, by editor and protocol."""
+    """Every Table 4 row and curve point the collapse rule marks, by editor and protocol (and
+    data, for curves on further data)."""
     found = [f"{r['editor']} ({r['collapsed']})" for r in table if r.get("collapsed")]
-    for mode, curves in (("mass", mass), ("sequential", sequential)):
+    sets = [("mass", "", mass), ("sequential", "", sequential)]
+    sets += [(m.mode, f" on `{m.data}`", m.curves) for m in more]
+    for mode, where, curves in sets:
         for editor, curve in sorted(curves.items()):
             sizes = [p["size"] for p in curve if point_collapse(p)]
             if sizes:
                 reason = point_collapse(next(p for p in curve if p["size"] == sizes[0]))
-                found.append(f"{mode} {editor} at N = {', '.join(map(str, sizes))} ({reason})")
+                at = ", ".join(map(str, sizes))
+                found.append(f"{mode} {editor}{where} at N = {at} ({reason})")
     if not found:
         return None
     return Finding(
@@ -582,6 +588,38 @@ def collapsed_models(
     )
 
 
+@dataclass(frozen=True)
+class MoreCurves:
+    """Scaling curves on a further data set than the report's first for that mode (e.g. ROME's
+    mass curve on the reduced schema beside the full-schema curves): a claim whose editors the
+    first data lacks is read here, on one data set, never across two."""
+
+    mode: str  # mass or sequential
+    data: str
+    curves: dict[str, list[dict[str, Any]]]
+    pairs: list[dict[str, Any]] | None = None  # editor against editor at each size
+
+
+def _on_one_data(
+    claim: Callable[[dict[str, list[dict[str, Any]]], list[dict[str, Any]] | None], Any],
+    mode: str,
+    first: dict[str, list[dict[str, Any]]],
+    first_pairs: list[dict[str, Any]] | None,
+    more: list[MoreCurves],
+    editors: tuple[str, str],
+) -> Finding | None:
+    """`claim(curves, pairs)` on the first data whose curves hold both `editors` (the report's
+    own first, then `more` in order); read elsewhere than the first, the evidence names its
+    data."""
+    if all(e in first for e in editors):
+        return claim(first, first_pairs)
+    for extra in more:
+        if extra.mode == mode and all(e in extra.curves for e in editors):
+            found = claim(extra.curves, extra.pairs)
+            return found and replace(found, evidence=f"{found.evidence} (on `{extra.data}`)")
+    return claim(first, first_pairs)  # as without further data: its own "not run" answer
+
+
 def read_results(
     averages: dict[str, Any] | None,
     sweep: list[dict[str, Any]],
@@ -591,11 +629,13 @@ def read_results(
     one_layer: dict[str, Any] | None = None,
     seed: int = 0,
     sequential_pairs: list[dict[str, Any]] | None = None,
+    more: list[MoreCurves] = (),
 ) -> list[Finding]:
     """Every finding the given results can speak to, in the paper's order (then the later
     papers': MEMIT at scale, r-ROME and AlphaEdit in sequence; then the rows the collapse rule
     marks). `sequential_pairs`: editor against editor at each sequential checkpoint.
-    `one_layer`: the averages of a one-layer (window 1) MLP trace, where there is one."""
+    `one_layer`: the averages of a one-layer (window 1) MLP trace, where there is one.
+    `more`: curves on further data, read where the first data lacks a claim's editors."""
     found = []
     if averages:
         traced = [early_mlp_site(averages, one_layer), late_attention_site(averages)]
@@ -610,10 +650,31 @@ def read_results(
         edit_where_trace_peaks(sweep, averages, seed=seed),
         rome_generalizes(table),
         fine_tuning_tradeoff(table),
-        memit_holds_where_rome_collapses(mass),
-        r_rome_keeps_the_neighbours(sequential or {}),
-        alphaedit_holds_in_sequence(sequential or {}, sequential_pairs),
-        collapsed_models(table, mass, sequential or {}),
+        _on_one_data(
+            lambda curves, _: memit_holds_where_rome_collapses(curves),
+            "mass",
+            mass,
+            None,
+            more,
+            ("memit", "rome"),
+        ),
+        _on_one_data(
+            lambda curves, _: r_rome_keeps_the_neighbours(curves),
+            "sequential",
+            sequential or {},
+            None,
+            more,
+            ("r-rome", "rome"),
+        ),
+        _on_one_data(
+            alphaedit_holds_in_sequence,
+            "sequential",
+            sequential or {},
+            sequential_pairs,
+            more,
+            ("alphaedit", "memit"),
+        ),
+        collapsed_models(table, mass, sequential or {}, more),
     ]
     return [f for f in found if f is not None]
 
